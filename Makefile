@@ -1,0 +1,42 @@
+# Two commands for a fresh machine: `make run` and `make test` (README.md).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+export RAY_AUTH_MODE ?= disabled
+
+.PHONY: run test peers lint typecheck bench bench-quick clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install -q -e .
+	touch $@
+
+$(VENV)/.installed-test: pyproject.toml $(VENV)/.installed
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+## Start Ray, the HTTP API on 127.0.0.1:8000 and (with no node configured) three simulated PACS.
+run: $(VENV)/.installed
+	$(BIN)/spanner run
+
+## Install the real peers (Debian's orthanc and dcmtk) and check the services the tests talk to.
+peers:
+	bash scripts/install-peers.sh
+
+## Everything the tests need, then the tests.
+test: $(VENV)/.installed-test peers
+	$(BIN)/ruff check spanner serve_app actors cluster tests
+	$(BIN)/mypy
+	$(BIN)/pytest -q -p no:cacheprovider
+
+lint: $(VENV)/.installed-test
+	$(BIN)/ruff check spanner serve_app actors cluster tests
+
+typecheck: $(VENV)/.installed-test
+	$(BIN)/mypy
+
+clean:
+	rm -rf $(VENV) var .pytest_cache .mypy_cache .ruff_cache

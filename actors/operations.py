@@ -1,0 +1,144 @@
+"""Blocking DIMSE operations, each run in its own thread so the actor can stop waiting at a deadline.
+
+A C-FIND that overruns is cancelled (C-CANCEL) and, if the peer keeps going, aborted; its thread
+ends on its own and only then frees the association slot, so ``max_associations`` really bounds
+what is open against the PACS.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from pydicom.dataset import Dataset
+from pydicom.uid import UID
+from pynetdicom import Association
+
+from actors.pool import AssociationPool
+from spanner.errors import DimseFailure, NodeError
+from spanner.outcome import DicomJson
+
+PENDING = (0xFF00, 0xFF01)
+CANCELLED = 0xFE00
+# Attributes that describe the node's answer rather than the entity; the merged match lists its nodes instead.
+_DROP = ("00080005", "00080052", "00080054")
+
+
+def to_match(identifier: Dataset) -> DicomJson:
+    """A response identifier as DICOM JSON, decoded with its own SpecificCharacterSet."""
+    out: dict[str, Any] = identifier.to_json_dict(suppress_invalid_tags=True)
+    for tag in _DROP:
+        out.pop(tag, None)
+    return out
+
+
+class FindOperation:
+    """One C-FIND on a pooled association; retried once on a fresh one if a reused one turns out dead."""
+
+    def __init__(self, pool: AssociationPool, identifier: Dataset, model: UID, msg_id: int,
+                 dimse_timeout_s: float) -> None:
+        self._pool = pool
+        self._identifier = identifier
+        self._model = model
+        self._msg_id = msg_id
+        self._dimse_timeout_s = dimse_timeout_s
+        self._lock = threading.Lock()
+        self._assoc: Association | None = None
+        self.matches: list[DicomJson] = []
+        self.final_status: int | None = None
+        self.error_comment: str | None = None
+        self.error: NodeError | None = None
+        self.aborted = False
+        self.cancel_sent = False
+        self.finished = threading.Event()
+
+    def run(self) -> None:
+        try:
+            for attempt in (1, 2):
+                if not self._attempt(last=attempt == 2):
+                    return
+        finally:
+            self.finished.set()
+
+    def _attempt(self, last: bool) -> bool:
+        """One try; True asks for a retry on a fresh association."""
+        try:
+            assoc, reused = self._pool.acquire()
+        except NodeError as exc:
+            self.error = exc
+            return False
+        with self._lock:
+            self._assoc = assoc
+        assoc.dimse_timeout = self._dimse_timeout_s
+        got_any = False
+        try:
+            responses = assoc.send_c_find(self._identifier, self._model, msg_id=self._msg_id)
+            for status, identifier in responses:
+                if "Status" not in status:  # aborted, or no answer within the DIMSE timeout
+                    if reused and not got_any and not last and not self.cancel_sent:
+                        self._pool.give_back(assoc, reusable=False)
+                        return True
+                    self.aborted = True
+                    break
+                got_any = True
+                code = int(status.Status)
+                if code in PENDING:
+                    if identifier is not None:
+                        self.matches.append(to_match(identifier))
+                    continue
+                self.final_status = code
+                self.error_comment = str(status.get("ErrorComment", "")) or None
+                break
+        except (ValueError, RuntimeError) as exc:  # no accepted context for the model, encoding failure
+            self.error = DimseFailure(f"C-FIND could not be sent: {exc}")
+        self._pool.give_back(assoc, reusable=self.final_status is not None and not self.aborted)
+        return False
+
+    def cancel(self) -> None:
+        """Ask the peer to stop (C-CANCEL); harmless when the operation already ended."""
+        with self._lock:
+            assoc = self._assoc
+            if assoc is None or self.finished.is_set() or self.cancel_sent:
+                return
+            self.cancel_sent = True
+        try:
+            assoc.send_c_cancel(self._msg_id, query_model=self._model)
+        except (RuntimeError, ValueError):
+            pass
+
+    def abort_if_running(self) -> None:
+        """The peer ignored C-CANCEL: abort the association so the thread and the slot are freed."""
+        with self._lock:
+            assoc = self._assoc
+        if assoc is not None and not self.finished.is_set():
+            self.aborted = True
+            assoc.abort()
+
+
+class EchoOperation:
+    """One C-ECHO on a pooled association (the circuit breaker's probe and the /echo endpoint)."""
+
+    def __init__(self, pool: AssociationPool) -> None:
+        self._pool = pool
+        self.status: int | None = None
+        self.error: NodeError | None = None
+        self.finished = threading.Event()
+
+    def run(self) -> None:
+        try:
+            try:
+                assoc, _ = self._pool.acquire()
+            except NodeError as exc:
+                self.error = exc
+                return
+            rsp = assoc.send_c_echo()
+            self.status = int(rsp.Status) if "Status" in rsp else None
+            self._pool.give_back(assoc, reusable=self.status is not None)
+        finally:
+            self.finished.set()
+
+    def cancel(self) -> None:
+        """A C-ECHO is not cancellable; its thread ends by the DIMSE timeout."""
+
+    def abort_if_running(self) -> None:
+        """Nothing to abort: see cancel()."""

@@ -1,0 +1,291 @@
+"""PacsNode: the Ray actor that owns every conversation with one PACS.
+
+It never raises into its caller: every call ends in a NodeOutcome (shared/GUIDE.md). It throttles
+(at most ``max_associations`` operations in flight, at most ``max_queries_per_s`` starts), keeps
+the deadline it is given, and stops dialling a PACS that keeps refusing (circuit breaker).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import ray
+
+from actors.circuit import CircuitBreaker, Decision
+from actors.dimse import FIND_MODELS, build_ae
+from actors.operations import CANCELLED, EchoOperation, FindOperation
+from actors.pool import AssociationPool
+from actors.throttle import RateLimiter
+from spanner.errors import AssociationRejected, NodeUnreachable
+from spanner.nodespec import ActorTuning, NodeSpec
+from spanner.outcome import DicomJson, NodeOutcome, OutcomeStatus
+from spanner.query import NodeQuery, information_model_for
+
+
+class _Operation(Protocol):
+    finished: threading.Event
+
+    def run(self) -> None: ...
+    def cancel(self) -> None: ...
+    def abort_if_running(self) -> None: ...
+
+
+class PacsNodeImpl:
+    """The actor's body, kept free of Ray so it can be read and reasoned about on its own."""
+
+    def __init__(self, spec: NodeSpec, tuning: ActorTuning) -> None:
+        self.spec = spec
+        self.tuning = tuning
+        self._pool = AssociationPool(build_ae(spec), spec, tuning.pool_idle_s)
+        self._limiter = RateLimiter(spec.max_queries_per_s)
+        self._circuit = CircuitBreaker(tuning.circuit_failures, tuning.circuit_cooldown_s)
+        self._slots: asyncio.Semaphore | None = None
+        self._msg_ids = itertools.count(1)
+        self._reaper: asyncio.Task[None] | None = None
+        self.in_flight = 0
+        self.outcomes: Counter[str] = Counter()
+
+    # -- public calls ---------------------------------------------------------------------------------
+    async def find(self, query: NodeQuery, timeout_s: float) -> tuple[NodeOutcome, list[DicomJson]]:
+        started = time.monotonic()
+        try:
+            outcome, matches = await self._find(query, started + timeout_s)
+        except _Throttled:
+            outcome, matches = _throttled(self.spec), []
+        outcome.elapsed_ms = round((time.monotonic() - started) * 1000, 2)
+        outcome.matches = len(matches)
+        self.outcomes[outcome.status.value] += 1
+        return outcome, matches
+
+    async def echo(self, timeout_s: float) -> NodeOutcome:
+        started = time.monotonic()
+        deadline = started + timeout_s
+        refused = await self._admit(deadline, probe_allowed=False)
+        if refused is not None:
+            return refused
+        op = EchoOperation(self._pool)
+        try:
+            finished = await self._run(op, deadline)
+            outcome = self._echo_outcome(op, finished)
+        except _Throttled:
+            outcome = _throttled(self.spec)
+        outcome.elapsed_ms = round((time.monotonic() - started) * 1000, 2)
+        return outcome
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "node": self.spec.name,
+            "in_flight": self.in_flight,
+            "pool_idle": self._pool.idle,
+            "pool_in_use": self._pool.in_use,
+            "associations_opened": self._pool.opened,
+            "circuit": self._circuit.state.value,
+            "outcomes": dict(self.outcomes),
+        }
+
+    def close(self) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
+        self._pool.close_all()
+
+    # -- the query ------------------------------------------------------------------------------------
+    async def _find(self, query: NodeQuery, deadline: float) -> tuple[NodeOutcome, list[DicomJson]]:
+        name = self.spec.name
+        model = information_model_for(query.level, self.spec.query_models)
+        if model is None:
+            return NodeOutcome(name, OutcomeStatus.FAILED, error=(
+                f"node supports {', '.join(self.spec.query_models)}, none of which allows {query.level} level"
+            )), []
+        refused = await self._admit(deadline, probe_allowed=True)
+        if refused is not None:
+            return refused, []
+        remaining = deadline - time.monotonic()
+        op = FindOperation(
+            self._pool, query.identifier(dict(self.spec.additional_filters)), FIND_MODELS[model],
+            next(self._msg_ids) % 65535 + 1,
+            dimse_timeout_s=min(self.spec.dimse_timeout_s, remaining + self.tuning.cancel_grace_s + 1.0),
+        )
+        finished = await self._run(op, deadline)
+        return self._find_outcome(op, finished), list(op.matches)
+
+    def _find_outcome(self, op: FindOperation, finished: bool) -> NodeOutcome:
+        name = self.spec.name
+        if op.error is not None:
+            self._note_connection(op.error)
+            return NodeOutcome(name, OutcomeStatus(op.error.status), error=op.error.message,
+                               dimse_status=op.error.dimse_status)
+        self._circuit.record_success()
+        if not finished:
+            return NodeOutcome(name, OutcomeStatus.TIMEOUT, incomplete=True,
+                               error="no final response before the deadline; C-CANCEL sent")
+        if op.aborted:
+            return NodeOutcome(name, OutcomeStatus.ABORTED, incomplete=True,
+                               error="the association was aborted before the final response")
+        status = op.final_status
+        if status == 0x0000:
+            return NodeOutcome(name, OutcomeStatus.OK, dimse_status=0)
+        if status == CANCELLED:
+            return NodeOutcome(name, OutcomeStatus.CANCELLED, incomplete=True, dimse_status=status,
+                               error="the PACS reports the query cancelled")
+        comment = f": {op.error_comment}" if op.error_comment else ""
+        return NodeOutcome(name, OutcomeStatus.FAILED, incomplete=True, dimse_status=status,
+                           error=f"C-FIND failed with status 0x{status or 0:04X}{comment}")
+
+    def _echo_outcome(self, op: EchoOperation, finished: bool) -> NodeOutcome:
+        name = self.spec.name
+        if op.error is not None:
+            self._note_connection(op.error)
+            return NodeOutcome(name, OutcomeStatus(op.error.status), error=op.error.message)
+        if not finished:
+            return NodeOutcome(name, OutcomeStatus.TIMEOUT, error="no C-ECHO response before the deadline")
+        if op.status == 0x0000:
+            self._circuit.record_success()
+            return NodeOutcome(name, OutcomeStatus.OK, dimse_status=0)
+        if op.status is None:
+            return NodeOutcome(name, OutcomeStatus.ABORTED, error="the association ended before the C-ECHO response")
+        return NodeOutcome(name, OutcomeStatus.FAILED, dimse_status=op.status,
+                           error=f"C-ECHO answered 0x{op.status:04X}")
+
+    def _note_connection(self, error: Exception) -> None:
+        if isinstance(error, NodeUnreachable | AssociationRejected):
+            self._circuit.record_failure()
+
+    # -- admission: circuit, rate, slots ------------------------------------------------------------------
+    async def _admit(self, deadline: float, probe_allowed: bool) -> NodeOutcome | None:
+        """None when the caller may go ahead holding no slot yet; else the outcome that refuses it."""
+        self._start_reaper()
+        name = self.spec.name
+        decision = self._circuit.decide()
+        if decision is Decision.PROBE and probe_allowed:
+            probe = EchoOperation(self._pool)
+            finished = await self._run(probe, deadline)
+            if self._echo_outcome(probe, finished).status is not OutcomeStatus.OK:
+                self._circuit.record_failure()
+                decision = Decision.REJECT
+        elif decision is Decision.PROBE:
+            decision = Decision.PROCEED  # an explicit echo is itself the probe
+        if decision is Decision.REJECT:
+            return NodeOutcome(name, OutcomeStatus.CIRCUIT_OPEN, error=(
+                f"circuit open after {self._circuit.consecutive_failures} consecutive connection failures; "
+                f"next probe in {self._circuit.retry_in_s():.1f} s"
+            ))
+        wait = self._limiter.reserve(deadline)
+        if wait is None:
+            return NodeOutcome(name, OutcomeStatus.THROTTLED, error=(
+                f"rate limit of {self.spec.max_queries_per_s:g} queries/s leaves no start before the deadline"
+            ))
+        if wait > 0:
+            await asyncio.sleep(wait)
+        return None
+
+    def _slots_sem(self) -> asyncio.Semaphore:
+        if self._slots is None:
+            self._slots = asyncio.Semaphore(self.spec.max_associations)
+        return self._slots
+
+    async def _run(self, op: _Operation, deadline: float) -> bool:
+        """Run ``op`` in its own thread holding a slot; True when it finished before ``deadline``."""
+        slots = self._slots_sem()
+        try:
+            await asyncio.wait_for(slots.acquire(), max(0.0, deadline - time.monotonic()))
+        except TimeoutError:
+            raise _Throttled(self.spec) from None
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[None] = loop.create_future()
+        self.in_flight += 1
+
+        def finish() -> None:
+            self.in_flight -= 1
+            slots.release()
+            if not done.done():
+                done.set_result(None)
+
+        def body() -> None:
+            try:
+                op.run()
+            finally:
+                loop.call_soon_threadsafe(finish)
+
+        threading.Thread(target=body, name=f"dimse-{self.spec.name}", daemon=True).start()
+        try:
+            await asyncio.wait_for(asyncio.shield(done), max(0.0, deadline - time.monotonic()))
+            return True
+        except TimeoutError:
+            self._stop(op)
+            return False
+        except asyncio.CancelledError:
+            self._stop(op)
+            raise
+
+    def _stop(self, op: _Operation) -> None:
+        """C-CANCEL now; abort after the grace period if the peer keeps going."""
+        threading.Thread(target=_cancel_then_abort, args=(op, self.tuning.cancel_grace_s), daemon=True).start()
+
+    def _start_reaper(self) -> None:
+        if self._reaper is None:
+            self._reaper = asyncio.get_running_loop().create_task(self._reap_forever())
+
+    async def _reap_forever(self) -> None:
+        interval = max(0.5, self.tuning.pool_idle_s / 2)
+        while True:
+            await asyncio.sleep(interval)
+            await asyncio.to_thread(self._pool.reap)
+
+
+class _Throttled(Exception):
+    def __init__(self, spec: NodeSpec) -> None:
+        super().__init__(spec)
+        self.spec = spec
+
+
+def _cancel_then_abort(op: _Operation, grace_s: float) -> None:
+    op.cancel()
+    if not op.finished.wait(grace_s):
+        op.abort_if_running()
+
+
+def _throttled(spec: NodeSpec) -> NodeOutcome:
+    return NodeOutcome(spec.name, OutcomeStatus.THROTTLED, error=(
+        f"all {spec.max_associations} associations stayed busy until the deadline"
+    ))
+
+
+@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0, max_concurrency=1000)
+class PacsNode:
+    """Ray actor wrapper: one per enabled node, detached and named (see actors.registry)."""
+
+    def __init__(self, spec: NodeSpec, tuning: ActorTuning) -> None:
+        self._impl = PacsNodeImpl(spec, tuning)
+
+    @ray.method(num_returns=2)  # type: ignore[untyped-decorator]
+    async def find(self, query: NodeQuery, timeout_s: float) -> tuple[NodeOutcome, list[DicomJson]]:
+        return await _guard(self._impl.spec, lambda: self._impl.find(query, timeout_s), [])  # type: ignore[return-value]
+
+    async def echo(self, timeout_s: float = 5.0) -> NodeOutcome:
+        return await _guard(self._impl.spec, lambda: self._impl.echo(timeout_s), None)  # type: ignore[return-value]
+
+    async def spec(self) -> NodeSpec:
+        return self._impl.spec
+
+    async def stats(self) -> dict[str, Any]:
+        return self._impl.stats()
+
+    async def close(self) -> None:
+        await asyncio.to_thread(self._impl.close)
+
+
+async def _guard(spec: NodeSpec, call: Callable[[], Any], empty: Any) -> Any:
+    """The never-raise rule: anything unexpected becomes a ``failed`` outcome that says what broke."""
+    try:
+        return await call()
+    except asyncio.CancelledError:
+        raise
+    except Exception as exc:  # the boundary: report, never raise into the coordinator
+        outcome = NodeOutcome(spec.name, OutcomeStatus.FAILED, error=f"{type(exc).__name__}: {exc}")
+    return outcome if empty is None else (outcome, empty)

@@ -1,0 +1,85 @@
+"""Finding, creating, replacing and stopping the named, detached node actors.
+
+Actors are named ``node:<name>`` in the spanner's namespace, so any Serve replica (or a restarted
+one) finds them again. A changed node gets a new actor rather than a mutated one: Ray restarts a
+dead actor with its original constructor arguments, so those must always be the current spec.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import ray
+from ray.actor import ActorHandle
+
+from actors.pacs_node import PacsNode
+from spanner.nodespec import ActorTuning, NodeSpec
+
+
+def actor_name(node: str) -> str:
+    return f"node:{node}"
+
+
+def lookup(node: str, namespace: str) -> ActorHandle | None:
+    try:
+        return ray.get_actor(actor_name(node), namespace=namespace)
+    except ValueError:
+        return None
+
+
+def _create(spec: NodeSpec, tuning: ActorTuning, namespace: str, wait_s: float = 10.0) -> ActorHandle:
+    """Create the actor, waiting out a name that a just-killed actor still holds."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            handle: ActorHandle = PacsNode.options(  # type: ignore[attr-defined]
+                name=actor_name(spec.name), namespace=namespace, lifetime="detached",
+            ).remote(spec, tuning)
+            return handle
+        except ValueError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
+def ensure(spec: NodeSpec, tuning: ActorTuning, namespace: str) -> ActorHandle:
+    """The actor for ``spec``: reused when its spec is current, else replaced."""
+    handle = lookup(spec.name, namespace)
+    if handle is not None:
+        try:
+            current = ray.get(handle.spec.remote(), timeout=30)
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            current = None
+        if current == spec:
+            return handle
+        stop(spec.name, namespace)
+    return _create(spec, tuning, namespace)
+
+
+def stop(node: str, namespace: str) -> bool:
+    """Release the actor's associations and end it for good; False when there was none."""
+    handle = lookup(node, namespace)
+    if handle is None:
+        return False
+    try:
+        ray.get(handle.close.remote(), timeout=5)
+    except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+        pass
+    ray.kill(handle, no_restart=True)
+    deadline = time.monotonic() + 10
+    while lookup(node, namespace) is not None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return True
+
+
+def live_nodes(namespace: str) -> list[str]:
+    """Names of the node actors alive in ``namespace``."""
+    from ray.util.state import list_actors
+
+    prefix = actor_name("")
+    found: list[Any] = list_actors(filters=[("state", "=", "ALIVE")], limit=10000)
+    return sorted(
+        a.name[len(prefix):] for a in found
+        if a.name and a.name.startswith(prefix) and getattr(a, "ray_namespace", namespace) == namespace
+    )

@@ -1,0 +1,93 @@
+"""`spanner run`: Ray (local or RAY_ADDRESS), the Serve app, and the demo fleet when no node is configured.
+
+Ctrl-C (or SIGTERM) stops everything this process started: the Serve app, the simulators and the
+local Ray instance with its processes.
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from spanner.schemas import NodeIn, NodeOut
+from spanner.settings import Settings
+from spanner.storage import Repository, create_schema, make_engine
+
+DEMO_HOST = "127.0.0.1"
+
+
+def _is_demo(node: NodeOut, demo: dict[str, tuple[str, int]]) -> bool:
+    return node.name in demo and node.host == DEMO_HOST and node.ae_title == demo[node.name][0]
+
+
+def prepare_demo_fleet(settings: Settings, say: Callable[[str], None]) -> list[Any]:
+    """Start three simulated PACS and register them, unless real nodes are configured (then drop stale demo ones)."""
+    from spanner.simulator.fleet import DEMO_NODES, start_demo_fleet
+
+    demo = {d.name: (d.ae_title, settings.demo_base_port + d.port_offset) for d in DEMO_NODES}
+    repo = Repository(make_engine(settings.effective_database_url))
+    create_schema(repo.engine)
+    nodes = repo.list_nodes()
+    real = [n for n in nodes if not _is_demo(n, demo)]
+    if real or not settings.demo_fleet:
+        for node in nodes:
+            if _is_demo(node, demo):
+                repo.delete_node(node.name)
+                say(f"removed demo node {node.name}: real nodes are configured")
+        return []
+    fleet = start_demo_fleet(settings.demo_base_port)
+    present = {n.name for n in nodes}
+    for name, (ae_title, port) in demo.items():
+        if name not in present:
+            repo.create_node(NodeIn(name=name, ae_title=ae_title, host=DEMO_HOST, port=port))
+    say(f"demo fleet: {', '.join(f'{n} ({ae}@{DEMO_HOST}:{p})' for n, (ae, p) in demo.items())}")
+    return fleet
+
+
+def example(settings: Settings) -> str:
+    url = f"http://{settings.http_host}:{settings.http_port}"
+    body = '{"level": "STUDY", "filters": {"PatientName": "*", "StudyDate": "20100101-"}, "limit": 5}'
+    return (
+        f"\nReady. API {url}  (OpenAPI: {url}/docs)   Ray dashboard: "
+        f"http://{settings.dashboard_host}:{settings.dashboard_port}\n\n"
+        f"  curl -s -X POST {url}/api/v1/queries -H 'Content-Type: application/json' \\\n"
+        f"       -d '{body}'\n\n"
+        f"  .venv/bin/spanner query STUDY -f 'StudyDate=20100101-' --limit 5\n\n"
+        "Ctrl-C stops everything.\n"
+    )
+
+
+def run(settings: Settings, say: Callable[[str], None] = print) -> None:
+    import ray
+    from ray import serve
+    from ray.serve.config import HTTPOptions
+
+    from cluster.ray_runtime import connect
+    from serve_app.app import AppArgs, build_app
+    from spanner.simulator.fleet import stop_fleet
+
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    fleet: list[Any] = []
+    try:
+        fleet = prepare_demo_fleet(settings, say)
+        say("starting Ray" + (f" (joining {settings.ray_address})" if settings.ray_address else " (local)"))
+        connect(settings)
+        serve.start(http_options=HTTPOptions(host=settings.http_host, port=settings.http_port),
+                    logging_config={"enable_access_log": False})
+        serve.run(build_app(AppArgs(settings=settings.model_dump(mode="json"))), name="spanner",
+                  route_prefix="/", blocking=False)
+        say(example(settings))
+        stop.wait()
+        say("stopping")
+    finally:
+        if ray.is_initialized():
+            try:
+                # On a shared cluster only our app goes; a local instance goes whole.
+                serve.delete("spanner") if settings.ray_address else serve.shutdown()
+            finally:
+                ray.shutdown()
+        stop_fleet(fleet)

@@ -1,0 +1,73 @@
+"""HTTP models of a spanning query and its answer (the node and span models live in spanner.schemas)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from spanner.query import Level
+from spanner.schemas import Dedup, FailureStrategy
+
+FilterValue = str | int | float | list[str] | None
+
+
+class QueryIn(BaseModel):
+    """A spanning C-FIND. Only ``level`` is required; the rest defaults from the span."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{
+        "level": "STUDY",
+        "filters": {"PatientID": "PAT*", "StudyDate": "20240101-", "ModalitiesInStudy": "CT"},
+        "return_keys": ["StudyDescription"], "span": "all", "timeout_s": 10, "limit": 100,
+    }]})
+
+    level: Level = Field(description="Query/Retrieve level: PATIENT, STUDY, SERIES or IMAGE")
+    filters: dict[str, FilterValue] = Field(
+        default_factory=dict,
+        description="Matching keys by DICOM keyword or tag, with DICOM matching: wildcards * and ?, "
+                    "date/time ranges 'A-B', 'A-', '-B', UID lists as a JSON list; null or '' asks for the key",
+    )
+    return_keys: list[str] = Field(default_factory=list, description="Extra attributes to return, by keyword or tag")
+    span: str = Field(default="all", description="Span to query; 'all' holds every enabled node")
+    nodes: list[str] | None = Field(default=None, description="Narrow the span to these of its nodes")
+    timeout_s: float | None = Field(default=None, gt=0, description="Deadline for every node (span default)")
+    failure_strategy: FailureStrategy | None = None
+    minimum_nodes: int | None = Field(default=None, ge=1, description="With failure_strategy 'minimum'")
+    dedup: Dedup | None = None
+    limit: int | None = Field(default=None, ge=1, description="Page size; at most the span's max_results")
+    offset: int = Field(default=0, ge=0)
+
+
+class MatchOut(BaseModel):
+    dataset: dict[str, Any] = Field(description="The merged match in the DICOM JSON model (PS3.18 F.2)")
+    nodes: list[str] = Field(description="Nodes holding this entity, highest priority first")
+
+
+class NodeOutcomeOut(BaseModel):
+    node: str
+    status: str = Field(description="ok, timeout, refused, aborted, failed, throttled, circuit_open or cancelled")
+    matches: int
+    elapsed_ms: float
+    error: str | None = None
+    dimse_status: int | None = None
+    incomplete: bool = False
+
+
+class QueryOut(BaseModel):
+    query_id: str
+    status: str = Field(description="success, partial or failed")
+    level: Level
+    span: str
+    total: int = Field(description="Merged matches before limit and offset")
+    matches: list[MatchOut]
+    nodes: list[NodeOutcomeOut]
+    elapsed_ms: float
+    reason: str | None = Field(default=None, description="Why the query is failed, when it is")
+
+
+class EchoOut(BaseModel):
+    node: str
+    status: str
+    elapsed_ms: float
+    dimse_status: int | None = None
+    error: str | None = None

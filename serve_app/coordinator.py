@@ -1,0 +1,163 @@
+"""The coordinator: fan one query out to every node actor of its span at once, then merge.
+
+Matches go from the node actors into the merge as object references; only small answers are
+fetched into this process and merged inline, where a task's scheduling would cost more than it
+saves (``merge_inline_max``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+from ray.actor import ActorHandle
+
+from actors import registry
+from actors.merge_tasks import merge_inline, merge_refs
+from serve_app.plan import QueryPlan
+from spanner.merge import MergedMatch
+from spanner.nodespec import ActorTuning, NodeSpec
+from spanner.outcome import NodeOutcome, OutcomeStatus
+
+
+@dataclass(slots=True)
+class SpanResult:
+    status: str  # success | partial | failed
+    total: int
+    matches: list[MergedMatch]
+    outcomes: list[NodeOutcome]
+    elapsed_ms: float
+    reason: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Coordinator:
+    def __init__(self, namespace: str, tuning: ActorTuning, grace_s: float, inline_max: int,
+                 partitions: int) -> None:
+        self._namespace = namespace
+        self._tuning = tuning
+        self._grace_s = grace_s
+        self._inline_max = inline_max
+        self._partitions = partitions
+        self._handles: dict[str, ActorHandle] = {}
+
+    # -- actor handles --------------------------------------------------------------------------------
+    async def handle(self, spec: NodeSpec, fresh: bool = False) -> ActorHandle:
+        """The node's actor: cached, else found by name, else created (a replica may start before it)."""
+        if not fresh and spec.name in self._handles:
+            return self._handles[spec.name]
+        found = await asyncio.to_thread(registry.lookup, spec.name, self._namespace)
+        if found is None:
+            found = await asyncio.to_thread(registry.ensure, spec, self._tuning, self._namespace)
+        self._handles[spec.name] = found
+        return found
+
+    def forget(self, node: str) -> None:
+        self._handles.pop(node, None)
+
+    # -- one spanning query ---------------------------------------------------------------------------
+    async def run(self, plan: QueryPlan) -> SpanResult:
+        started = time.monotonic()
+        tasks = {asyncio.ensure_future(self._call(spec, plan)): spec for spec in plan.nodes}
+        results: dict[str, tuple[NodeOutcome, Any]] = {}
+        reason = await self._gather(plan, tasks, results, started)
+        outcomes = [results[spec.name][0] for spec in plan.nodes]
+        ok = sum(o.status is OutcomeStatus.OK for o in outcomes)
+        status, why = _status(plan, outcomes, ok)
+        reason = reason or why
+        total, page = 0, []
+        if not (status == "failed" and plan.failure_strategy == "fail_fast"):
+            total, page = await self._merge(plan, results)
+        return SpanResult(status, total, page, outcomes, round((time.monotonic() - started) * 1000, 2), reason)
+
+    async def _gather(self, plan: QueryPlan, tasks: dict[asyncio.Future[Any], NodeSpec],
+                      results: dict[str, tuple[NodeOutcome, Any]], started: float) -> str | None:
+        """Wait for the outcomes; stop early when the failure strategy is already decided."""
+        deadline = started + plan.timeout_s + self._grace_s
+        pending = set(tasks)
+        failed = 0
+        reason: str | None = None
+        while pending:
+            done, pending = await asyncio.wait(
+                pending, timeout=max(0.0, deadline - time.monotonic()), return_when=asyncio.FIRST_COMPLETED
+            )
+            if not done:
+                break
+            for task in done:
+                outcome, ref = task.result()
+                results[outcome.node] = (outcome, ref)
+                if outcome.status is not OutcomeStatus.OK:
+                    failed += 1
+                    if plan.failure_strategy == "fail_fast" and reason is None:
+                        reason = f"fail_fast: node {outcome.node} answered {outcome.status.value}"
+            impossible = plan.failure_strategy == "minimum" and len(tasks) - failed < plan.minimum_nodes
+            if impossible and reason is None:
+                reason = f"minimum: fewer than {plan.minimum_nodes} nodes can still answer ok"
+            if reason is not None:
+                break
+        for task in pending:
+            task.cancel()
+            spec = tasks[task]
+            if reason is not None:
+                results[spec.name] = (NodeOutcome(spec.name, OutcomeStatus.CANCELLED, error=f"cancelled ({reason})"),
+                                      None)
+            else:
+                results[spec.name] = (NodeOutcome(spec.name, OutcomeStatus.TIMEOUT, incomplete=True, error=(
+                    f"the node actor did not answer within {plan.timeout_s + self._grace_s:g} s"
+                )), None)
+        if pending:
+            await asyncio.wait(pending, timeout=1.0)
+        return reason
+
+    async def _call(self, spec: NodeSpec, plan: QueryPlan) -> tuple[NodeOutcome, Any]:
+        """One node's outcome and the reference to its matches; a dead or stale actor is looked up again."""
+        timeout = plan.node_timeout(spec)
+        started = time.monotonic()
+        for attempt in (1, 2):
+            handle = await self.handle(spec, fresh=attempt == 2)
+            remaining = max(0.001, timeout - (time.monotonic() - started))
+            out_ref, matches_ref = handle.find.remote(plan.query, remaining)
+            try:
+                outcome: NodeOutcome = await out_ref
+                return outcome, matches_ref
+            except asyncio.CancelledError:
+                ray.cancel(out_ref)
+                raise
+            except ray.exceptions.RayActorError as exc:
+                self.forget(spec.name)
+                if attempt == 2:
+                    return NodeOutcome(spec.name, OutcomeStatus.FAILED, error=f"node actor unavailable: {exc}"), None
+        raise AssertionError("unreachable")
+
+    async def _merge(self, plan: QueryPlan,
+                     results: dict[str, tuple[NodeOutcome, Any]]) -> tuple[int, list[MergedMatch]]:
+        by_name = {spec.name: spec for spec in plan.nodes}
+        holders = [(name, outcome, ref) for name, (outcome, ref) in results.items()
+                   if ref is not None and outcome.matches > 0]
+        holders.sort(key=lambda item: (by_name[item[0]].priority, item[0]))
+        meta = [(name, by_name[name].priority) for name, _, _ in holders]
+        refs = [ref for _, _, ref in holders]
+        limit = plan.limit
+        if sum(outcome.matches for _, outcome, _ in holders) <= self._inline_max:
+            lists = list(await asyncio.gather(*refs)) if refs else []
+            return merge_inline(plan.query.level, plan.dedup, meta, lists, plan.offset, limit)
+        ref = merge_refs(plan.query.level, plan.dedup, meta, refs, self._partitions, plan.offset, limit)
+        total, page = await ref
+        return total, page
+
+
+def _status(plan: QueryPlan, outcomes: list[NodeOutcome], ok: int) -> tuple[str, str | None]:
+    if ok == len(outcomes):
+        return "success", None
+    if plan.failure_strategy == "fail_fast":
+        return "failed", "fail_fast: not every node answered ok"
+    if plan.failure_strategy == "minimum":
+        if ok < plan.minimum_nodes:
+            return "failed", f"minimum: {ok} of the {plan.minimum_nodes} nodes required answered ok"
+        return "partial", None
+    if ok == 0:
+        return "failed", "no node answered ok"
+    return "partial", None

@@ -1,0 +1,57 @@
+"""Spanner errors -> HTTP status, translated once at the ingress boundary."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from spanner.errors import (
+    Conflict,
+    InvalidConfig,
+    InvalidQuery,
+    NotFound,
+    SpannerError,
+    StorageError,
+)
+
+STATUS: list[tuple[type[SpannerError], int]] = [
+    (NotFound, 404),
+    (Conflict, 409),
+    (InvalidQuery, 422),
+    (InvalidConfig, 422),
+    (StorageError, 503),
+]
+
+
+def status_for(exc: SpannerError) -> int:
+    for kind, code in STATUS:
+        if isinstance(exc, kind):
+            return code
+    return 500
+
+
+async def _spanner_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, SpannerError)
+    return JSONResponse({"detail": exc.message}, status_code=status_for(exc))
+
+
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+    """422 whose detail says, per problem, where it is and what would be accepted."""
+    assert isinstance(exc, RequestValidationError)
+    problems = []
+    for error in exc.errors():
+        loc = [str(p) for p in error.get("loc", ()) if p != "body"]
+        where = ".".join(loc)
+        message = str(error.get("msg", "invalid"))
+        if error.get("type") == "json_invalid":
+            message = f"the body is not valid JSON ({error.get('ctx', {}).get('error', 'parse error')})"
+        elif error.get("type") == "extra_forbidden":
+            message = "unknown field; see /docs for the accepted fields"
+        problems.append(f"{where}: {message}" if where else message)
+    return JSONResponse({"detail": "; ".join(problems) or "invalid request"}, status_code=422)
+
+
+def install(app: FastAPI) -> None:
+    app.add_exception_handler(SpannerError, _spanner_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)

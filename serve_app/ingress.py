@@ -1,0 +1,36 @@
+"""The HTTP ingress: a FastAPI app served by one Ray Serve deployment.
+
+Each replica builds its Services (database, coordinator) from the settings passed by the app
+builder, so a replica on another host needs no environment of its own.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI
+from ray import serve
+
+from serve_app import errors
+from serve_app.routes import health, nodes, queries, register, spans
+from serve_app.services import Services
+from spanner.settings import Settings
+
+app = FastAPI(
+    title="dicom-spanner",
+    version="0.1.0",
+    description="One front door to every PACS: a spanning C-FIND fans out to every archive of a span at once "
+                "and answers with one merged, de-duplicated list and each archive's outcome.",
+)
+errors.install(app)
+for module in (queries, nodes, spans, health):
+    app.include_router(module.router)
+
+
+@serve.deployment(name="Ingress", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=200)
+@serve.ingress(app)
+class Ingress:
+    def __init__(self, settings: dict[str, Any]) -> None:
+        self.services = Services(Settings(**settings))
+        register(self.services)
+        self.services.reconcile()

@@ -1,0 +1,42 @@
+"""/api/v1/spans: named sets of nodes with the policies of a spanning query."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Depends, Response
+
+from serve_app.routes import services
+from serve_app.services import Services
+from spanner.schemas import SpanIn, SpanOut, SpanPatch, SpanPut
+
+router = APIRouter(prefix="/api/v1/spans", tags=["spans"])
+
+
+@router.get("", response_model=list[SpanOut])
+def list_spans(s: Services = Depends(services)) -> list[SpanOut]:
+    return s.repo.list_spans()
+
+
+@router.post("", response_model=SpanOut, status_code=201)
+def create_span(body: SpanIn, s: Services = Depends(services)) -> SpanOut:
+    return s.repo.create_span(body)
+
+
+@router.get("/{name}", response_model=SpanOut)
+def get_span(name: str, s: Services = Depends(services)) -> SpanOut:
+    return s.repo.get_span(name)
+
+
+@router.put("/{name}", response_model=SpanOut)
+def replace_span(name: str, body: SpanPut, s: Services = Depends(services)) -> SpanOut:
+    return s.repo.replace_span(name, body)
+
+
+@router.patch("/{name}", response_model=SpanOut)
+def patch_span(name: str, body: SpanPatch, s: Services = Depends(services)) -> SpanOut:
+    return s.repo.patch_span(name, body)
+
+
+@router.delete("/{name}", status_code=204)
+def delete_span(name: str, s: Services = Depends(services)) -> Response:
+    s.repo.delete_span(name)
+    return Response(status_code=204)

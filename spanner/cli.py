@@ -1,0 +1,188 @@
+"""The `spanner` command: run the system, run a simulated PACS, query, and manage nodes over HTTP."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Annotated, Any
+
+import httpx
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from spanner.errors import ConfigError
+
+app = typer.Typer(help="dicom-spanner: one front door to every PACS.", no_args_is_help=True)
+nodes_app = typer.Typer(help="List, add, remove and echo PACS nodes.", no_args_is_help=True)
+app.add_typer(nodes_app, name="nodes")
+console = Console()
+
+UrlOption = Annotated[str, typer.Option(envvar="SPANNER_URL", help="Base URL of the spanner HTTP API")]
+DEFAULT_URL = "http://127.0.0.1:8000"
+
+
+def _call(method: str, url: str, **kwargs: Any) -> Any:
+    """One HTTP call; a refused connection or a 4xx/5xx becomes a readable message and exit code 1."""
+    try:
+        response = httpx.request(method, url, timeout=kwargs.pop("timeout", 60.0), **kwargs)
+    except httpx.HTTPError as exc:
+        console.print(f"[red]cannot reach {url}: {exc}[/red] (is `make run` running? set SPANNER_URL)")
+        raise typer.Exit(1) from exc
+    if response.status_code >= 400 and response.status_code != 502:
+        detail = response.json().get("detail", response.text) if response.content else response.reason_phrase
+        console.print(f"[red]{response.status_code}: {detail}[/red]")
+        raise typer.Exit(1)
+    return response.json() if response.content else None
+
+
+@app.command()
+def run() -> None:
+    """Start Ray, the Serve app and (with no node configured) a demo fleet of three simulated PACS."""
+    from cluster.launcher import run as launch
+    from spanner.settings import get_settings
+
+    try:
+        settings = get_settings()
+    except ConfigError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from exc
+    launch(settings, say=console.print)
+
+
+@app.command()
+def simulate(
+    port: Annotated[int, typer.Option(help="Port to listen on (127.0.0.1)")] = 11112,
+    ae_title: Annotated[str, typer.Option(help="AE title of the simulated PACS")] = "SIM",
+    seed: Annotated[int, typer.Option(help="Seed of the generated data set")] = 42,
+    node_index: Annotated[int, typer.Option(help="Which node of the seeded fleet to serve (0, 1, 2)")] = 0,
+    patients: Annotated[int, typer.Option(help="Patients in the seeded fleet")] = 20,
+    latency_ms: Annotated[float, typer.Option(help="Delay before the first response")] = 0.0,
+    jitter_ms: Annotated[float, typer.Option(help="Uniform random extra delay")] = 0.0,
+    fault: Annotated[str, typer.Option(help="none, refuse, abort, failure, hang or slow")] = "none",
+) -> None:
+    """Serve a seeded, generated data set as a Query/Retrieve SCP until Ctrl-C."""
+    from spanner.simulator.dataset import generate_fleet
+    from spanner.simulator.scp import SimulatorConfig, serve_forever
+
+    fleet = generate_fleet(seed, nodes=max(3, node_index + 1), patients=patients)
+    config = SimulatorConfig(ae_title=ae_title, port=port, latency_ms=latency_ms, jitter_ms=jitter_ms,
+                             fault=fault, seed=seed)  # type: ignore[arg-type]
+    console.print(f"simulated PACS {ae_title} on 127.0.0.1:{port}: {len(fleet[node_index])} instances")
+    serve_forever(config, fleet[node_index])
+
+
+def _keyword_value(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep:
+        raise typer.BadParameter(f"{text!r}: write KEY=VALUE, e.g. PatientID=PAT*")
+    return key.strip(), value
+
+
+@app.command()
+def query(
+    level: Annotated[str, typer.Argument(help="PATIENT, STUDY, SERIES or IMAGE")],
+    filter_: Annotated[list[str] | None, typer.Option("--filter", "-f", help="KEY=VALUE, repeatable")] = None,
+    return_key: Annotated[list[str] | None, typer.Option("--return-key", "-r", help="Extra key")] = None,
+    span: Annotated[str, typer.Option(help="Span to query")] = "all",
+    timeout_s: Annotated[float | None, typer.Option(help="Deadline per node")] = None,
+    limit: Annotated[int | None, typer.Option(help="Page size")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the raw JSON answer")] = False,
+    url: UrlOption = DEFAULT_URL,
+) -> None:
+    """Run a spanning C-FIND and print the merged matches and every node's outcome."""
+    body: dict[str, Any] = {"level": level.upper(), "span": span,
+                            "filters": dict(_keyword_value(f) for f in filter_ or [])}
+    if return_key:
+        body["return_keys"] = return_key
+    if timeout_s is not None:
+        body["timeout_s"] = timeout_s
+    if limit is not None:
+        body["limit"] = limit
+    answer = _call("POST", f"{url}/api/v1/queries", json=body)
+    if as_json:
+        console.print_json(json.dumps(answer))
+        return
+    _print_answer(answer)
+    if answer["status"] == "failed":
+        raise typer.Exit(1)
+
+
+def _text(element: dict[str, Any] | None) -> str:
+    if not element or not element.get("Value"):
+        return ""
+    values = [v.get("Alphabetic", "") if isinstance(v, dict) else str(v) for v in element["Value"]]
+    return "\\".join(values)
+
+
+COLUMNS = {
+    "PATIENT": [("00100020", "PatientID"), ("00100010", "PatientName"), ("00100030", "BirthDate")],
+    "STUDY": [("00080020", "StudyDate"), ("00100020", "PatientID"), ("00100010", "PatientName"),
+              ("00080061", "Modalities"), ("00081030", "Description"), ("0020000D", "StudyInstanceUID")],
+    "SERIES": [("00080060", "Modality"), ("00200011", "Number"), ("0008103E", "Description"),
+               ("0020000E", "SeriesInstanceUID")],
+    "IMAGE": [("00200013", "Number"), ("00080016", "SOPClassUID"), ("00080018", "SOPInstanceUID")],
+}
+
+
+def _print_answer(answer: dict[str, Any]) -> None:
+    table = Table(title=f"{answer['level']} matches: {len(answer['matches'])} of {answer['total']}")
+    for _, title in COLUMNS[answer["level"]]:
+        table.add_column(title)
+    table.add_column("nodes")
+    for match in answer["matches"]:
+        ds = match["dataset"]
+        table.add_row(*[_text(ds.get(tag)) for tag, _ in COLUMNS[answer["level"]]], ", ".join(match["nodes"]))
+    console.print(table)
+    nodes = Table(title=f"status {answer['status']} in {answer['elapsed_ms']} ms")
+    for col in ("node", "status", "matches", "ms", "error"):
+        nodes.add_column(col)
+    for o in answer["nodes"]:
+        nodes.add_row(o["node"], o["status"], str(o["matches"]), str(o["elapsed_ms"]), o.get("error") or "")
+    console.print(nodes)
+
+
+@nodes_app.command("list")
+def nodes_list(url: UrlOption = DEFAULT_URL) -> None:
+    """List the configured nodes."""
+    table = Table()
+    for col in ("name", "ae_title", "host", "port", "enabled", "priority"):
+        table.add_column(col)
+    for n in _call("GET", f"{url}/api/v1/nodes"):
+        table.add_row(n["name"], n["ae_title"], n["host"], str(n["port"]), str(n["enabled"]), str(n["priority"]))
+    console.print(table)
+
+
+@nodes_app.command("add")
+def nodes_add(
+    name: str, ae_title: str, host: str, port: int,
+    priority: Annotated[int, typer.Option(help="Lower wins ties")] = 100,
+    max_associations: Annotated[int, typer.Option(help="Pool size")] = 4,
+    url: UrlOption = DEFAULT_URL,
+) -> None:
+    """Add a node: NAME AE_TITLE HOST PORT."""
+    body = {"name": name, "ae_title": ae_title, "host": host, "port": port, "priority": priority,
+            "max_associations": max_associations}
+    node = _call("POST", f"{url}/api/v1/nodes", json=body)
+    console.print(f"added {node['name']} ({node['ae_title']}@{node['host']}:{node['port']})")
+
+
+@nodes_app.command("remove")
+def nodes_remove(name: str, url: UrlOption = DEFAULT_URL) -> None:
+    """Remove a node and stop its actor."""
+    _call("DELETE", f"{url}/api/v1/nodes/{name}")
+    console.print(f"removed {name}")
+
+
+@nodes_app.command("echo")
+def nodes_echo(name: str, url: UrlOption = DEFAULT_URL) -> None:
+    """C-ECHO a node through its actor."""
+    answer = _call("POST", f"{url}/api/v1/nodes/{name}/echo")
+    console.print(f"{name}: {answer['status']} in {answer['elapsed_ms']} ms {answer.get('error') or ''}")
+    if answer["status"] != "ok":
+        raise typer.Exit(1)
+
+
+def main() -> None:  # pragma: no cover
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    app()

@@ -1,0 +1,35 @@
+"""What a node actor needs to know about its PACS: plain, frozen, cheap to pickle into Ray."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from spanner.query import InformationModel
+
+
+@dataclass(frozen=True, slots=True)
+class NodeSpec:
+    name: str
+    ae_title: str
+    host: str
+    port: int
+    calling_ae_title: str
+    priority: int = 100
+    max_associations: int = 4
+    max_queries_per_s: float | None = None
+    connect_timeout_s: float = 5.0
+    dimse_timeout_s: float = 30.0
+    query_timeout_s: float | None = None
+    reuse_associations: bool = True
+    query_models: tuple[InformationModel, ...] = (InformationModel.STUDY_ROOT, InformationModel.PATIENT_ROOT)
+    additional_filters: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ActorTuning:
+    """Fleet-wide behaviour of node actors, taken from Settings when the actor is created."""
+
+    circuit_failures: int = 3
+    circuit_cooldown_s: float = 15.0
+    pool_idle_s: float = 30.0
+    cancel_grace_s: float = 1.0

@@ -1,0 +1,85 @@
+"""The one typed settings object, read from the environment once at start-up.
+
+Prefix ``SPANNER_``; the standard names DATABASE_URL, REDIS_URL, RABBITMQ_URL and RAY_ADDRESS are
+read as they are. Each external service switches on by its URL; without it the embedded default
+serves (a SQLite file under ``var/``, an in-process cache, no broker, a local Ray instance).
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import AliasChoices, Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from spanner.errors import ConfigError
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="SPANNER_", extra="ignore", validate_default=True, populate_by_name=True
+    )
+
+    environment: Literal["development", "production"] = "development"
+    ae_title: str = Field(default="SPANNER", min_length=1, max_length=16,
+                          description="Calling AE title the node actors use when a node names none")
+
+    database_url: str = Field(default="", validation_alias=AliasChoices("DATABASE_URL", "SPANNER_DATABASE_URL"))
+    redis_url: str = Field(default="", validation_alias=AliasChoices("REDIS_URL", "SPANNER_REDIS_URL"))
+    rabbitmq_url: str = Field(default="", validation_alias=AliasChoices("RABBITMQ_URL", "SPANNER_RABBITMQ_URL"))
+    ray_address: str = Field(default="", validation_alias=AliasChoices("RAY_ADDRESS", "SPANNER_RAY_ADDRESS"))
+    config: Path | None = Field(default=None, description="YAML file of nodes and spans loaded at start-up")
+    var_dir: Path = Path("var")
+
+    namespace: str = Field(default="spanner", description="Ray namespace holding the node actors")
+    http_host: str = "127.0.0.1"
+    http_port: int = Field(default=8000, ge=1, le=65535)
+    dashboard_host: str = "127.0.0.1"
+    dashboard_port: int = Field(default=8265, ge=1, le=65535)
+    replicas: int = Field(default=1, ge=1, description="Serve replicas of the HTTP ingress")
+    max_ongoing_requests: int = Field(default=200, ge=1)
+
+    default_timeout_s: float = Field(default=10.0, gt=0, le=600)
+    max_timeout_s: float = Field(default=300.0, gt=0)
+    node_grace_s: float = Field(default=2.0, ge=0, description="How long past its deadline a node actor may be silent")
+    cancel_grace_s: float = Field(default=1.0, ge=0, description="After C-CANCEL, wait this long before aborting")
+    circuit_failures: int = Field(default=3, ge=1, description="Consecutive connection failures that open a circuit")
+    circuit_cooldown_s: float = Field(default=15.0, gt=0)
+    pool_idle_s: float = Field(default=30.0, gt=0, description="Idle associations are released after this")
+    merge_inline_max: int = Field(default=5000, ge=0, description="Up to this many matches merge in the ingress")
+    merge_partitions: int = Field(default=4, ge=1, le=64)
+    query_history: int = Field(default=100, ge=1, le=10000, description="Records GET /api/v1/queries lists")
+
+    demo_fleet: bool = Field(default=True, description="Start three simulated PACS when no node is configured")
+    demo_base_port: int = Field(default=11120, ge=1, le=65530)
+
+    @model_validator(mode="after")
+    def _refuse_unsafe(self) -> Settings:
+        self.var_dir = self.var_dir.resolve()  # replicas and workers may run in another directory
+        if self.environment == "production":
+            if not self.database_url.startswith("postgresql"):
+                raise ValueError("production needs DATABASE_URL pointing at PostgreSQL (SQLite is for development)")
+            if self.demo_fleet:
+                raise ValueError("production must not start the demo fleet: set SPANNER_DEMO_FLEET=false")
+        return self
+
+    @property
+    def effective_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.var_dir / 'spanner.db').resolve()}"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """Settings from the environment, validated once; errors become ConfigError with the reason."""
+    return load_settings()
+
+
+def load_settings(**overrides: Any) -> Settings:
+    try:
+        return Settings(**overrides)
+    except ValueError as exc:
+        raise ConfigError(f"invalid settings: {exc}") from exc

@@ -228,11 +228,13 @@ class NodeQuery:
 
     def identifier(self, additional_filters: Mapping[str, str] | None = None) -> Dataset:
         """The C-FIND identifier: filters, the node's own filters, then empty return keys."""
-        ds = Dataset()
-        ds.QueryRetrieveLevel = self.level.value
         merged = dict(self.filters)
         for key, value in (additional_filters or {}).items():
             merged.setdefault(key, value)
+        ds = Dataset()
+        if any(not value.isascii() for value in merged.values()):
+            ds.SpecificCharacterSet = "ISO_IR 192"  # matching values beyond ASCII travel as UTF-8
+        ds.QueryRetrieveLevel = self.level.value
         for keyword in (*DEFAULT_RETURN_KEYS[self.level], *IDENTITY_KEYS[self.level], *self.return_keys):
             if keyword not in merged:
                 merged[keyword] = ""

@@ -36,11 +36,14 @@ def _create(spec: NodeSpec, tuning: ActorTuning, namespace: str, wait_s: float =
             handle: ActorHandle = PacsNode.options(  # type: ignore[attr-defined]
                 name=actor_name(spec.name), namespace=namespace, lifetime="detached",
             ).remote(spec, tuning)
-            return handle
+            break
         except ValueError:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.05)
+    # Wait until it runs: a node is only "created" once its actor can answer within its first deadline.
+    ray.get(handle.spec.remote(), timeout=60)
+    return handle
 
 
 def ensure(spec: NodeSpec, tuning: ActorTuning, namespace: str) -> ActorHandle:

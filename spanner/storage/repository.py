@@ -1,0 +1,367 @@
+"""The one gateway to the database: pydantic models in, pydantic models out, spanner errors only.
+
+SQLAlchemy errors are translated here (IntegrityError -> Conflict, anything else -> StorageError), so
+callers never import SQLAlchemy and the ingress maps errors to HTTP statuses in one place. Each method
+is one short transaction; rows never leave it, so nothing lazy-loads after the session is gone.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
+from pydantic_core import PydanticCustomError
+from sqlalchemy import Engine, delete, select, text
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+
+from spanner.errors import Conflict, InvalidConfig, NotFound, StorageError
+from spanner.outcome import NodeOutcome
+from spanner.schemas import (
+    ALL_SPAN,
+    NodeIn,
+    NodeOut,
+    NodePatch,
+    NodePut,
+    QueryRecordOut,
+    SpanIn,
+    SpanOut,
+    SpanPatch,
+    SpanPut,
+    check_span_policy,
+    describe_errors,
+)
+from spanner.storage.engine import BEGIN_OPTION, describe_db_error
+from spanner.storage.tables import NodeRow, QueryRecordRow, SpanNodeRow, SpanRow
+
+M = TypeVar("M", bound=BaseModel)
+
+_NODE_FIELDS = tuple(NodePut.model_fields)
+_SPAN_FIELDS = tuple(name for name in SpanPut.model_fields if name != "nodes")  # members live in span_nodes
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _quoted(names: Sequence[str]) -> str:
+    return ", ".join(repr(name) for name in names)
+
+
+class Repository:
+    """Nodes, spans and query records; safe to share between threads (one session per call)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._reader = sessionmaker(engine, expire_on_commit=False)
+        # On SQLite a writing transaction takes the write lock at BEGIN, so it waits (busy timeout)
+        # instead of failing when another process wrote between its first read and its write.
+        writer = engine.execution_options(**{BEGIN_OPTION: "IMMEDIATE"}) if engine.dialect.name == "sqlite" \
+            else engine
+        self._writer = sessionmaker(writer, expire_on_commit=False)
+
+    @contextmanager
+    def _session(self, *, write: bool = False) -> Iterator[Session]:
+        factory = self._writer if write else self._reader
+        try:
+            with factory.begin() as session:
+                yield session
+        except IntegrityError as exc:
+            raise Conflict(f"the change conflicts with stored data: {describe_db_error(exc)}") from exc
+        except SQLAlchemyError as exc:
+            where = self.engine.url.render_as_string(hide_password=True)
+            raise StorageError(f"database error at {where}: {describe_db_error(exc)}") from exc
+
+    def ping(self) -> None:
+        """Readiness: raises StorageError when the database cannot answer a trivial query."""
+        with self._session() as session:
+            session.execute(text("SELECT 1"))
+
+    # --- nodes ---------------------------------------------------------------------------------------
+
+    def list_nodes(self) -> list[NodeOut]:
+        with self._session() as session:
+            rows = session.scalars(select(NodeRow).order_by(NodeRow.name)).all()
+            return [_node_out(row) for row in rows]
+
+    def get_node(self, name: str) -> NodeOut:
+        with self._session() as session:
+            return _node_out(_node_row(session, name))
+
+    def create_node(self, node: NodeIn) -> NodeOut:
+        with self._session(write=True) as session:
+            if session.get(NodeRow, node.name) is not None:
+                raise Conflict(f"node {node.name!r} already exists; replace or patch it instead")
+            now = _now()
+            row = NodeRow(name=node.name, created_at=now, updated_at=now)
+            _assign(row, node, _NODE_FIELDS)
+            session.add(row)
+            session.flush()
+            return _node_out(row)
+
+    def replace_node(self, name: str, node: NodePut) -> NodeOut:
+        with self._session(write=True) as session:
+            row = _node_row(session, name)
+            _assign(row, node, _NODE_FIELDS)
+            row.updated_at = _now()
+            session.flush()
+            return _node_out(row)
+
+    def patch_node(self, name: str, patch: NodePatch) -> NodeOut:
+        with self._session(write=True) as session:
+            row = _node_row(session, name)
+            current = {field: getattr(row, field) for field in _NODE_FIELDS}
+            merged = _revalidate(NodePut, {**current, **patch.changes()}, f"node {name!r}")
+            _assign(row, merged, _NODE_FIELDS)
+            row.updated_at = _now()
+            session.flush()
+            return _node_out(row)
+
+    def delete_node(self, name: str) -> None:
+        """Delete a node; it leaves every span it was in (a span may be left with no nodes)."""
+        with self._session(write=True) as session:
+            row = _node_row(session, name)
+            # The foreign key cascades too; deleting here keeps that true on engines made elsewhere.
+            session.execute(delete(SpanNodeRow).where(SpanNodeRow.node_name == name))
+            session.delete(row)
+
+    # --- spans ---------------------------------------------------------------------------------------
+
+    def list_spans(self) -> list[SpanOut]:
+        with self._session() as session:
+            rows = session.scalars(select(SpanRow).order_by(SpanRow.name)).all()
+            members: dict[str, list[str]] = {}
+            for span_name, node_name in session.execute(
+                    select(SpanNodeRow.span_name, SpanNodeRow.node_name).order_by(SpanNodeRow.position)):
+                members.setdefault(span_name, []).append(node_name)
+            enabled = _enabled_names(session)
+            return [_span_out(row, enabled if row.name == ALL_SPAN else members.get(row.name, []))
+                    for row in rows]
+
+    def get_span(self, name: str) -> SpanOut:
+        with self._session() as session:
+            return _span_out(_span_row(session, name), _members(session, name))
+
+    def create_span(self, span: SpanIn) -> SpanOut:
+        if span.name == ALL_SPAN:
+            raise Conflict(f"span {ALL_SPAN!r} is reserved and always exists; change its policies with "
+                           f"replace or patch")
+        with self._session(write=True) as session:
+            if session.get(SpanRow, span.name) is not None:
+                raise Conflict(f"span {span.name!r} already exists; replace or patch it instead")
+            _check_members(session, span.name, span.nodes)
+            _check_ae_title_free(session, span.name, span.ae_title)
+            now = _now()
+            row = SpanRow(name=span.name, created_at=now, updated_at=now)
+            _assign(row, span, _SPAN_FIELDS)
+            session.add(row)
+            session.flush()  # the span row must exist before its members reference it
+            _set_members(session, span.name, span.nodes)
+            return _span_out(row, _members(session, span.name))
+
+    def replace_span(self, name: str, span: SpanPut) -> SpanOut:
+        """Replace a span's policies and members; for 'all' the members are ignored (and it is created if
+        missing, since 'all' always exists)."""
+        _check_policy(span, name)
+        with self._session(write=True) as session:
+            row = session.get(SpanRow, name)
+            if row is None:
+                if name != ALL_SPAN:
+                    raise NotFound(f"span {name!r} does not exist")
+                row = SpanRow(name=name, created_at=_now())  # added once filled in, or autoflush sends NULLs
+            return self._store_span(session, row, span)
+
+    def patch_span(self, name: str, patch: SpanPatch) -> SpanOut:
+        with self._session(write=True) as session:
+            row = _span_row(session, name)
+            current = {field: getattr(row, field) for field in _SPAN_FIELDS}
+            current["nodes"] = [] if name == ALL_SPAN else _members(session, name)
+            changes = patch.changes()
+            if name == ALL_SPAN:
+                changes.pop("nodes", None)
+            merged = _revalidate(SpanPut, {**current, **changes}, f"span {name!r}")
+            _check_policy(merged, name)
+            return self._store_span(session, row, merged)
+
+    def _store_span(self, session: Session, row: SpanRow, span: SpanPut) -> SpanOut:
+        if row.name != ALL_SPAN:
+            _check_members(session, row.name, span.nodes)
+        _check_ae_title_free(session, row.name, span.ae_title)
+        _assign(row, span, _SPAN_FIELDS)
+        row.updated_at = _now()
+        session.add(row)
+        session.flush()
+        if row.name != ALL_SPAN:
+            _set_members(session, row.name, span.nodes)
+        return _span_out(row, _members(session, row.name))
+
+    def delete_span(self, name: str) -> None:
+        if name == ALL_SPAN:
+            raise Conflict(f"span {ALL_SPAN!r} cannot be deleted; disable nodes to take them out of it")
+        with self._session(write=True) as session:
+            row = _span_row(session, name)
+            session.execute(delete(SpanNodeRow).where(SpanNodeRow.span_name == name))
+            session.delete(row)
+
+    def ensure_default_span(self, ae_title: str = "SPANNER") -> SpanOut:
+        """Create span 'all' if missing (at start-up); an existing one is left as it is."""
+        with self._session(write=True) as session:
+            row = session.get(SpanRow, ALL_SPAN)
+            if row is not None:
+                return _span_out(row, _enabled_names(session))
+            span = _revalidate(SpanIn, {"name": ALL_SPAN, "ae_title": ae_title}, f"span {ALL_SPAN!r}")
+            _check_ae_title_free(session, ALL_SPAN, span.ae_title)
+            now = _now()
+            row = SpanRow(name=ALL_SPAN, created_at=now, updated_at=now)
+            _assign(row, span, _SPAN_FIELDS)
+            session.add(row)
+            session.flush()
+            return _span_out(row, _enabled_names(session))
+
+    def span_nodes(self, span_name: str) -> list[NodeOut]:
+        """The enabled nodes a query on this span goes to, by priority (lower first), then name."""
+        with self._session() as session:
+            _span_row(session, span_name)
+            query = select(NodeRow).where(NodeRow.enabled.is_(True)).order_by(NodeRow.priority, NodeRow.name)
+            if span_name != ALL_SPAN:
+                query = query.join(SpanNodeRow, SpanNodeRow.node_name == NodeRow.name) \
+                    .where(SpanNodeRow.span_name == span_name)
+            return [_node_out(row) for row in session.scalars(query).all()]
+
+    # --- query records -------------------------------------------------------------------------------
+
+    def record_query(
+        self,
+        *,
+        span: str,
+        level: str,
+        filters: Mapping[str, Any],
+        requester: str,
+        status: str,
+        total: int,
+        outcomes: Sequence[Mapping[str, Any] | NodeOutcome],
+        elapsed_ms: float,
+        error: str | None = None,
+        query_id: str | None = None,
+        created_at: datetime | None = None,
+    ) -> QueryRecordOut:
+        """Store one finished query; ``created_at`` defaults to now (give the start time if known)."""
+        row = QueryRecordRow(
+            id=query_id or uuid.uuid4().hex,
+            created_at=created_at or _now(),
+            span=str(span)[:64],
+            level=str(level)[:16],
+            filters=dict(filters),
+            requester=str(requester)[:255],
+            status=str(status)[:32],
+            total=int(total),
+            outcomes=[item.to_json() if isinstance(item, NodeOutcome) else dict(item) for item in outcomes],
+            elapsed_ms=float(elapsed_ms),
+            error=error,
+        )
+        with self._session(write=True) as session:
+            session.add(row)
+            session.flush()
+            return QueryRecordOut.model_validate(row)
+
+    def get_query(self, query_id: str) -> QueryRecordOut:
+        with self._session() as session:
+            row = session.get(QueryRecordRow, query_id)
+            if row is None:
+                raise NotFound(f"query {query_id!r} is not recorded")
+            return QueryRecordOut.model_validate(row)
+
+    def list_queries(self, limit: int = 100, offset: int = 0) -> list[QueryRecordOut]:
+        """Recorded queries, newest first."""
+        if limit < 0 or offset < 0:
+            raise ValueError(f"limit ({limit}) and offset ({offset}) may not be negative")
+        with self._session() as session:
+            rows = session.scalars(
+                select(QueryRecordRow)
+                .order_by(QueryRecordRow.created_at.desc(), QueryRecordRow.id.desc())
+                .limit(limit)
+                .offset(offset)
+            ).all()
+            return [QueryRecordOut.model_validate(row) for row in rows]
+
+
+# --- helpers (all run inside a session) --------------------------------------------------------------
+
+def _node_row(session: Session, name: str) -> NodeRow:
+    row = session.get(NodeRow, name)
+    if row is None:
+        raise NotFound(f"node {name!r} does not exist")
+    return row
+
+
+def _span_row(session: Session, name: str) -> SpanRow:
+    row = session.get(SpanRow, name)
+    if row is None:
+        raise NotFound(f"span {name!r} does not exist")
+    return row
+
+
+def _assign(row: object, model: BaseModel, fields: Sequence[str]) -> None:
+    values = model.model_dump(mode="json", include=set(fields))
+    for field in fields:
+        setattr(row, field, values[field])
+
+
+def _node_out(row: NodeRow) -> NodeOut:
+    return NodeOut.model_validate(row)
+
+
+def _span_out(row: SpanRow, nodes: list[str]) -> SpanOut:
+    values = {field: getattr(row, field) for field in _SPAN_FIELDS}
+    return SpanOut.model_validate({**values, "name": row.name, "nodes": nodes, "created_at": row.created_at,
+                                   "updated_at": row.updated_at})
+
+
+def _enabled_names(session: Session) -> list[str]:
+    return list(session.scalars(select(NodeRow.name).where(NodeRow.enabled.is_(True)).order_by(NodeRow.name)))
+
+
+def _members(session: Session, span_name: str) -> list[str]:
+    if span_name == ALL_SPAN:
+        return _enabled_names(session)
+    return list(session.scalars(select(SpanNodeRow.node_name).where(SpanNodeRow.span_name == span_name)
+                                .order_by(SpanNodeRow.position)))
+
+
+def _set_members(session: Session, span_name: str, nodes: Sequence[str]) -> None:
+    session.execute(delete(SpanNodeRow).where(SpanNodeRow.span_name == span_name))
+    session.add_all(SpanNodeRow(span_name=span_name, node_name=node, position=index)
+                    for index, node in enumerate(nodes))
+    session.flush()
+
+
+def _check_members(session: Session, span_name: str, nodes: Sequence[str]) -> None:
+    known = set(session.scalars(select(NodeRow.name).where(NodeRow.name.in_(list(nodes)))))
+    unknown = [node for node in nodes if node not in known]
+    if unknown:
+        raise InvalidConfig(f"span {span_name!r} lists unknown node(s) {_quoted(unknown)}; create them first")
+
+
+def _check_ae_title_free(session: Session, span_name: str, ae_title: str) -> None:
+    query = select(SpanRow.name).where(SpanRow.ae_title == ae_title, SpanRow.name != span_name)
+    holder = session.scalar(query)
+    if holder is not None:
+        raise Conflict(f"AE title {ae_title!r} is already used by span {holder!r}; each span needs its own")
+
+
+def _check_policy(span: SpanPut, name: str) -> None:
+    try:
+        check_span_policy(span, name)
+    except PydanticCustomError as exc:
+        raise InvalidConfig(f"span {name!r}: {exc.message()}") from None
+
+
+def _revalidate(model: type[M], values: dict[str, Any], what: str) -> M:
+    try:
+        return model.model_validate(values)
+    except ValidationError as exc:
+        raise InvalidConfig(f"{what}: {describe_errors(exc)}") from None

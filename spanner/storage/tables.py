@@ -1,0 +1,130 @@
+"""The tables, in portable types so one schema serves SQLite (development) and PostgreSQL (production).
+
+Membership of spans is an association table whose foreign keys cascade, so deleting a node takes it
+out of every span in the same statement. Timestamps are stored as UTC and always read back aware.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import JSON, Boolean, DateTime, Dialect, Float, ForeignKey, Integer, MetaData, String, Text
+from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
+
+# Named constraints keep future Alembic migrations deterministic on both backends.
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+Json = JSON().with_variant(JSONB(), "postgresql")
+
+
+class UtcDateTime(TypeDecorator[datetime]):
+    """Aware UTC datetimes on every backend (SQLite keeps no zone, so it stores UTC and gets it back)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError(f"naive datetime {value!r}: the storage keeps aware UTC datetimes only")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map = {
+        datetime: UtcDateTime(),
+        dict[str, Any]: Json,
+        dict[str, str]: Json,
+        list[str]: Json,
+        list[dict[str, Any]]: Json,
+        bool: Boolean(),
+        float: Float(),
+        int: Integer(),
+    }
+
+
+class NodeRow(Base):
+    __tablename__ = "nodes"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    ae_title: Mapped[str] = mapped_column(String(16))
+    host: Mapped[str] = mapped_column(String(255))
+    port: Mapped[int]
+    calling_ae_title: Mapped[str | None] = mapped_column(String(16))
+    enabled: Mapped[bool] = mapped_column(index=True)
+    priority: Mapped[int]
+    max_associations: Mapped[int]
+    max_queries_per_s: Mapped[float | None]
+    connect_timeout_s: Mapped[float]
+    dimse_timeout_s: Mapped[float]
+    query_timeout_s: Mapped[float | None]
+    reuse_associations: Mapped[bool]
+    query_models: Mapped[list[str]]
+    additional_filters: Mapped[dict[str, str]]
+    created_at: Mapped[datetime]
+    updated_at: Mapped[datetime]
+
+
+class SpanRow(Base):
+    __tablename__ = "spans"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    ae_title: Mapped[str] = mapped_column(String(16), unique=True)
+    description: Mapped[str | None] = mapped_column(Text)
+    timeout_s: Mapped[float]
+    failure_strategy: Mapped[str] = mapped_column(String(32))
+    minimum_nodes: Mapped[int | None]
+    dedup: Mapped[str] = mapped_column(String(32))
+    max_results: Mapped[int]
+    allowed_calling_aets: Mapped[list[str]]
+    cache_ttl_s: Mapped[int]
+    created_at: Mapped[datetime]
+    updated_at: Mapped[datetime]
+
+
+class SpanNodeRow(Base):
+    """One node in one span; ``position`` keeps the order the span was written in."""
+
+    __tablename__ = "span_nodes"
+
+    span_name: Mapped[str] = mapped_column(String(64), ForeignKey("spans.name", ondelete="CASCADE"),
+                                           primary_key=True)
+    node_name: Mapped[str] = mapped_column(String(64), ForeignKey("nodes.name", ondelete="CASCADE"),
+                                           primary_key=True, index=True)
+    position: Mapped[int]
+
+
+class QueryRecordRow(Base):
+    __tablename__ = "query_records"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(index=True)
+    span: Mapped[str] = mapped_column(String(64), index=True)  # no foreign key: history outlives spans
+    level: Mapped[str] = mapped_column(String(16))
+    filters: Mapped[dict[str, Any]]
+    requester: Mapped[str] = mapped_column(String(255))
+    status: Mapped[str] = mapped_column(String(32))
+    total: Mapped[int]
+    outcomes: Mapped[list[dict[str, Any]]]
+    elapsed_ms: Mapped[float]
+    error: Mapped[str | None] = mapped_column(Text)
+
+
+metadata = Base.metadata

@@ -1,0 +1,1 @@
+"""Real peer processes (Orthanc, ...) that tests start on loopback ports and end by PID."""

@@ -1,0 +1,61 @@
+"""Loopback port helpers: tests bind only to 127.0.0.1 and never assume a fixed port is free."""
+
+from __future__ import annotations
+
+import socket
+import time
+
+LOOPBACK = "127.0.0.1"
+
+
+def free_port() -> int:
+    """Return a TCP port on 127.0.0.1 that was free a moment ago (bind port 0, read it back, close)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((LOOPBACK, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def port_accepts(port: int, host: str = LOOPBACK, timeout: float = 0.2) -> bool:
+    """True when a TCP connection to host:port succeeds now."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def wait_for_port(
+    port: int, host: str = LOOPBACK, deadline_s: float = 5.0, interval_s: float = 0.01
+) -> float:
+    """Wait until host:port accepts connections; return the seconds waited or raise TimeoutError.
+
+    Polls rather than sleeping a fixed time, so a fast server costs a few milliseconds.
+    """
+    start = time.monotonic()
+    end = start + deadline_s
+    while True:
+        if port_accepts(port, host):
+            return time.monotonic() - start
+        if time.monotonic() >= end:
+            raise TimeoutError(f"{host}:{port} did not accept connections within {deadline_s:.1f} s")
+        time.sleep(interval_s)
+
+
+class ClosedPort:
+    """A loopback port that refuses connections for as long as this object lives.
+
+    The socket is bound but never listens, so no other process can take the port and a connect gets
+    RST at once: a PACS that is down, without the race of a port that was free a moment ago.
+    """
+
+    def __init__(self) -> None:
+        import socket
+
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._sock.bind((LOOPBACK, 0))
+        self.port: int = int(self._sock.getsockname()[1])
+
+    def release(self) -> None:
+        """Free the port, e.g. so a test can start a PACS on it."""
+        self._sock.close()

@@ -96,3 +96,56 @@ def api(ray_session: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     yield client
     client.http.close()
     serve.shutdown()
+
+
+PG_HOST = "127.0.0.1:5432"
+
+
+def _admin_url() -> str | None:
+    import psycopg2
+
+    for user in ("postgres", "root"):
+        url = f"postgresql://{user}@{PG_HOST}/postgres"
+        try:
+            psycopg2.connect(url, connect_timeout=3).close()
+        except psycopg2.OperationalError:
+            continue
+        return url
+    return None
+
+
+@pytest.fixture(scope="session")
+def postgres_url() -> Iterator[str]:
+    """An isolated database for this session, dropped at the end."""
+    import psycopg2
+
+    admin = _admin_url()
+    require(admin is not None, f"PostgreSQL at {PG_HOST}")
+    assert admin is not None
+    name = f"spanner_test_{uuid.uuid4().hex[:12]}"
+    conn = psycopg2.connect(admin)
+    conn.autocommit = True
+    try:
+        with conn.cursor() as cursor:
+            cursor.execute(f'CREATE DATABASE "{name}"')
+        yield admin.rsplit("/", 1)[0] + "/" + name
+    finally:
+        with conn.cursor() as cursor:
+            cursor.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        conn.close()
+
+
+@pytest.fixture(scope="session")
+def api_pg(api: Api, postgres_url: str, ray_session: str) -> Iterator[Api]:
+    """A second app of the same Serve instance, under /pg, storing in an isolated PostgreSQL database."""
+    from ray import serve
+
+    from serve_app.app import AppArgs, build_app
+
+    namespace = f"{ray_session}-pg"
+    settings = dict(api.settings) | {"namespace": namespace, "database_url": postgres_url}
+    serve.run(build_app(AppArgs(settings=settings)), name="spanner-pg", route_prefix="/pg")
+    client = Api(f"{api.base_url}/pg", namespace, settings)
+    yield client
+    client.http.close()
+    serve.delete("spanner-pg")

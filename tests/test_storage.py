@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import threading
-import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
@@ -26,43 +25,6 @@ from spanner.schemas import (
 )
 from spanner.storage import Repository, create_schema, make_engine
 from spanner.storage.tables import metadata
-from tests.conftest import require
-
-PG_HOST = "127.0.0.1:5432"
-
-
-def _admin_url() -> str | None:
-    import psycopg2
-
-    for user in ("postgres", "root"):
-        url = f"postgresql://{user}@{PG_HOST}/postgres"
-        try:
-            psycopg2.connect(url, connect_timeout=3).close()
-        except psycopg2.OperationalError:
-            continue
-        return url
-    return None
-
-
-@pytest.fixture(scope="session")
-def postgres_url() -> Iterator[str]:
-    """An isolated database for this session, dropped at the end."""
-    import psycopg2
-
-    admin = _admin_url()
-    require(admin is not None, f"PostgreSQL at {PG_HOST}")
-    assert admin is not None
-    name = f"spanner_test_{uuid.uuid4().hex[:12]}"
-    conn = psycopg2.connect(admin)
-    conn.autocommit = True
-    try:
-        with conn.cursor() as cursor:
-            cursor.execute(f'CREATE DATABASE "{name}"')
-        yield admin.rsplit("/", 1)[0] + "/" + name
-    finally:
-        with conn.cursor() as cursor:
-            cursor.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        conn.close()
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])

@@ -10,16 +10,16 @@ import socket
 from typing import Any
 
 from pydicom.uid import UID
-from pynetdicom import AE, Association, evt
-from pynetdicom.sop_class import (
-    PatientRootQueryRetrieveInformationModelFind,
-    StudyRootQueryRetrieveInformationModelFind,
-    Verification,
-)
+from pynetdicom import AE, evt
+from pynetdicom.association import Association
 
 from spanner.errors import AssociationAborted, AssociationRejected, NodeUnreachable
 from spanner.nodespec import NodeSpec
 from spanner.query import InformationModel
+
+Verification = UID("1.2.840.10008.1.1")
+PatientRootQueryRetrieveInformationModelFind = UID("1.2.840.10008.5.1.4.1.2.1.1")
+StudyRootQueryRetrieveInformationModelFind = UID("1.2.840.10008.5.1.4.1.2.2.1")
 
 FIND_MODELS: dict[InformationModel, UID] = {
     InformationModel.PATIENT_ROOT: PatientRootQueryRetrieveInformationModelFind,
@@ -63,15 +63,20 @@ def open_association(ae: AE, spec: NodeSpec) -> Association:
         # pynetdicom reports a refused or timed-out TCP connect as an abort; it is not one.
         raise NodeUnreachable(
             f"cannot connect to {spec.host}:{spec.port} within {spec.connect_timeout_s:g} s "
-            "(connection refused or timed out)", spec.name)
+            "(connection refused or timed out)",
+            spec.name,
+        )
     if assoc.is_rejected:
         raise AssociationRejected(
             f"{spec.ae_title}@{spec.host}:{spec.port} rejected the association "
-            f"(calling AE {spec.calling_ae_title!r}); check both AE titles and that the PACS knows the spanner",
+            f"(calling AE {spec.calling_ae_title!r}); check both AE titles and that the PACS "
+            "knows the spanner",
             spec.name,
         )
     if assoc.is_aborted:
         raise AssociationAborted(f"{spec.host}:{spec.port} aborted the association request", spec.name)
     raise AssociationAborted(
         f"{spec.host}:{spec.port} accepted the connection but no association followed within "
-        f"{spec.connect_timeout_s:g} s", spec.name)
+        f"{spec.connect_timeout_s:g} s",
+        spec.name,
+    )

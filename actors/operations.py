@@ -7,12 +7,13 @@ what is open against the PACS.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from typing import Any
 
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
-from pynetdicom import Association
+from pynetdicom.association import Association
 
 from actors.pool import AssociationPool
 from spanner.errors import DimseFailure, NodeError
@@ -35,8 +36,9 @@ def to_match(identifier: Dataset) -> DicomJson:
 class FindOperation:
     """One C-FIND on a pooled association; retried once on a fresh one if a reused one turns out dead."""
 
-    def __init__(self, pool: AssociationPool, identifier: Dataset, model: UID, msg_id: int,
-                 dimse_timeout_s: float) -> None:
+    def __init__(
+        self, pool: AssociationPool, identifier: Dataset, model: UID, msg_id: int, dimse_timeout_s: float
+    ) -> None:
         self._pool = pool
         self._identifier = identifier
         self._model = model
@@ -101,10 +103,8 @@ class FindOperation:
             if assoc is None or self.finished.is_set() or self.cancel_sent:
                 return
             self.cancel_sent = True
-        try:
+        with contextlib.suppress(RuntimeError, ValueError):  # the association ended meanwhile
             assoc.send_c_cancel(self._msg_id, query_model=self._model)
-        except (RuntimeError, ValueError):
-            pass
 
     def abort_if_running(self) -> None:
         """The peer ignored C-CANCEL: abort the association so the thread and the slot are freed."""

@@ -99,15 +99,22 @@ class PacsNodeImpl:
         name = self.spec.name
         model = information_model_for(query.level, self.spec.query_models)
         if model is None:
-            return NodeOutcome(name, OutcomeStatus.FAILED, error=(
-                f"node supports {', '.join(self.spec.query_models)}, none of which allows {query.level} level"
-            )), []
+            return NodeOutcome(
+                name,
+                OutcomeStatus.FAILED,
+                error=(
+                    f"node supports {', '.join(self.spec.query_models)}, "
+                    f"none of which allows {query.level} level"
+                ),
+            ), []
         refused = await self._admit(deadline, probe_allowed=True)
         if refused is not None:
             return refused, []
         remaining = deadline - time.monotonic()
         op = FindOperation(
-            self._pool, query.identifier(dict(self.spec.additional_filters)), FIND_MODELS[model],
+            self._pool,
+            query.identifier(dict(self.spec.additional_filters)),
+            FIND_MODELS[model],
             next(self._msg_ids) % 65535 + 1,
             dimse_timeout_s=min(self.spec.dimse_timeout_s, remaining + self.tuning.cancel_grace_s + 1.0),
         )
@@ -118,24 +125,46 @@ class PacsNodeImpl:
         name = self.spec.name
         if op.error is not None:
             self._note_connection(op.error)
-            return NodeOutcome(name, OutcomeStatus(op.error.status), error=op.error.message,
-                               dimse_status=op.error.dimse_status)
+            return NodeOutcome(
+                name,
+                OutcomeStatus(op.error.status),
+                error=op.error.message,
+                dimse_status=op.error.dimse_status,
+            )
         self._circuit.record_success()
         if not finished:
-            return NodeOutcome(name, OutcomeStatus.TIMEOUT, incomplete=True,
-                               error="no final response before the deadline; C-CANCEL sent")
+            return NodeOutcome(
+                name,
+                OutcomeStatus.TIMEOUT,
+                incomplete=True,
+                error="no final response before the deadline; C-CANCEL sent",
+            )
         if op.aborted:
-            return NodeOutcome(name, OutcomeStatus.ABORTED, incomplete=True,
-                               error="the association was aborted before the final response")
+            return NodeOutcome(
+                name,
+                OutcomeStatus.ABORTED,
+                incomplete=True,
+                error="the association was aborted before the final response",
+            )
         status = op.final_status
         if status == 0x0000:
             return NodeOutcome(name, OutcomeStatus.OK, dimse_status=0)
         if status == CANCELLED:
-            return NodeOutcome(name, OutcomeStatus.CANCELLED, incomplete=True, dimse_status=status,
-                               error="the PACS reports the query cancelled")
+            return NodeOutcome(
+                name,
+                OutcomeStatus.CANCELLED,
+                incomplete=True,
+                dimse_status=status,
+                error="the PACS reports the query cancelled",
+            )
         comment = f": {op.error_comment}" if op.error_comment else ""
-        return NodeOutcome(name, OutcomeStatus.FAILED, incomplete=True, dimse_status=status,
-                           error=f"C-FIND failed with status 0x{status or 0:04X}{comment}")
+        return NodeOutcome(
+            name,
+            OutcomeStatus.FAILED,
+            incomplete=True,
+            dimse_status=status,
+            error=f"C-FIND failed with status 0x{status or 0:04X}{comment}",
+        )
 
     def _echo_outcome(self, op: EchoOperation, finished: bool) -> NodeOutcome:
         name = self.spec.name
@@ -148,9 +177,12 @@ class PacsNodeImpl:
             self._circuit.record_success()
             return NodeOutcome(name, OutcomeStatus.OK, dimse_status=0)
         if op.status is None:
-            return NodeOutcome(name, OutcomeStatus.ABORTED, error="the association ended before the C-ECHO response")
-        return NodeOutcome(name, OutcomeStatus.FAILED, dimse_status=op.status,
-                           error=f"C-ECHO answered 0x{op.status:04X}")
+            return NodeOutcome(
+                name, OutcomeStatus.ABORTED, error="the association ended before the C-ECHO response"
+            )
+        return NodeOutcome(
+            name, OutcomeStatus.FAILED, dimse_status=op.status, error=f"C-ECHO answered 0x{op.status:04X}"
+        )
 
     def _note_connection(self, error: Exception) -> None:
         if isinstance(error, NodeUnreachable | AssociationRejected):
@@ -171,15 +203,25 @@ class PacsNodeImpl:
         elif decision is Decision.PROBE:
             decision = Decision.PROCEED  # an explicit echo is itself the probe
         if decision is Decision.REJECT:
-            return NodeOutcome(name, OutcomeStatus.CIRCUIT_OPEN, error=(
-                f"circuit open after {self._circuit.consecutive_failures} consecutive connection failures; "
-                f"next probe in {self._circuit.retry_in_s():.1f} s"
-            ))
+            return NodeOutcome(
+                name,
+                OutcomeStatus.CIRCUIT_OPEN,
+                error=(
+                    f"circuit open after {self._circuit.consecutive_failures} consecutive connection "
+                    "failures; "
+                    f"next probe in {self._circuit.retry_in_s():.1f} s"
+                ),
+            )
         wait = self._limiter.reserve(deadline)
         if wait is None:
-            return NodeOutcome(name, OutcomeStatus.THROTTLED, error=(
-                f"rate limit of {self.spec.max_queries_per_s:g} queries/s leaves no start before the deadline"
-            ))
+            return NodeOutcome(
+                name,
+                OutcomeStatus.THROTTLED,
+                error=(
+                    f"rate limit of {self.spec.max_queries_per_s:g} queries/s leaves no start "
+                    "before the deadline"
+                ),
+            )
         if wait > 0:
             await asyncio.sleep(wait)
         return None
@@ -225,7 +267,9 @@ class PacsNodeImpl:
 
     def _stop(self, op: _Operation) -> None:
         """C-CANCEL now; abort after the grace period if the peer keeps going."""
-        threading.Thread(target=_cancel_then_abort, args=(op, self.tuning.cancel_grace_s), daemon=True).start()
+        threading.Thread(
+            target=_cancel_then_abort, args=(op, self.tuning.cancel_grace_s), daemon=True
+        ).start()
 
     def _start_reaper(self) -> None:
         if self._reaper is None:
@@ -251,24 +295,30 @@ def _cancel_then_abort(op: _Operation, grace_s: float) -> None:
 
 
 def _throttled(spec: NodeSpec) -> NodeOutcome:
-    return NodeOutcome(spec.name, OutcomeStatus.THROTTLED, error=(
-        f"all {spec.max_associations} associations stayed busy until the deadline"
-    ))
+    return NodeOutcome(
+        spec.name,
+        OutcomeStatus.THROTTLED,
+        error=(f"all {spec.max_associations} associations stayed busy until the deadline"),
+    )
 
 
-@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0, max_concurrency=1000)
+@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0, max_concurrency=1000)  # type: ignore[call-overload]
 class PacsNode:
     """Ray actor wrapper: one per enabled node, detached and named (see actors.registry)."""
 
     def __init__(self, spec: NodeSpec, tuning: ActorTuning) -> None:
         self._impl = PacsNodeImpl(spec, tuning)
 
-    @ray.method(num_returns=2)  # type: ignore[untyped-decorator]
+    @ray.method(num_returns=2)
     async def find(self, query: NodeQuery, timeout_s: float) -> tuple[NodeOutcome, list[DicomJson]]:
-        return await _guard(self._impl.spec, lambda: self._impl.find(query, timeout_s), [])  # type: ignore[return-value]
+        result: tuple[NodeOutcome, list[DicomJson]] = await _guard(
+            self._impl.spec, lambda: self._impl.find(query, timeout_s), []
+        )
+        return result
 
     async def echo(self, timeout_s: float = 5.0) -> NodeOutcome:
-        return await _guard(self._impl.spec, lambda: self._impl.echo(timeout_s), None)  # type: ignore[return-value]
+        result: NodeOutcome = await _guard(self._impl.spec, lambda: self._impl.echo(timeout_s), None)
+        return result
 
     async def spec(self) -> NodeSpec:
         return self._impl.spec

@@ -5,7 +5,8 @@ from __future__ import annotations
 import threading
 import time
 
-from pynetdicom import AE, Association
+from pynetdicom import AE
+from pynetdicom.association import Association
 
 from actors.dimse import open_association
 from spanner.nodespec import NodeSpec

@@ -7,34 +7,39 @@ dead actor with its original constructor arguments, so those must always be the 
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Any
 
 import ray
-from ray.actor import ActorHandle
 
 from actors.pacs_node import PacsNode
 from spanner.nodespec import ActorTuning, NodeSpec
+
+# Ray's ActorHandle typing does not reach remote methods; a named alias keeps signatures readable.
+NodeHandle = Any
 
 
 def actor_name(node: str) -> str:
     return f"node:{node}"
 
 
-def lookup(node: str, namespace: str) -> ActorHandle | None:
+def lookup(node: str, namespace: str) -> NodeHandle | None:
     try:
         return ray.get_actor(actor_name(node), namespace=namespace)
     except ValueError:
         return None
 
 
-def _create(spec: NodeSpec, tuning: ActorTuning, namespace: str, wait_s: float = 10.0) -> ActorHandle:
+def _create(spec: NodeSpec, tuning: ActorTuning, namespace: str, wait_s: float = 10.0) -> NodeHandle:
     """Create the actor, waiting out a name that a just-killed actor still holds."""
     deadline = time.monotonic() + wait_s
     while True:
         try:
-            handle: ActorHandle = PacsNode.options(  # type: ignore[attr-defined]
-                name=actor_name(spec.name), namespace=namespace, lifetime="detached",
+            handle: NodeHandle = PacsNode.options(  # type: ignore[attr-defined]
+                name=actor_name(spec.name),
+                namespace=namespace,
+                lifetime="detached",
             ).remote(spec, tuning)
             break
         except ValueError:
@@ -46,12 +51,12 @@ def _create(spec: NodeSpec, tuning: ActorTuning, namespace: str, wait_s: float =
     return handle
 
 
-def ensure(spec: NodeSpec, tuning: ActorTuning, namespace: str) -> ActorHandle:
+def ensure(spec: NodeSpec, tuning: ActorTuning, namespace: str) -> NodeHandle:
     """The actor for ``spec``: reused when its spec is current, else replaced."""
     handle = lookup(spec.name, namespace)
     if handle is not None:
         try:
-            current = ray.get(handle.spec.remote(), timeout=30)
+            current: NodeSpec | None = ray.get(handle.spec.remote(), timeout=30)
         except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
             current = None
         if current == spec:
@@ -65,10 +70,8 @@ def stop(node: str, namespace: str) -> bool:
     handle = lookup(node, namespace)
     if handle is None:
         return False
-    try:
+    with contextlib.suppress(ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
         ray.get(handle.close.remote(), timeout=5)
-    except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
-        pass
     ray.kill(handle, no_restart=True)
     deadline = time.monotonic() + 10
     while lookup(node, namespace) is not None and time.monotonic() < deadline:
@@ -83,6 +86,7 @@ def live_nodes(namespace: str) -> list[str]:
     prefix = actor_name("")
     found: list[Any] = list_actors(filters=[("state", "=", "ALIVE")], limit=10000)
     return sorted(
-        a.name[len(prefix):] for a in found
+        a.name[len(prefix) :]
+        for a in found
         if a.name and a.name.startswith(prefix) and getattr(a, "ray_namespace", namespace) == namespace
     )

@@ -23,7 +23,7 @@ def _is_demo(node: NodeOut, demo: dict[str, tuple[str, int]]) -> bool:
 
 
 def prepare_demo_fleet(settings: Settings, say: Callable[[str], None]) -> list[Any]:
-    """Start three simulated PACS and register them, unless real nodes are configured (then drop stale demo ones)."""
+    """Start and register three simulated PACS unless real nodes exist (then drop stale demo nodes)."""
     from spanner.simulator.fleet import DEMO_NODES, start_demo_fleet
 
     demo = {d.name: (d.ae_title, settings.demo_base_port + d.port_offset) for d in DEMO_NODES}
@@ -76,10 +76,16 @@ def run(settings: Settings, say: Callable[[str], None] = print) -> None:
         fleet = prepare_demo_fleet(settings, say)
         say("starting Ray" + (f" (joining {settings.ray_address})" if settings.ray_address else " (local)"))
         connect(settings)
-        serve.start(http_options=HTTPOptions(host=settings.http_host, port=settings.http_port),
-                    logging_config={"enable_access_log": False})
-        serve.run(build_app(AppArgs(settings=settings.model_dump(mode="json"))), name="spanner",
-                  route_prefix="/", blocking=False)
+        serve.start(
+            http_options=HTTPOptions(host=settings.http_host, port=settings.http_port),
+            logging_config={"enable_access_log": False},
+        )
+        serve.run(
+            build_app(AppArgs(settings=settings.model_dump(mode="json"))),
+            name="spanner",
+            route_prefix="/",
+            blocking=False,
+        )
         say(example(settings))
         stop.wait()
         say("stopping")
@@ -87,7 +93,10 @@ def run(settings: Settings, say: Callable[[str], None] = print) -> None:
         if ray.is_initialized():
             try:
                 # On a shared cluster only our app goes; a local instance goes whole.
-                serve.delete("spanner") if settings.ray_address else serve.shutdown()
+                if settings.ray_address:
+                    serve.delete("spanner")
+                else:
+                    serve.shutdown()  # type: ignore[no-untyped-call]
             finally:
                 ray.shutdown()
         stop_fleet(fleet)

@@ -14,7 +14,7 @@ def connect(settings: Settings, dashboard: bool = True) -> None:
     if ray.is_initialized():
         return
     # Token authentication is Ray 2.60's default; the local instance listens on loopback only and the
-    # dashboard is for the operator at this machine, so the demo keeps it off unless RAY_AUTH_MODE says otherwise.
+    # dashboard is for the operator at this machine, so it stays off unless RAY_AUTH_MODE says otherwise.
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     if settings.ray_address:
         ray.init(address=settings.ray_address, namespace=settings.namespace, log_to_driver=False)

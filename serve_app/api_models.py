@@ -15,19 +15,31 @@ FilterValue = str | int | float | list[str] | None
 class QueryIn(BaseModel):
     """A spanning C-FIND. Only ``level`` is required; the rest defaults from the span."""
 
-    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{
-        "level": "STUDY",
-        "filters": {"PatientID": "PAT*", "StudyDate": "20240101-", "ModalitiesInStudy": "CT"},
-        "return_keys": ["StudyDescription"], "span": "all", "timeout_s": 10, "limit": 100,
-    }]})
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "level": "STUDY",
+                    "filters": {"PatientID": "PAT*", "StudyDate": "20240101-", "ModalitiesInStudy": "CT"},
+                    "return_keys": ["StudyDescription"],
+                    "span": "all",
+                    "timeout_s": 10,
+                    "limit": 100,
+                }
+            ]
+        },
+    )
 
     level: Level = Field(description="Query/Retrieve level: PATIENT, STUDY, SERIES or IMAGE")
     filters: dict[str, FilterValue] = Field(
         default_factory=dict,
         description="Matching keys by DICOM keyword or tag, with DICOM matching: wildcards * and ?, "
-                    "date/time ranges 'A-B', 'A-', '-B', UID lists as a JSON list; null or '' asks for the key",
+        "date/time ranges 'A-B', 'A-', '-B', UID lists as a JSON list; null or '' asks for the key",
     )
-    return_keys: list[str] = Field(default_factory=list, description="Extra attributes to return, by keyword or tag")
+    return_keys: list[str] = Field(
+        default_factory=list, description="Extra attributes to return, by keyword or tag"
+    )
     span: str = Field(default="all", description="Span to query; 'all' holds every enabled node")
     nodes: list[str] | None = Field(default=None, description="Narrow the span to these of its nodes")
     timeout_s: float | None = Field(default=None, gt=0, description="Deadline for every node (span default)")
@@ -45,7 +57,9 @@ class MatchOut(BaseModel):
 
 class NodeOutcomeOut(BaseModel):
     node: str
-    status: str = Field(description="ok, timeout, refused, aborted, failed, throttled, circuit_open or cancelled")
+    status: str = Field(
+        description="ok, timeout, refused, aborted, failed, throttled, circuit_open or cancelled"
+    )
     matches: int
     elapsed_ms: float
     error: str | None = None

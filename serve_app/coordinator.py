@@ -13,12 +13,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import ray
-from ray.actor import ActorHandle
 
 from actors import registry
 from actors.merge_tasks import merge_inline, merge_refs
+from actors.registry import NodeHandle
 from serve_app.plan import QueryPlan
-from spanner.merge import MergedMatch
+from spanner.merge import Dedup, MergedMatch
 from spanner.nodespec import ActorTuning, NodeSpec
 from spanner.outcome import NodeOutcome, OutcomeStatus
 
@@ -35,17 +35,18 @@ class SpanResult:
 
 
 class Coordinator:
-    def __init__(self, namespace: str, tuning: ActorTuning, grace_s: float, inline_max: int,
-                 partitions: int) -> None:
+    def __init__(
+        self, namespace: str, tuning: ActorTuning, grace_s: float, inline_max: int, partitions: int
+    ) -> None:
         self._namespace = namespace
         self._tuning = tuning
         self._grace_s = grace_s
         self._inline_max = inline_max
         self._partitions = partitions
-        self._handles: dict[str, ActorHandle] = {}
+        self._handles: dict[str, NodeHandle] = {}
 
     # -- actor handles --------------------------------------------------------------------------------
-    async def handle(self, spec: NodeSpec, fresh: bool = False) -> ActorHandle:
+    async def handle(self, spec: NodeSpec, fresh: bool = False) -> NodeHandle:
         """The node's actor: cached, else found by name, else created (a replica may start before it)."""
         if not fresh and spec.name in self._handles:
             return self._handles[spec.name]
@@ -61,20 +62,29 @@ class Coordinator:
     # -- one spanning query ---------------------------------------------------------------------------
     async def run(self, plan: QueryPlan) -> SpanResult:
         started = time.monotonic()
-        tasks = {asyncio.ensure_future(self._call(spec, plan)): spec for spec in plan.nodes}
+        tasks: dict[asyncio.Future[Any], NodeSpec] = {
+            asyncio.ensure_future(self._call(spec, plan)): spec for spec in plan.nodes
+        }
         results: dict[str, tuple[NodeOutcome, Any]] = {}
         reason = await self._gather(plan, tasks, results, started)
         outcomes = [results[spec.name][0] for spec in plan.nodes]
         ok = sum(o.status is OutcomeStatus.OK for o in outcomes)
         status, why = _status(plan, outcomes, ok)
         reason = reason or why
-        total, page = 0, []
+        total, page = 0, list[MergedMatch]()
         if not (status == "failed" and plan.failure_strategy == "fail_fast"):
             total, page = await self._merge(plan, results)
-        return SpanResult(status, total, page, outcomes, round((time.monotonic() - started) * 1000, 2), reason)
+        return SpanResult(
+            status, total, page, outcomes, round((time.monotonic() - started) * 1000, 2), reason
+        )
 
-    async def _gather(self, plan: QueryPlan, tasks: dict[asyncio.Future[Any], NodeSpec],
-                      results: dict[str, tuple[NodeOutcome, Any]], started: float) -> str | None:
+    async def _gather(
+        self,
+        plan: QueryPlan,
+        tasks: dict[asyncio.Future[Any], NodeSpec],
+        results: dict[str, tuple[NodeOutcome, Any]],
+        started: float,
+    ) -> str | None:
         """Wait for the outcomes; stop early when the failure strategy is already decided."""
         deadline = started + plan.timeout_s + self._grace_s
         pending = set(tasks)
@@ -102,12 +112,20 @@ class Coordinator:
             task.cancel()
             spec = tasks[task]
             if reason is not None:
-                results[spec.name] = (NodeOutcome(spec.name, OutcomeStatus.CANCELLED, error=f"cancelled ({reason})"),
-                                      None)
+                results[spec.name] = (
+                    NodeOutcome(spec.name, OutcomeStatus.CANCELLED, error=f"cancelled ({reason})"),
+                    None,
+                )
             else:
-                results[spec.name] = (NodeOutcome(spec.name, OutcomeStatus.TIMEOUT, incomplete=True, error=(
-                    f"the node actor did not answer within {plan.timeout_s + self._grace_s:g} s"
-                )), None)
+                results[spec.name] = (
+                    NodeOutcome(
+                        spec.name,
+                        OutcomeStatus.TIMEOUT,
+                        incomplete=True,
+                        error=(f"the node actor did not answer within {plan.timeout_s + self._grace_s:g} s"),
+                    ),
+                    None,
+                )
         if pending:
             await asyncio.wait(pending, timeout=1.0)
         return reason
@@ -119,7 +137,8 @@ class Coordinator:
         for attempt in (1, 2):
             handle = await self.handle(spec, fresh=attempt == 2)
             remaining = max(0.001, timeout - (time.monotonic() - started))
-            out_ref, matches_ref = handle.find.remote(plan.query, remaining)
+            refs: tuple[Any, Any] = handle.find.remote(plan.query, remaining)
+            out_ref, matches_ref = refs
             try:
                 outcome: NodeOutcome = await out_ref
                 return outcome, matches_ref
@@ -129,22 +148,29 @@ class Coordinator:
             except ray.exceptions.RayActorError as exc:
                 self.forget(spec.name)
                 if attempt == 2:
-                    return NodeOutcome(spec.name, OutcomeStatus.FAILED, error=f"node actor unavailable: {exc}"), None
+                    return NodeOutcome(
+                        spec.name, OutcomeStatus.FAILED, error=f"node actor unavailable: {exc}"
+                    ), None
         raise AssertionError("unreachable")
 
-    async def _merge(self, plan: QueryPlan,
-                     results: dict[str, tuple[NodeOutcome, Any]]) -> tuple[int, list[MergedMatch]]:
+    async def _merge(
+        self, plan: QueryPlan, results: dict[str, tuple[NodeOutcome, Any]]
+    ) -> tuple[int, list[MergedMatch]]:
         by_name = {spec.name: spec for spec in plan.nodes}
-        holders = [(name, outcome, ref) for name, (outcome, ref) in results.items()
-                   if ref is not None and outcome.matches > 0]
+        holders = [
+            (name, outcome, ref)
+            for name, (outcome, ref) in results.items()
+            if ref is not None and outcome.matches > 0
+        ]
         holders.sort(key=lambda item: (by_name[item[0]].priority, item[0]))
         meta = [(name, by_name[name].priority) for name, _, _ in holders]
         refs = [ref for _, _, ref in holders]
         limit = plan.limit
         if sum(outcome.matches for _, outcome, _ in holders) <= self._inline_max:
             lists = list(await asyncio.gather(*refs)) if refs else []
-            return merge_inline(plan.query.level, plan.dedup, meta, lists, plan.offset, limit)
-        ref = merge_refs(plan.query.level, plan.dedup, meta, refs, self._partitions, plan.offset, limit)
+            return merge_inline(plan.query.level, Dedup(plan.dedup), meta, lists, plan.offset, limit)
+        level, dedup = plan.query.level, Dedup(plan.dedup)
+        ref = merge_refs(level, dedup, meta, refs, self._partitions, plan.offset, limit)
         total, page = await ref
         return total, page
 

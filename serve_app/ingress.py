@@ -20,7 +20,7 @@ app = FastAPI(
     title="dicom-spanner",
     version="0.1.0",
     description="One front door to every PACS: a spanning C-FIND fans out to every archive of a span at once "
-                "and answers with one merged, de-duplicated list and each archive's outcome.",
+    "and answers with one merged, de-duplicated list and each archive's outcome.",
 )
 errors.install(app)
 for module in (queries, nodes, spans, health):

@@ -33,23 +33,35 @@ class Services:
             pool_idle_s=settings.pool_idle_s,
             cancel_grace_s=settings.cancel_grace_s,
         )
-        self.coordinator = Coordinator(settings.namespace, self.tuning, settings.node_grace_s,
-                                       settings.merge_inline_max, settings.merge_partitions)
+        self.coordinator = Coordinator(
+            settings.namespace,
+            self.tuning,
+            settings.node_grace_s,
+            settings.merge_inline_max,
+            settings.merge_partitions,
+        )
 
     # -- nodes and their actors -------------------------------------------------------------------------
     def spec_for(self, node: NodeOut) -> NodeSpec:
         return NodeSpec(
-            name=node.name, ae_title=node.ae_title, host=node.host, port=node.port,
-            calling_ae_title=node.calling_ae_title or self.settings.ae_title, priority=node.priority,
-            max_associations=node.max_associations, max_queries_per_s=node.max_queries_per_s,
-            connect_timeout_s=node.connect_timeout_s, dimse_timeout_s=node.dimse_timeout_s,
-            query_timeout_s=node.query_timeout_s, reuse_associations=node.reuse_associations,
+            name=node.name,
+            ae_title=node.ae_title,
+            host=node.host,
+            port=node.port,
+            calling_ae_title=node.calling_ae_title or self.settings.ae_title,
+            priority=node.priority,
+            max_associations=node.max_associations,
+            max_queries_per_s=node.max_queries_per_s,
+            connect_timeout_s=node.connect_timeout_s,
+            dimse_timeout_s=node.dimse_timeout_s,
+            query_timeout_s=node.query_timeout_s,
+            reuse_associations=node.reuse_associations,
             query_models=tuple(node.query_models),
             additional_filters=tuple(sorted(node.additional_filters.items())),
         )
 
     def sync_actor(self, name: str) -> None:
-        """After a node changed: its actor runs the current spec, or is stopped when it is gone or disabled."""
+        """After a node changed: its actor runs the current spec, or stops if the node is gone or off."""
         self.coordinator.forget(name)
         node = next((n for n in self.repo.list_nodes() if n.name == name), None)
         if node is None or not node.enabled:
@@ -73,26 +85,38 @@ class Services:
             names = {n.name for n in members}
             unknown = sorted(set(q.nodes) - names)
             if unknown:
-                raise InvalidQuery(f"nodes {', '.join(unknown)} are not enabled nodes of span {q.span!r}; "
-                                   f"it has: {', '.join(sorted(names)) or 'none'}")
+                raise InvalidQuery(
+                    f"nodes {', '.join(unknown)} are not enabled nodes of span {q.span!r}; "
+                    f"it has: {', '.join(sorted(names)) or 'none'}"
+                )
             members = [n for n in members if n.name in set(q.nodes)]
         if not members:
             hint = "add one with POST /api/v1/nodes" if q.span == ALL_SPAN else "enable or add its nodes"
             raise InvalidQuery(f"span {q.span!r} has no enabled node to query; {hint}")
         timeout = q.timeout_s if q.timeout_s is not None else span.timeout_s
         if timeout > self.settings.max_timeout_s:
-            raise InvalidQuery(f"timeout_s {timeout:g} is above the limit of {self.settings.max_timeout_s:g} s")
+            raise InvalidQuery(
+                f"timeout_s {timeout:g} is above the limit of {self.settings.max_timeout_s:g} s"
+            )
         strategy = (q.failure_strategy or span.failure_strategy).value
         minimum = q.minimum_nodes or span.minimum_nodes or 1
         if strategy == "minimum" and minimum > len(members):
             raise InvalidQuery(f"minimum_nodes {minimum} is more than the {len(members)} node(s) queried")
         limit = q.limit if q.limit is not None else span.max_results
         if limit > span.max_results:
-            raise InvalidQuery(f"limit {limit} is above span {q.span!r}'s max_results of {span.max_results}; "
-                               "page with offset")
+            raise InvalidQuery(
+                f"limit {limit} is above span {q.span!r}'s max_results of {span.max_results}; "
+                "page with offset"
+            )
         query = NodeQuery(q.level, normalise_filters(q.filters), normalise_return_keys(q.return_keys))
         return QueryPlan(
-            query=query, span=q.span, nodes=tuple(self.spec_for(n) for n in members), timeout_s=timeout,
-            failure_strategy=strategy, minimum_nodes=minimum, dedup=(q.dedup or span.dedup).value,
-            limit=limit, offset=q.offset,
+            query=query,
+            span=q.span,
+            nodes=tuple(self.spec_for(n) for n in members),
+            timeout_s=timeout,
+            failure_strategy=strategy,
+            minimum_nodes=minimum,
+            dedup=(q.dedup or span.dedup).value,
+            limit=limit,
+            offset=q.offset,
         )

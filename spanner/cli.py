@@ -66,8 +66,11 @@ def simulate(
     from spanner.simulator.scp import SimulatorConfig, serve_forever
 
     fleet = generate_fleet(seed, nodes=max(3, node_index + 1), patients=patients)
-    config = SimulatorConfig(ae_title=ae_title, port=port, latency_ms=latency_ms, jitter_ms=jitter_ms,
-                             fault=fault, seed=seed)  # type: ignore[arg-type]
+    config = SimulatorConfig(
+        ae_title=ae_title, port=port, latency_ms=latency_ms, jitter_ms=jitter_ms,
+        fault=fault,  # type: ignore[arg-type]  # SimulatorConfig checks it and says what is allowed
+        seed=seed,
+    )
     console.print(f"simulated PACS {ae_title} on 127.0.0.1:{port}: {len(fleet[node_index])} instances")
     serve_forever(config, fleet[node_index])
 
@@ -91,8 +94,11 @@ def query(
     url: UrlOption = DEFAULT_URL,
 ) -> None:
     """Run a spanning C-FIND and print the merged matches and every node's outcome."""
-    body: dict[str, Any] = {"level": level.upper(), "span": span,
-                            "filters": dict(_keyword_value(f) for f in filter_ or [])}
+    body: dict[str, Any] = {
+        "level": level.upper(),
+        "span": span,
+        "filters": dict(_keyword_value(f) for f in filter_ or []),
+    }
     if return_key:
         body["return_keys"] = return_key
     if timeout_s is not None:
@@ -117,10 +123,20 @@ def _text(element: dict[str, Any] | None) -> str:
 
 COLUMNS = {
     "PATIENT": [("00100020", "PatientID"), ("00100010", "PatientName"), ("00100030", "BirthDate")],
-    "STUDY": [("00080020", "StudyDate"), ("00100020", "PatientID"), ("00100010", "PatientName"),
-              ("00080061", "Modalities"), ("00081030", "Description"), ("0020000D", "StudyInstanceUID")],
-    "SERIES": [("00080060", "Modality"), ("00200011", "Number"), ("0008103E", "Description"),
-               ("0020000E", "SeriesInstanceUID")],
+    "STUDY": [
+        ("00080020", "StudyDate"),
+        ("00100020", "PatientID"),
+        ("00100010", "PatientName"),
+        ("00080061", "Modalities"),
+        ("00081030", "Description"),
+        ("0020000D", "StudyInstanceUID"),
+    ],
+    "SERIES": [
+        ("00080060", "Modality"),
+        ("00200011", "Number"),
+        ("0008103E", "Description"),
+        ("0020000E", "SeriesInstanceUID"),
+    ],
     "IMAGE": [("00200013", "Number"), ("00080016", "SOPClassUID"), ("00080018", "SOPInstanceUID")],
 }
 
@@ -149,20 +165,31 @@ def nodes_list(url: UrlOption = DEFAULT_URL) -> None:
     for col in ("name", "ae_title", "host", "port", "enabled", "priority"):
         table.add_column(col)
     for n in _call("GET", f"{url}/api/v1/nodes"):
-        table.add_row(n["name"], n["ae_title"], n["host"], str(n["port"]), str(n["enabled"]), str(n["priority"]))
+        table.add_row(
+            n["name"], n["ae_title"], n["host"], str(n["port"]), str(n["enabled"]), str(n["priority"])
+        )
     console.print(table)
 
 
 @nodes_app.command("add")
 def nodes_add(
-    name: str, ae_title: str, host: str, port: int,
+    name: str,
+    ae_title: str,
+    host: str,
+    port: int,
     priority: Annotated[int, typer.Option(help="Lower wins ties")] = 100,
     max_associations: Annotated[int, typer.Option(help="Pool size")] = 4,
     url: UrlOption = DEFAULT_URL,
 ) -> None:
     """Add a node: NAME AE_TITLE HOST PORT."""
-    body = {"name": name, "ae_title": ae_title, "host": host, "port": port, "priority": priority,
-            "max_associations": max_associations}
+    body = {
+        "name": name,
+        "ae_title": ae_title,
+        "host": host,
+        "port": port,
+        "priority": priority,
+        "max_associations": max_associations,
+    }
     node = _call("POST", f"{url}/api/v1/nodes", json=body)
     console.print(f"added {node['name']} ({node['ae_title']}@{node['host']}:{node['port']})")
 

@@ -49,22 +49,50 @@ ORDER_KEYS: dict[Level, tuple[str, str] | None] = {
 # What every match carries even when the client names no return key.
 DEFAULT_RETURN_KEYS: dict[Level, tuple[str, ...]] = {
     Level.PATIENT: (
-        "PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate", "PatientSex",
+        "PatientName",
+        "PatientID",
+        "IssuerOfPatientID",
+        "PatientBirthDate",
+        "PatientSex",
         "NumberOfPatientRelatedStudies",
     ),
     Level.STUDY: (
-        "PatientName", "PatientID", "IssuerOfPatientID", "PatientBirthDate", "PatientSex",
-        "StudyInstanceUID", "StudyDate", "StudyTime", "AccessionNumber", "StudyID", "StudyDescription",
-        "ModalitiesInStudy", "ReferringPhysicianName", "NumberOfStudyRelatedSeries",
+        "PatientName",
+        "PatientID",
+        "IssuerOfPatientID",
+        "PatientBirthDate",
+        "PatientSex",
+        "StudyInstanceUID",
+        "StudyDate",
+        "StudyTime",
+        "AccessionNumber",
+        "StudyID",
+        "StudyDescription",
+        "ModalitiesInStudy",
+        "ReferringPhysicianName",
+        "NumberOfStudyRelatedSeries",
         "NumberOfStudyRelatedInstances",
     ),
     Level.SERIES: (
-        "PatientID", "StudyInstanceUID", "SeriesInstanceUID", "Modality", "SeriesNumber",
-        "SeriesDescription", "SeriesDate", "SeriesTime", "NumberOfSeriesRelatedInstances",
+        "PatientID",
+        "StudyInstanceUID",
+        "SeriesInstanceUID",
+        "Modality",
+        "SeriesNumber",
+        "SeriesDescription",
+        "SeriesDate",
+        "SeriesTime",
+        "NumberOfSeriesRelatedInstances",
     ),
     Level.IMAGE: (
-        "PatientID", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "SOPClassUID",
-        "InstanceNumber", "ContentDate", "ContentTime",
+        "PatientID",
+        "StudyInstanceUID",
+        "SeriesInstanceUID",
+        "SOPInstanceUID",
+        "SOPClassUID",
+        "InstanceNumber",
+        "ContentDate",
+        "ContentTime",
     ),
 }
 
@@ -74,12 +102,30 @@ MODEL_LEVELS: dict[InformationModel, frozenset[Level]] = {
     InformationModel.STUDY_ROOT: frozenset({Level.STUDY, Level.SERIES, Level.IMAGE}),
 }
 
-_MAX_LEN = {"AE": 16, "CS": 16, "SH": 16, "LO": 64, "PN": 64 * 3 + 2, "UI": 64, "DA": 18, "TM": 28,
-            "DT": 54, "AS": 4, "IS": 12, "DS": 16, "LT": 10240, "ST": 1024, "UT": 2**32 - 2,
-            "UC": 2**32 - 2, "UR": 2**32 - 2}
+_MAX_LEN = {
+    "AE": 16,
+    "CS": 16,
+    "SH": 16,
+    "LO": 64,
+    "PN": 64 * 3 + 2,
+    "UI": 64,
+    "DA": 18,
+    "TM": 28,
+    "DT": 54,
+    "AS": 4,
+    "IS": 12,
+    "DS": 16,
+    "LT": 10240,
+    "ST": 1024,
+    "UT": 2**32 - 2,
+    "UC": 2**32 - 2,
+    "UR": 2**32 - 2,
+}
 _UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 _TIME = re.compile(r"^([01][0-9]|2[0-3])([0-5][0-9]([0-5][0-9](\.[0-9]{1,6})?)?)?$")
-_DT = re.compile(r"^[0-9]{4}([0-9]{2}([0-9]{2}([0-9]{2}([0-9]{2}([0-9]{2}(\.[0-9]{1,6})?)?)?)?)?)?([+-][0-9]{4})?$")
+_DT = re.compile(
+    r"^[0-9]{4}([0-9]{2}([0-9]{2}([0-9]{2}([0-9]{2}([0-9]{2}(\.[0-9]{1,6})?)?)?)?)?)?([+-][0-9]{4})?$"
+)
 _TAG = re.compile(r"^\(?([0-9A-Fa-f]{4}),?([0-9A-Fa-f]{4})\)?$")
 
 
@@ -91,7 +137,9 @@ def resolve_keyword(key: str) -> str:
         tag = int(match.group(1) + match.group(2), 16)
         keyword = keyword_for_tag(tag)
         if not keyword:
-            raise InvalidQuery(f"tag {text} is not in the DICOM data dictionary (private tags cannot be queried)")
+            raise InvalidQuery(
+                f"tag {text} is not in the DICOM data dictionary (private tags cannot be queried)"
+            )
         return keyword
     if tag_for_keyword(text) is None:
         raise InvalidQuery(f"unknown DICOM keyword {text!r} (keywords are case-sensitive, e.g. 'PatientID')")

@@ -23,12 +23,20 @@ class Settings(BaseSettings):
     )
 
     environment: Literal["development", "production"] = "development"
-    ae_title: str = Field(default="SPANNER", min_length=1, max_length=16,
-                          description="Calling AE title the node actors use when a node names none")
+    ae_title: str = Field(
+        default="SPANNER",
+        min_length=1,
+        max_length=16,
+        description="Calling AE title the node actors use when a node names none",
+    )
 
-    database_url: str = Field(default="", validation_alias=AliasChoices("DATABASE_URL", "SPANNER_DATABASE_URL"))
+    database_url: str = Field(
+        default="", validation_alias=AliasChoices("DATABASE_URL", "SPANNER_DATABASE_URL")
+    )
     redis_url: str = Field(default="", validation_alias=AliasChoices("REDIS_URL", "SPANNER_REDIS_URL"))
-    rabbitmq_url: str = Field(default="", validation_alias=AliasChoices("RABBITMQ_URL", "SPANNER_RABBITMQ_URL"))
+    rabbitmq_url: str = Field(
+        default="", validation_alias=AliasChoices("RABBITMQ_URL", "SPANNER_RABBITMQ_URL")
+    )
     ray_address: str = Field(default="", validation_alias=AliasChoices("RAY_ADDRESS", "SPANNER_RAY_ADDRESS"))
     config: Path | None = Field(default=None, description="YAML file of nodes and spans loaded at start-up")
     var_dir: Path = Path("var")
@@ -43,16 +51,26 @@ class Settings(BaseSettings):
 
     default_timeout_s: float = Field(default=10.0, gt=0, le=600)
     max_timeout_s: float = Field(default=300.0, gt=0)
-    node_grace_s: float = Field(default=2.0, ge=0, description="How long past its deadline a node actor may be silent")
-    cancel_grace_s: float = Field(default=1.0, ge=0, description="After C-CANCEL, wait this long before aborting")
-    circuit_failures: int = Field(default=3, ge=1, description="Consecutive connection failures that open a circuit")
+    node_grace_s: float = Field(
+        default=2.0, ge=0, description="How long past its deadline a node actor may be silent"
+    )
+    cancel_grace_s: float = Field(
+        default=1.0, ge=0, description="After C-CANCEL, wait this long before aborting"
+    )
+    circuit_failures: int = Field(
+        default=3, ge=1, description="Consecutive connection failures that open a circuit"
+    )
     circuit_cooldown_s: float = Field(default=15.0, gt=0)
     pool_idle_s: float = Field(default=30.0, gt=0, description="Idle associations are released after this")
-    merge_inline_max: int = Field(default=5000, ge=0, description="Up to this many matches merge in the ingress")
+    merge_inline_max: int = Field(
+        default=5000, ge=0, description="Up to this many matches merge in the ingress"
+    )
     merge_partitions: int = Field(default=4, ge=1, le=64)
     query_history: int = Field(default=100, ge=1, le=10000, description="Records GET /api/v1/queries lists")
 
-    demo_fleet: bool = Field(default=True, description="Start three simulated PACS when no node is configured")
+    demo_fleet: bool = Field(
+        default=True, description="Start three simulated PACS when no node is configured"
+    )
     demo_base_port: int = Field(default=11120, ge=1, le=65530)
 
     @model_validator(mode="after")
@@ -60,7 +78,9 @@ class Settings(BaseSettings):
         self.var_dir = self.var_dir.resolve()  # replicas and workers may run in another directory
         if self.environment == "production":
             if not self.database_url.startswith("postgresql"):
-                raise ValueError("production needs DATABASE_URL pointing at PostgreSQL (SQLite is for development)")
+                raise ValueError(
+                    "production needs DATABASE_URL pointing at PostgreSQL (SQLite is for development)"
+                )
             if self.demo_fleet:
                 raise ValueError("production must not start the demo fleet: set SPANNER_DEMO_FLEET=false")
         return self

@@ -30,8 +30,14 @@ def ray_session() -> Iterator[str]:
     tmp = tempfile.mkdtemp(prefix="spanner-ray-")
     os.environ["RAY_TMPDIR"] = tmp
     namespace = f"spanner-test-{uuid.uuid4().hex[:8]}"
-    ray.init(address="local", num_cpus=2, include_dashboard=False, namespace=namespace,
-             log_to_driver=False, _temp_dir=tmp)
+    ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        namespace=namespace,
+        log_to_driver=False,
+        _temp_dir=tmp,
+    )
     yield namespace
     ray.shutdown()
     shutil.rmtree(tmp, ignore_errors=True)
@@ -52,7 +58,9 @@ class Api:
         body = {"name": name, "ae_title": ae_title, "host": "127.0.0.1", "port": port, **extra}
         existing = self.http.get(f"/api/v1/nodes/{name}")
         if existing.status_code == 200:
-            response = self.http.put(f"/api/v1/nodes/{name}", json={k: v for k, v in body.items() if k != "name"})
+            response = self.http.put(
+                f"/api/v1/nodes/{name}", json={k: v for k, v in body.items() if k != "name"}
+            )
         else:
             response = self.http.post("/api/v1/nodes", json=body)
         assert response.status_code in (200, 201), response.text
@@ -62,7 +70,9 @@ class Api:
     def add_span(self, name: str, nodes: list[str], **extra: object) -> dict[str, object]:
         body = {"name": name, "ae_title": extra.pop("ae_title", name.upper()[:16]), "nodes": nodes, **extra}
         if self.http.get(f"/api/v1/spans/{name}").status_code == 200:
-            response = self.http.put(f"/api/v1/spans/{name}", json={k: v for k, v in body.items() if k != "name"})
+            response = self.http.put(
+                f"/api/v1/spans/{name}", json={k: v for k, v in body.items() if k != "name"}
+            )
         else:
             response = self.http.post("/api/v1/spans", json=body)
         assert response.status_code in (200, 201), response.text
@@ -86,11 +96,18 @@ def api(ray_session: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
     port = free_port()
     var_dir = tmp_path_factory.mktemp("var")
     settings: dict[str, object] = {
-        "namespace": ray_session, "var_dir": str(var_dir), "database_url": f"sqlite:///{var_dir}/spanner.db",
-        "http_port": port, "demo_fleet": False, "circuit_cooldown_s": 1.0, "cancel_grace_s": 0.3,
+        "namespace": ray_session,
+        "var_dir": str(var_dir),
+        "database_url": f"sqlite:///{var_dir}/spanner.db",
+        "http_port": port,
+        "demo_fleet": False,
+        "circuit_cooldown_s": 1.0,
+        "cancel_grace_s": 0.3,
         "node_grace_s": 1.0,
     }
-    serve.start(http_options=HTTPOptions(host="127.0.0.1", port=port), logging_config={"enable_access_log": False})
+    serve.start(
+        http_options=HTTPOptions(host="127.0.0.1", port=port), logging_config={"enable_access_log": False}
+    )
     serve.run(build_app(AppArgs(settings=settings)), name="spanner", route_prefix="/")
     client = Api(f"http://127.0.0.1:{port}", ray_session, settings)
     yield client

@@ -14,7 +14,9 @@ from tests.conftest import Api
 
 @pytest.fixture(scope="module")
 def pacs(api: Api) -> Iterator[SimulatedPacs]:
-    with SimulatedPacs(SimulatorConfig(ae_title="API_SIM"), generate_fleet(seed=3, nodes=1, patients=5)[0]) as sim:
+    with SimulatedPacs(
+        SimulatorConfig(ae_title="API_SIM"), generate_fleet(seed=3, nodes=1, patients=5)[0]
+    ) as sim:
         api.add_node("api-sim", sim.port, ae_title="API_SIM")
         yield sim
         api.http.delete("/api/v1/nodes/api-sim")
@@ -35,12 +37,14 @@ def test_health_ready_and_docs(api: Api, pacs: SimulatedPacs) -> None:
 
 
 def test_node_lifecycle_reconfigures_and_stops_its_actor(api: Api, pacs: SimulatedPacs) -> None:
-    created = api.http.post("/api/v1/nodes", json={"name": "life", "ae_title": "API_SIM", "host": "127.0.0.1",
-                                                   "port": pacs.port})
+    created = api.http.post(
+        "/api/v1/nodes", json={"name": "life", "ae_title": "API_SIM", "host": "127.0.0.1", "port": pacs.port}
+    )
     assert created.status_code == 201, created.text
     try:
-        dup = api.http.post("/api/v1/nodes", json={"name": "life", "ae_title": "X", "host": "127.0.0.1",
-                                                   "port": 104})
+        dup = api.http.post(
+            "/api/v1/nodes", json={"name": "life", "ae_title": "X", "host": "127.0.0.1", "port": 104}
+        )
         assert dup.status_code == 409 and "life" in detail(dup)
         handle = registry.lookup("life", api.namespace)
         assert handle is not None
@@ -102,20 +106,23 @@ def test_every_query_is_recorded(api: Api, pacs: SimulatedPacs) -> None:
     assert api.http.get("/api/v1/queries/0123456789abcdef").status_code == 404
 
 
-@pytest.mark.parametrize(("body", "status", "words"), [
-    ({"level": "STUDY", "filters": {"NoSuchKeyword": "x"}}, 422, "unknown DICOM keyword"),
-    ({"level": "FOO"}, 422, "level"),
-    ({"filters": {}}, 422, "level"),
-    ({"level": "STUDY", "filters": {"StudyDate": "20240201-20240101"}}, 422, "ends before it starts"),
-    ({"level": "STUDY", "filters": {"StudyDate": "2024-01-01"}}, 422, "StudyDate"),
-    ({"level": "STUDY", "filters": {"StudyInstanceUID": "1.2.*"}}, 422, "not a UID"),
-    ({"level": "STUDY", "limit": -1}, 422, "limit"),
-    ({"level": "STUDY", "offset": -5}, 422, "offset"),
-    ({"level": "STUDY", "span": "nope"}, 404, "nope"),
-    ({"level": "STUDY", "nodes": ["ghost"]}, 422, "ghost"),
-    ({"level": "STUDY", "timeout_s": 0}, 422, "timeout_s"),
-    ({"level": "STUDY", "colour": "blue"}, 422, "colour"),
-])
+@pytest.mark.parametrize(
+    ("body", "status", "words"),
+    [
+        ({"level": "STUDY", "filters": {"NoSuchKeyword": "x"}}, 422, "unknown DICOM keyword"),
+        ({"level": "FOO"}, 422, "level"),
+        ({"filters": {}}, 422, "level"),
+        ({"level": "STUDY", "filters": {"StudyDate": "20240201-20240101"}}, 422, "ends before it starts"),
+        ({"level": "STUDY", "filters": {"StudyDate": "2024-01-01"}}, 422, "StudyDate"),
+        ({"level": "STUDY", "filters": {"StudyInstanceUID": "1.2.*"}}, 422, "not a UID"),
+        ({"level": "STUDY", "limit": -1}, 422, "limit"),
+        ({"level": "STUDY", "offset": -5}, 422, "offset"),
+        ({"level": "STUDY", "span": "nope"}, 404, "nope"),
+        ({"level": "STUDY", "nodes": ["ghost"]}, 422, "ghost"),
+        ({"level": "STUDY", "timeout_s": 0}, 422, "timeout_s"),
+        ({"level": "STUDY", "colour": "blue"}, 422, "colour"),
+    ],
+)
 def test_bad_queries_get_a_clear_4xx_and_the_service_keeps_serving(
     api: Api, pacs: SimulatedPacs, body: dict[str, object], status: int, words: str
 ) -> None:
@@ -126,20 +133,24 @@ def test_bad_queries_get_a_clear_4xx_and_the_service_keeps_serving(
 
 
 def test_malformed_json_is_a_422_that_says_so(api: Api) -> None:
-    response = api.http.post("/api/v1/queries", content=b'{"level": "STUDY",',
-                             headers={"Content-Type": "application/json"})
+    response = api.http.post(
+        "/api/v1/queries", content=b'{"level": "STUDY",', headers={"Content-Type": "application/json"}
+    )
     assert response.status_code == 422
     assert "JSON" in detail(response)
 
 
-@pytest.mark.parametrize(("body", "words"), [
-    ({"ae_title": "ABCDEFGHIJKLMNOPQ"}, "at most 16"),
-    ({"ae_title": "BAD\\AE"}, "backslash"),
-    ({"port": 0}, "port"),
-    ({"port": 70000}, "port"),
-    ({"name": "Bad Name"}, "name"),
-    ({"additional_filters": {"Nope": "1"}}, "Nope"),
-])
+@pytest.mark.parametrize(
+    ("body", "words"),
+    [
+        ({"ae_title": "ABCDEFGHIJKLMNOPQ"}, "at most 16"),
+        ({"ae_title": "BAD\\AE"}, "backslash"),
+        ({"port": 0}, "port"),
+        ({"port": 70000}, "port"),
+        ({"name": "Bad Name"}, "name"),
+        ({"additional_filters": {"Nope": "1"}}, "Nope"),
+    ],
+)
 def test_bad_nodes_are_refused_with_the_reason(api: Api, body: dict[str, object], words: str) -> None:
     node = {"name": "bad-node", "ae_title": "OK", "host": "127.0.0.1", "port": 104} | body
     response = api.http.post("/api/v1/nodes", json=node)
@@ -149,5 +160,7 @@ def test_bad_nodes_are_refused_with_the_reason(api: Api, body: dict[str, object]
 
 
 def test_span_with_unknown_node_is_refused(api: Api) -> None:
-    response = api.http.post("/api/v1/spans", json={"name": "ghosts", "ae_title": "GHOSTS", "nodes": ["ghost"]})
+    response = api.http.post(
+        "/api/v1/spans", json={"name": "ghosts", "ae_title": "GHOSTS", "nodes": ["ghost"]}
+    )
     assert response.status_code == 422 and "ghost" in detail(response)

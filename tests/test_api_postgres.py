@@ -13,8 +13,10 @@ pytestmark = pytest.mark.postgres
 
 def test_query_and_record_on_postgresql(api_pg: Api) -> None:
     fleet = generate_fleet(seed=5, nodes=2, patients=6)
-    with SimulatedPacs(SimulatorConfig(ae_title="PG_A"), fleet[0]) as a, \
-            SimulatedPacs(SimulatorConfig(ae_title="PG_B"), fleet[1]) as b:
+    with (
+        SimulatedPacs(SimulatorConfig(ae_title="PG_A"), fleet[0]) as a,
+        SimulatedPacs(SimulatorConfig(ae_title="PG_B"), fleet[1]) as b,
+    ):
         api_pg.add_node("pg-a", a.port, ae_title="PG_A", priority=1)
         api_pg.add_node("pg-b", b.port, ae_title="PG_B", priority=2)
         api_pg.add_span("pg-span", ["pg-a", "pg-b"], ae_title="PG_SPAN", dedup="first_wins")

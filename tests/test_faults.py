@@ -60,11 +60,19 @@ def timed_query(api: Api, **body: object) -> tuple[int, dict[str, object], float
     return status, answer, time.monotonic() - started
 
 
-@pytest.mark.parametrize(("node", "expected"), [
-    ("down", "refused"), ("slow", "timeout"), ("hang", "timeout"), ("abort", "aborted"), ("failure", "failed"),
-])
-def test_each_fault_yields_partial_within_the_deadline(api: Api, sims: dict[str, SimulatedPacs],
-                                                       node: str, expected: str) -> None:
+@pytest.mark.parametrize(
+    ("node", "expected"),
+    [
+        ("down", "refused"),
+        ("slow", "timeout"),
+        ("hang", "timeout"),
+        ("abort", "aborted"),
+        ("failure", "failed"),
+    ],
+)
+def test_each_fault_yields_partial_within_the_deadline(
+    api: Api, sims: dict[str, SimulatedPacs], node: str, expected: str
+) -> None:
     status, answer, took = timed_query(api, nodes=["good-a", node], timeout_s=1.5)
     assert status == 200, answer["nodes"]
     assert answer["status"] == "partial"
@@ -109,8 +117,9 @@ def test_fail_fast_answers_502_at_the_first_failure_and_cancels_the_rest(
 ) -> None:
     slow = sims["slow"]
     before = slow.counters.cancels
-    status, answer, took = timed_query(api, nodes=["good-a", "slow", "failure"], timeout_s=5,
-                                       failure_strategy="fail_fast")
+    status, answer, took = timed_query(
+        api, nodes=["good-a", "slow", "failure"], timeout_s=5, failure_strategy="fail_fast"
+    )
     assert status == 502
     assert answer["status"] == "failed"
     assert took < 2.0, "fail_fast must not wait for the slow node's 5 s deadline"
@@ -124,23 +133,27 @@ def test_fail_fast_answers_502_at_the_first_failure_and_cancels_the_rest(
 
 
 def test_minimum_strategy(api: Api, sims: dict[str, SimulatedPacs]) -> None:
-    status, answer, _ = timed_query(api, nodes=["good-a", "good-b", "down"], timeout_s=2,
-                                    failure_strategy="minimum", minimum_nodes=2)
+    status, answer, _ = timed_query(
+        api, nodes=["good-a", "good-b", "down"], timeout_s=2, failure_strategy="minimum", minimum_nodes=2
+    )
     assert status == 200 and answer["status"] == "partial"
-    status, answer, _ = timed_query(api, nodes=["good-a", "good-b", "down"], timeout_s=2,
-                                    failure_strategy="minimum", minimum_nodes=3)
+    status, answer, _ = timed_query(
+        api, nodes=["good-a", "good-b", "down"], timeout_s=2, failure_strategy="minimum", minimum_nodes=3
+    )
     assert status == 502 and answer["status"] == "failed"
 
 
-def test_throttled_when_no_association_frees_before_the_deadline(api: Api, sims: dict[str, SimulatedPacs],
-                                                                 universe: list[list[object]]) -> None:
+def test_throttled_when_no_association_frees_before_the_deadline(
+    api: Api, sims: dict[str, SimulatedPacs], universe: list[list[object]]
+) -> None:
     config = SimulatorConfig(ae_title="NARROW", latency_ms=3000)
     with SimulatedPacs(config, universe[0]) as narrow:  # type: ignore[arg-type]
         api.add_node("narrow", narrow.port, ae_title="NARROW", max_associations=1)
         try:
             first: list[dict[str, object]] = []
             holder = threading.Thread(
-                target=lambda: first.append(api.query(level="STUDY", nodes=["narrow"], timeout_s=1.5)[1]))
+                target=lambda: first.append(api.query(level="STUDY", nodes=["narrow"], timeout_s=1.5)[1])
+            )
             holder.start()
             time.sleep(0.4)  # the first query now holds the only association for about a second more
             second = api.query(level="STUDY", nodes=["narrow"], timeout_s=0.5)[1]
@@ -165,17 +178,22 @@ def test_rate_limit_throttles(api: Api, sims: dict[str, SimulatedPacs], universe
             api.http.delete("/api/v1/nodes/rated")
 
 
-def test_circuit_opens_then_one_echo_closes_it(api: Api, sims: dict[str, SimulatedPacs],
-                                                universe: list[list[object]]) -> None:
+def test_circuit_opens_then_one_echo_closes_it(
+    api: Api, sims: dict[str, SimulatedPacs], universe: list[list[object]]
+) -> None:
     closed = ClosedPort()
     port = closed.port
     api.add_node("flaky", port, ae_title="FLAKY")
     try:
-        seen = [statuses(api.query(level="STUDY", nodes=["flaky"], timeout_s=1)[1])["flaky"] for _ in range(4)]
+        seen = [
+            statuses(api.query(level="STUDY", nodes=["flaky"], timeout_s=1)[1])["flaky"] for _ in range(4)
+        ]
         assert seen == ["refused", "refused", "refused", "circuit_open"]
         closed.release()
         with SimulatedPacs(SimulatorConfig(ae_title="FLAKY", port=port), universe[0]) as pacs:  # type: ignore[arg-type]
-            assert statuses(api.query(level="STUDY", nodes=["flaky"], timeout_s=1)[1])["flaky"] == "circuit_open"
+            assert (
+                statuses(api.query(level="STUDY", nodes=["flaky"], timeout_s=1)[1])["flaky"] == "circuit_open"
+            )
             time.sleep(1.1)  # the test settings' cool-down is 1 s
             answer = api.query(level="STUDY", nodes=["flaky"], timeout_s=2)[1]
             assert statuses(answer) == {"flaky": "ok"}

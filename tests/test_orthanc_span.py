@@ -14,10 +14,18 @@ from tests.conftest import Api, require
 from tests.peers.orthanc import OrthancPeer, orthanc_executable, stop_all
 
 NODES = ("orthanc-a", "orthanc-b", "orthanc-c")
-KEYS = {"PATIENT": ("PatientID",), "STUDY": ("StudyInstanceUID",), "SERIES": ("SeriesInstanceUID",),
-        "IMAGE": ("SOPInstanceUID",)}
-TAGS = {"PatientID": "00100020", "StudyInstanceUID": "0020000D", "SeriesInstanceUID": "0020000E",
-        "SOPInstanceUID": "00080018"}
+KEYS = {
+    "PATIENT": ("PatientID",),
+    "STUDY": ("StudyInstanceUID",),
+    "SERIES": ("SeriesInstanceUID",),
+    "IMAGE": ("SOPInstanceUID",),
+}
+TAGS = {
+    "PatientID": "00100020",
+    "StudyInstanceUID": "0020000D",
+    "SeriesInstanceUID": "0020000E",
+    "SOPInstanceUID": "00080018",
+}
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +61,9 @@ def value(match: dict[str, object], keyword: str) -> object:
 
 
 @pytest.mark.parametrize("level", ["PATIENT", "STUDY", "SERIES", "IMAGE"])
-def test_merged_answer_is_the_union_of_what_was_stored(api: Api, archives: dict[str, list[Dataset]],
-                                                        level: str) -> None:
+def test_merged_answer_is_the_union_of_what_was_stored(
+    api: Api, archives: dict[str, list[Dataset]], level: str
+) -> None:
     status, answer = api.query(level=level, span="orthanc", limit=1000)
     assert status == 200, answer
     assert answer["status"] == "success"
@@ -68,8 +77,9 @@ def test_merged_answer_is_the_union_of_what_was_stored(api: Api, archives: dict[
 def test_split_study_counts_take_the_largest_copy_and_modalities_union(
     api: Api, archives: dict[str, list[Dataset]]
 ) -> None:
-    status, answer = api.query(level="STUDY", span="orthanc",
-                               return_keys=["NumberOfStudyRelatedInstances", "ModalitiesInStudy"])
+    status, answer = api.query(
+        level="STUDY", span="orthanc", return_keys=["NumberOfStudyRelatedInstances", "ModalitiesInStudy"]
+    )
     assert status == 200
     per_node: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
     modalities: dict[str, set[str]] = defaultdict(set)
@@ -86,8 +96,9 @@ def test_split_study_counts_take_the_largest_copy_and_modalities_union(
 
 def test_mirrored_study_is_filled_from_every_copy(api: Api, archives: dict[str, list[Dataset]]) -> None:
     """Patient 0's first study is on every node; only the first copy has StudyDescription."""
-    status, answer = api.query(level="STUDY", span="orthanc", filters={"PatientName": "Müller*"},
-                               dedup="merge_all")
+    status, answer = api.query(
+        level="STUDY", span="orthanc", filters={"PatientName": "Müller*"}, dedup="merge_all"
+    )
     assert status == 200
     first = [m for m in answer["matches"] if len(m["nodes"]) == 3]  # type: ignore[union-attr]
     assert first, "the mirrored study should be held by all three archives"
@@ -101,6 +112,10 @@ def test_filters_reach_every_archive(api: Api, archives: dict[str, list[Dataset]
     uid = str(archives["orthanc-b"][0].StudyInstanceUID)
     status, answer = api.query(level="SERIES", span="orthanc", filters={"StudyInstanceUID": uid})
     assert status == 200
-    expected = {str(ds.SeriesInstanceUID) for instances in archives.values() for ds in instances
-                if ds.StudyInstanceUID == uid}
+    expected = {
+        str(ds.SeriesInstanceUID)
+        for instances in archives.values()
+        for ds in instances
+        if ds.StudyInstanceUID == uid
+    }
     assert {str(value(m, "SeriesInstanceUID")) for m in answer["matches"]} == expected  # type: ignore[union-attr]

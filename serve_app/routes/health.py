@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import ray
 from fastapi import APIRouter, Depends
@@ -31,11 +32,16 @@ async def ready(s: Services = Depends(services)) -> JSONResponse:
     for node in (n for n in nodes if n.enabled):
         try:
             handle = await s.coordinator.handle(s.spec_for(node))
-            stats = await asyncio.wait_for(asyncio.wrap_future(handle.stats.remote().future()), 5)
+            pending = asyncio.wrap_future(handle.stats.remote().future())
+            stats: dict[str, Any] = await asyncio.wait_for(pending, 5)
             actors[node.name] = f"alive (circuit {stats['circuit']})"
         except (ray.exceptions.RayError, TimeoutError) as exc:
             actors[node.name] = "unavailable"
             problems.append(f"node actor {node.name}: {type(exc).__name__}")
-    body = {"status": "ready" if not problems else "not ready", "database": "ok", "actors": actors,
-            "problems": problems}
+    body = {
+        "status": "ready" if not problems else "not ready",
+        "database": "ok",
+        "actors": actors,
+        "problems": problems,
+    }
     return JSONResponse(body, status_code=200 if not problems else 503)

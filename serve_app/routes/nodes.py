@@ -54,13 +54,19 @@ def delete_node(name: str, s: Services = Depends(services)) -> Response:
 
 
 @router.post("/{name}/echo", response_model=EchoOut)
-async def echo_node(name: str, timeout_s: float = Query(5.0, gt=0, le=60),
-                    s: Services = Depends(services)) -> EchoOut:
+async def echo_node(
+    name: str, timeout_s: float = Query(5.0, gt=0, le=60), s: Services = Depends(services)
+) -> EchoOut:
     """A C-ECHO through the node's actor (its pool, throttle and circuit breaker)."""
     node = await asyncio.to_thread(s.repo.get_node, name)
     if not node.enabled:
         raise NotFound(f"node {name!r} is disabled; enable it with PATCH /api/v1/nodes/{name}")
     handle = await s.coordinator.handle(s.spec_for(node))
     outcome = await handle.echo.remote(timeout_s)
-    return EchoOut(node=name, status=outcome.status.value, elapsed_ms=outcome.elapsed_ms,
-                   dimse_status=outcome.dimse_status, error=outcome.error)
+    return EchoOut(
+        node=name,
+        status=outcome.status.value,
+        elapsed_ms=outcome.elapsed_ms,
+        dimse_status=outcome.dimse_status,
+        error=outcome.error,
+    )

@@ -1,0 +1,329 @@
+"""A simulated PACS on loopback: Verification and Query/Retrieve Find with injectable faults.
+
+Each simulator is its own pynetdicom AE serving one ``Index``. Faults and latency are read from
+the current config at the start of every request, so ``set_fault`` changes behaviour between
+queries of a running fleet without restarting it. Every accepted socket gets TCP_NODELAY
+(shared/GUIDE.md: without it each DIMSE message stalls about 40 ms).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import random
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from types import FrameType
+from typing import Any, Literal, get_args
+
+from pydicom.dataset import Dataset
+from pynetdicom import AE, _config, evt
+from pynetdicom.association import Association
+from pynetdicom.pdu_primitives import A_ABORT, A_P_ABORT, A_RELEASE
+from pynetdicom.transport import ThreadedAssociationServer
+
+from spanner.query import InformationModel
+from spanner.simulator.index import IdentifierError, Index
+
+LOG = logging.getLogger(__name__)
+
+Fault = Literal["none", "refuse", "abort", "failure", "hang", "slow"]
+FAULTS: tuple[str, ...] = get_args(Fault)
+FindResponse = tuple[int | Dataset, Dataset | None]
+
+# pynetdicom.sop_class builds these names at run time, which mypy cannot see.
+VERIFICATION = "1.2.840.10008.1.1"
+PATIENT_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.1.1"
+STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
+STATUS_PENDING = 0xFF00
+STATUS_CANCEL = 0xFE00
+_STEP_S = 0.005  # how often waits look at C-CANCEL and at the association
+_MODELS: dict[str, InformationModel] = {
+    PATIENT_ROOT_FIND: InformationModel.PATIENT_ROOT,
+    STUDY_ROOT_FIND: InformationModel.STUDY_ROOT,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class SimulatorConfig:
+    """How one simulated PACS listens and misbehaves.
+
+    ``abort_after`` pending responses go out before an ``abort`` fault aborts; ``slow_ms`` is the
+    extra wait of a ``slow`` fault; ``seed`` makes the latency jitter reproducible.
+    """
+
+    ae_title: str = "SIMULATOR"
+    host: str = "127.0.0.1"
+    port: int = 0
+    latency_ms: float = 0.0
+    jitter_ms: float = 0.0
+    fault: Fault = "none"
+    abort_after: int = 1
+    failure_status: int = 0xC001
+    slow_ms: float = 5000.0
+    seed: int | None = None
+    maximum_associations: int = 64
+
+    def __post_init__(self) -> None:
+        if self.fault not in FAULTS:
+            raise ValueError(f"fault {self.fault!r} is not one of {', '.join(FAULTS)}")
+        if not 1 <= len(self.ae_title.strip()) <= 16 or "\\" in self.ae_title:
+            raise ValueError(f"AE title {self.ae_title!r} must be 1-16 characters without a backslash")
+        if min(self.latency_ms, self.jitter_ms, self.slow_ms, self.abort_after) < 0:
+            raise ValueError("latency_ms, jitter_ms, slow_ms and abort_after cannot be negative")
+        if not (0xA000 <= self.failure_status <= 0xCFFF or self.failure_status in (0x0122, 0xA700, 0xA900)):
+            raise ValueError(f"failure_status 0x{self.failure_status:04X} is not a C-FIND failure status")
+
+
+@dataclass(frozen=True, slots=True)
+class Counters:
+    """What a simulator has seen since start (or the last ``reset_counters``)."""
+
+    connections: int = 0
+    associations: int = 0
+    refused: int = 0
+    echoes: int = 0
+    finds: int = 0
+    cancels: int = 0
+
+
+def enable_nodelay(event: evt.Event) -> None:
+    """EVT_CONN_OPEN handler: turn Nagle off on the association's socket (either side)."""
+    sock = event.assoc.dul.socket
+    if sock is not None and sock.socket is not None:
+        sock.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def _peer_gone(assoc: Association) -> bool:
+    """True once the association is aborted, released or its connection closed."""
+    if not assoc.is_established or assoc.is_aborted or not assoc.dul.is_alive():
+        return True
+    return isinstance(assoc.dul.peek_next_pdu(), A_ABORT | A_P_ABORT | A_RELEASE)
+
+
+def _status(code: int, comment: str) -> Dataset:
+    status = Dataset()
+    status.Status = code
+    status.ErrorComment = comment[:64]
+    return status
+
+
+class SimulatedPacs:
+    """One simulated PACS: ``start()`` it, query it, ``stop()`` it."""
+
+    def __init__(self, config: SimulatorConfig, instances: Iterable[Dataset]) -> None:
+        self._config = config
+        self.index = Index(instances, ae_title=config.ae_title)
+        self._lock = threading.Lock()
+        self._counts: dict[str, int] = {f.name: 0 for f in dataclasses.fields(Counters)}
+        self._rng = random.Random(config.seed)
+        self._stopping = threading.Event()
+        self._ae: AE | None = None
+        self._server: ThreadedAssociationServer | None = None
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    @property
+    def config(self) -> SimulatorConfig:
+        return self._config
+
+    @property
+    def port(self) -> int:
+        """The bound port; 0 while not listening."""
+        return int(self._server.server_address[1]) if self._server is not None else 0
+
+    @property
+    def ae_title(self) -> str:
+        return self._config.ae_title
+
+    def start(self) -> int:
+        """Listen (port 0 picks a free one) and return the bound port."""
+        if self._server is not None:
+            return self.port
+        if not logging.getLogger("pynetdicom").isEnabledFor(logging.DEBUG):
+            # pynetdicom formats every response identifier for a debug log nobody reads: ~20% of the
+            # SCP's CPU per match. Process-wide, and only while pynetdicom's debug logging is off.
+            _config.LOG_RESPONSE_IDENTIFIERS = False
+        ae = AE(ae_title=self._config.ae_title)
+        ae.require_called_aet = False
+        ae.require_calling_aet = []
+        ae.maximum_associations = self._config.maximum_associations
+        for sop_class in (VERIFICATION, PATIENT_ROOT_FIND, STUDY_ROOT_FIND):
+            ae.add_supported_context(sop_class)
+        handlers: list[Any] = [
+            (evt.EVT_CONN_OPEN, self._on_conn_open),
+            (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_ESTABLISHED, self._on_established),
+            (evt.EVT_DIMSE_RECV, self._on_dimse_recv),
+            (evt.EVT_C_ECHO, self._on_echo),
+            (evt.EVT_C_FIND, self._on_find),
+        ]
+        self._stopping.clear()
+        address = (self._config.host, self._config.port)
+        self._server = ae.start_server(address, block=False, evt_handlers=handlers)
+        self._ae = ae
+        LOG.info("simulator %s listening on %s:%d", self.ae_title, self._config.host, self.port)
+        return self.port
+
+    def stop(self) -> None:
+        """Abort open associations (ending any hang) and close the listening socket."""
+        self._stopping.set()
+        if self._ae is not None:
+            self._ae.shutdown()
+        self._ae = None
+        self._server = None
+
+    def __enter__(self) -> SimulatedPacs:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    # -- run-time control ----------------------------------------------------------------------
+    def set_fault(self, fault: Fault, **params: Any) -> None:
+        """Change the fault (and e.g. abort_after, failure_status, slow_ms, latency_ms) at run time."""
+        fixed = sorted(set(params) & {"ae_title", "host", "port", "maximum_associations"})
+        if fixed:
+            raise ValueError(f"{', '.join(fixed)} cannot change while running; make a new SimulatedPacs")
+        with self._lock:
+            self._config = dataclasses.replace(self._config, fault=fault, **params)
+
+    @property
+    def counters(self) -> Counters:
+        with self._lock:
+            return Counters(**self._counts)
+
+    @property
+    def active_associations(self) -> int:
+        """Associations open right now, including any a ``hang`` is sitting on."""
+        return len(self._ae.active_associations) if self._ae is not None else 0
+
+    def reset_counters(self) -> None:
+        with self._lock:
+            self._counts = dict.fromkeys(self._counts, 0)
+
+    def _count(self, name: str) -> None:
+        with self._lock:
+            self._counts[name] += 1
+
+    # -- event handlers ------------------------------------------------------------------------
+    def _on_conn_open(self, event: evt.Event) -> None:
+        enable_nodelay(event)
+        self._count("connections")
+
+    def _on_requested(self, event: evt.Event) -> None:
+        """A ``refuse`` fault rejects the association: permanent, calling AE title not recognised."""
+        if self._config.fault != "refuse":
+            return
+        self._count("refused")
+        event.assoc.acse.send_reject(0x01, 0x01, 0x03)
+        event.assoc.kill()
+
+    def _on_established(self, event: evt.Event) -> None:
+        self._count("associations")
+
+    def _on_dimse_recv(self, event: evt.Event) -> None:
+        # Counted here, not in the C-FIND handler, so that a hang that ignores C-CANCEL still counts it.
+        if type(event.message).__name__ == "C_CANCEL_RQ":
+            self._count("cancels")
+
+    def _on_echo(self, event: evt.Event) -> int:
+        self._count("echoes")
+        return 0x0000
+
+    def _on_find(self, event: evt.Event) -> Iterator[FindResponse]:
+        """C-FIND: wait (latency, slow), then stream matches, honouring C-CANCEL; or misbehave."""
+        self._count("finds")
+        config = self._config
+        cancelled = _CancelWatch(event)
+        if config.fault == "hang":
+            self._hang(event.assoc)
+            return
+        delay_ms = config.latency_ms + (self._rng.uniform(0, config.jitter_ms) if config.jitter_ms else 0.0)
+        if config.fault == "slow":
+            delay_ms += config.slow_ms
+        if self._wait(delay_ms / 1000.0, event.assoc, cancelled):
+            yield STATUS_CANCEL, None
+            return
+        if config.fault == "failure":
+            yield _status(config.failure_status, f"simulated failure on {config.ae_title}"), None
+            return
+        model = _MODELS.get(str(event.request.AffectedSOPClassUID))
+        if model is None:
+            yield _status(0x0122, "SOP class not supported"), None
+            return
+        try:
+            responses = self.index.find(event.identifier, model)
+        except IdentifierError as exc:
+            yield _status(exc.status, exc.message), None
+            return
+        except Exception as exc:  # an identifier pydicom cannot decode
+            yield _status(0xC000, f"cannot process identifier: {exc}"), None
+            return
+        for sent, response in enumerate(responses):
+            if config.fault == "abort" and sent >= config.abort_after:
+                event.assoc.abort()
+                return
+            if cancelled():
+                yield STATUS_CANCEL, None
+                return
+            yield STATUS_PENDING, response
+        if config.fault == "abort":
+            event.assoc.abort()
+            return
+        if cancelled():
+            yield STATUS_CANCEL, None
+
+    def _wait(self, seconds: float, assoc: Association, cancelled: Callable[[], bool]) -> bool:
+        """Sleep ``seconds`` in small steps; True as soon as the request is cancelled."""
+        deadline = time.monotonic() + seconds
+        while True:
+            if cancelled():
+                return True
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or self._stopping.is_set() or _peer_gone(assoc):
+                return False
+            self._stopping.wait(min(remaining, _STEP_S))
+
+    def _hang(self, assoc: Association) -> None:
+        """Never answer, ignore C-CANCEL; return once the peer aborts or releases, or on stop()."""
+        while not self._stopping.is_set() and not _peer_gone(assoc):
+            self._stopping.wait(_STEP_S * 4)
+
+
+class _CancelWatch:
+    """``event.is_cancelled`` is true only once (pynetdicom pops the request): remember it."""
+
+    def __init__(self, event: evt.Event) -> None:
+        self._event = event
+        self._seen = False
+
+    def __call__(self) -> bool:
+        self._seen = self._seen or bool(self._event.is_cancelled)
+        return self._seen
+
+
+def serve_forever(config: SimulatorConfig, instances: Iterable[Dataset],
+                  on_started: Callable[[SimulatedPacs], None] | None = None) -> None:
+    """Run one simulator until SIGINT or SIGTERM (for ``spanner simulate``); main thread only."""
+    pacs = SimulatedPacs(config, instances)
+    done = threading.Event()
+
+    def _stop(signum: int, frame: FrameType | None) -> None:
+        done.set()
+
+    previous = {sig: signal.signal(sig, _stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        pacs.start()
+        if on_started is not None:
+            on_started(pacs)
+        while not done.wait(0.5):
+            pass
+    finally:
+        pacs.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from typing import Annotated, Any
 
 import httpx
@@ -210,6 +209,5 @@ def nodes_echo(name: str, url: UrlOption = DEFAULT_URL) -> None:
         raise typer.Exit(1)
 
 
-def main() -> None:  # pragma: no cover
-    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+if __name__ == "__main__":
     app()

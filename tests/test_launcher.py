@@ -1,0 +1,129 @@
+"""`spanner run`: the demo fleet rule, and a real start that Ctrl-C stops without leaving a process behind."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from cluster.launcher import prepare_demo_fleet
+from spanner.schemas import NodeIn
+from spanner.settings import load_settings
+from spanner.simulator.fleet import stop_fleet
+from spanner.storage import Repository, create_schema, make_engine
+from tests.peers.ports import free_port
+
+
+def test_demo_fleet_starts_only_without_real_nodes(tmp_path: Path) -> None:
+    base = free_port()
+    settings = load_settings(var_dir=str(tmp_path), demo_base_port=base)
+    said: list[str] = []
+    fleet = prepare_demo_fleet(settings, said.append)
+    try:
+        assert [p.port for p in fleet] == [base, base + 1, base + 2]
+        repo = Repository(make_engine(settings.effective_database_url))
+        assert [n.name for n in repo.list_nodes()] == ["demo-a", "demo-b", "demo-c"]
+    finally:
+        stop_fleet(fleet)
+    repo.create_node(NodeIn(name="real", ae_title="REAL", host="127.0.0.1", port=104))
+    assert prepare_demo_fleet(settings, said.append) == []
+    assert [n.name for n in repo.list_nodes()] == ["real"]
+    assert any("removed demo node" in line for line in said)
+
+
+def test_demo_fleet_can_be_turned_off(tmp_path: Path) -> None:
+    settings = load_settings(var_dir=str(tmp_path), demo_fleet=False)
+    assert prepare_demo_fleet(settings, print) == []
+    repo = Repository(make_engine(settings.effective_database_url))
+    create_schema(repo.engine)
+    assert repo.list_nodes() == []
+
+
+def descendants(pid: int) -> set[int]:
+    table = subprocess.run(["ps", "-eo", "pid=,ppid="], capture_output=True, text=True, check=True).stdout
+    children: dict[int, list[int]] = {}
+    for line in table.splitlines():
+        child, parent = (int(x) for x in line.split())
+        children.setdefault(parent, []).append(child)
+    found: set[int] = set()
+    stack = [pid]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            if child not in found:
+                found.add(child)
+                stack.append(child)
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    state = Path(f"/proc/{pid}/stat").read_text().split()[2] if Path(f"/proc/{pid}/stat").exists() else "X"
+    return state != "Z"
+
+
+@pytest.mark.timeout(240)
+def test_spanner_run_serves_the_demo_fleet_and_ctrl_c_leaves_nothing(tmp_path: Path) -> None:
+    http, dashboard, base = free_port(), free_port(), free_port()
+    ray_tmp = tempfile.mkdtemp(prefix="sr-")  # Ray's socket paths must stay under 108 bytes
+    env = os.environ | {
+        "SPANNER_VAR_DIR": str(tmp_path / "var"),
+        "SPANNER_HTTP_PORT": str(http),
+        "SPANNER_DASHBOARD_PORT": str(dashboard),
+        "SPANNER_DEMO_BASE_PORT": str(base),
+        "SPANNER_NAMESPACE": "launcher-test",
+        "RAY_TMPDIR": ray_tmp,
+        "RAY_AUTH_MODE": "disabled",
+    }
+    env.pop("RAY_ADDRESS", None)
+    log = (tmp_path / "run.log").open("w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "spanner.cli", "run"],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    try:
+        url = f"http://127.0.0.1:{http}"
+        deadline = time.monotonic() + 150
+        answer = None
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                response = httpx.post(
+                    f"{url}/api/v1/queries", json={"level": "STUDY", "limit": 3}, timeout=10
+                )
+                if response.status_code == 200:
+                    answer = response.json()
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        assert answer is not None, (tmp_path / "run.log").read_text()[-3000:]
+        assert answer["status"] == "success"
+        assert sorted(o["node"] for o in answer["nodes"]) == ["demo-a", "demo-b", "demo-c"]
+        assert "Ready." in (tmp_path / "run.log").read_text()
+        started = descendants(proc.pid)
+        assert started, "spanner run should have started Ray's processes"
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 0
+        deadline = time.monotonic() + 30
+        while any(alive(pid) for pid in started) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not [pid for pid in started if alive(pid)], "Ctrl-C left processes behind"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+        shutil.rmtree(ray_tmp, ignore_errors=True)

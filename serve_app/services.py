@@ -9,7 +9,7 @@ from serve_app.api_models import QueryIn
 from serve_app.coordinator import Coordinator
 from serve_app.plan import QueryPlan
 from spanner.config_file import apply_config
-from spanner.errors import InvalidQuery
+from spanner.errors import InvalidQuery, NotFound
 from spanner.nodespec import ActorTuning, NodeSpec
 from spanner.query import NodeQuery, normalise_filters, normalise_return_keys
 from spanner.schemas import ALL_SPAN, NodeOut
@@ -63,7 +63,10 @@ class Services:
     def sync_actor(self, name: str) -> None:
         """After a node changed: its actor runs the current spec, or stops if the node is gone or off."""
         self.coordinator.forget(name)
-        node = next((n for n in self.repo.list_nodes() if n.name == name), None)
+        try:
+            node: NodeOut | None = self.repo.get_node(name)
+        except NotFound:
+            node = None
         if node is None or not node.enabled:
             registry.stop(name, self.settings.namespace)
         else:

@@ -17,7 +17,8 @@ runner = CliRunner()
 
 @pytest.fixture(scope="module")
 def sim() -> Iterator[SimulatedPacs]:
-    with SimulatedPacs(SimulatorConfig(ae_title="CLI_SIM"), generate_fleet(seed=4, nodes=1, patients=3)[0]) as s:
+    instances = generate_fleet(seed=4, nodes=1, patients=3)[0]
+    with SimulatedPacs(SimulatorConfig(ae_title="CLI_SIM"), instances) as s:
         yield s
 
 

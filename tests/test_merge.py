@@ -17,9 +17,11 @@ from spanner.merge import (
     UNION_TAGS,
     Dedup,
     MergedMatch,
+    head,
     identity_key,
     merge,
     page,
+    page_heads,
     partition_of,
     sort_key,
     sort_matches,
@@ -87,7 +89,8 @@ def study_match(draw: st.DrawFn) -> DicomJson:
 
 @st.composite
 def node_answers(draw: st.DrawFn) -> Copies:
-    names = draw(st.lists(st.sampled_from(["n1", "n2", "n3", "n4", "n5"]), min_size=1, max_size=5, unique=True))
+    names = draw(st.lists(st.sampled_from(["n1", "n2", "n3", "n4", "n5"]), min_size=1, max_size=5,
+                          unique=True))
     return [(name, draw(st.integers(0, 2)), draw(st.lists(study_match(), max_size=8))) for name in names]
 
 
@@ -138,7 +141,9 @@ def test_result_does_not_depend_on_node_order(answers: Copies, dedup: Dedup, dat
 @given(node_answers(), st.sampled_from(list(Dedup)))
 def test_merge_is_idempotent(answers: Copies, dedup: Dedup) -> None:
     merged = merge(Level.STUDY, dedup, answers)
-    again_input = [(name, prio, [m["dataset"] for m in merged if name in m["nodes"]]) for name, prio, _ in answers]
+    again_input = [
+        (name, prio, [m["dataset"] for m in merged if name in m["nodes"]]) for name, prio, _ in answers
+    ]
     again = merge(Level.STUDY, dedup, again_input)
     assert again == merged
 
@@ -249,7 +254,8 @@ def test_tag_constants_match_the_query_model() -> None:
         new = {tag(keys[0]): attr("DA", "20200101"), tag(keys[1]): attr("TM", "120001")}
         matches: list[MergedMatch] = [{"dataset": ds, "nodes": ["a"]} for ds in (old, new)]
         assert [m["dataset"] for m in sort_matches(level, matches)] == [new, old]
-    counts = ["NumberOfPatientRelatedStudies", "NumberOfPatientRelatedSeries", "NumberOfPatientRelatedInstances",
+    counts = ["NumberOfPatientRelatedStudies", "NumberOfPatientRelatedSeries",
+              "NumberOfPatientRelatedInstances",
               "NumberOfStudyRelatedSeries", "NumberOfStudyRelatedInstances", "NumberOfSeriesRelatedInstances"]
     assert list(COUNT_TAGS) == [tag(k) for k in counts]
     assert list(UNION_TAGS) == [tag("ModalitiesInStudy"), tag("SOPClassesInStudy")]
@@ -294,7 +300,8 @@ def test_most_complete_example() -> None:
     sparse = study("1.2", StudyDescription=attr("LO"))
     full = study("1.2", StudyDescription=attr("LO", "x"), AccessionNumber=attr("SH", "A1"))
     also_full = study("1.2", StudyDescription=attr("LO", "y"), StudyID=attr("SH", "7"))
-    merged = merge(Level.STUDY, Dedup.MOST_COMPLETE, [("a", 0, [sparse]), ("c", 2, [also_full]), ("b", 1, [full])])
+    answers = [("a", 0, [sparse]), ("c", 2, [also_full]), ("b", 1, [full])]
+    merged = merge(Level.STUDY, Dedup.MOST_COMPLETE, answers)
     assert merged == [{"dataset": full, "nodes": ["a", "b", "c"]}]
 
 
@@ -347,15 +354,16 @@ def test_sort_newest_first_undated_last_then_key() -> None:
         return {"dataset": ds, "nodes": ["a"]}
 
     matches = [dated("1.9", None), dated("1.1", "20230101"), dated("1.5", "20240101", "0800"),
-               dated("1.4", "20240101", "08:00:00.5"), dated("1.3", "20240101"), dated("1.2", "20240101", "0800"),
-               dated("1.0", "bad")]
+               dated("1.4", "20240101", "08:00:00.5"), dated("1.3", "20240101"),
+               dated("1.2", "20240101", "0800"), dated("1.0", "bad")]
     order = [m["dataset"][STUDY_UID]["Value"][0] for m in sort_matches(Level.STUDY, matches)]
     assert order == ["1.4", "1.2", "1.5", "1.3", "1.1", "1.0", "1.9"]
 
 
 def test_patient_level_sorts_by_key() -> None:
     matches: list[MergedMatch] = [{"dataset": {PATIENT_ID: attr("LO", p)}, "nodes": ["a"]} for p in "CAB"]
-    assert [m["dataset"][PATIENT_ID]["Value"][0] for m in sort_matches(Level.PATIENT, matches)] == ["A", "B", "C"]
+    ordered = sort_matches(Level.PATIENT, matches)
+    assert [m["dataset"][PATIENT_ID]["Value"][0] for m in ordered] == ["A", "B", "C"]
 
 
 def test_partition_of_is_stable_and_in_range() -> None:
@@ -400,3 +408,12 @@ def test_image_level_example() -> None:
     img2 = {SOP_UID: attr("UI", "1.9"), tag("InstanceNumber"): attr("IS", 3)}
     [merged] = merge(Level.IMAGE, Dedup.MERGE_ALL, [("a", 0, [img]), ("b", 0, [img2])])
     assert merged["dataset"] == {**img, **img2}
+
+
+def test_page_heads_equals_page() -> None:
+    merged = merge(Level.STUDY, Dedup.MERGE_ALL, [("a", 0, [study(f"1.{i}") for i in range(30)])])
+    parts = split(Level.STUDY, [m["dataset"] for m in merged], 3)
+    sorted_parts = [merge(Level.STUDY, Dedup.MERGE_ALL, [("a", 0, part)]) for part in parts]
+    for offset, limit in [(0, 5), (7, 9), (25, 10), (0, None), (40, 1)]:
+        heads = [head(part, offset, limit) for part in sorted_parts]
+        assert page_heads(Level.STUDY, heads, offset, limit) == page(Level.STUDY, sorted_parts, offset, limit)

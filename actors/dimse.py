@@ -21,6 +21,14 @@ Verification = UID("1.2.840.10008.1.1")
 PatientRootQueryRetrieveInformationModelFind = UID("1.2.840.10008.5.1.4.1.2.1.1")
 StudyRootQueryRetrieveInformationModelFind = UID("1.2.840.10008.5.1.4.1.2.2.1")
 
+PatientRootQueryRetrieveInformationModelMove = UID("1.2.840.10008.5.1.4.1.2.1.2")
+StudyRootQueryRetrieveInformationModelMove = UID("1.2.840.10008.5.1.4.1.2.2.2")
+
+MOVE_MODELS: dict[InformationModel, UID] = {
+    InformationModel.PATIENT_ROOT: PatientRootQueryRetrieveInformationModelMove,
+    InformationModel.STUDY_ROOT: StudyRootQueryRetrieveInformationModelMove,
+}
+
 FIND_MODELS: dict[InformationModel, UID] = {
     InformationModel.PATIENT_ROOT: PatientRootQueryRetrieveInformationModelFind,
     InformationModel.STUDY_ROOT: StudyRootQueryRetrieveInformationModelFind,
@@ -43,6 +51,7 @@ def build_ae(spec: NodeSpec) -> AE:
     ae.add_requested_context(Verification)
     for model in spec.query_models:
         ae.add_requested_context(FIND_MODELS[model])
+        ae.add_requested_context(MOVE_MODELS[model])
     ae.connection_timeout = spec.connect_timeout_s
     ae.acse_timeout = spec.connect_timeout_s
     ae.dimse_timeout = spec.dimse_timeout_s

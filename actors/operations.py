@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+from collections.abc import Callable
 from typing import Any
 
 from pydicom.dataset import Dataset
@@ -142,3 +143,92 @@ class EchoOperation:
 
     def abort_if_running(self) -> None:
         """Nothing to abort: see cancel()."""
+
+
+SUBOPS = ("NumberOfRemainingSuboperations", "NumberOfCompletedSuboperations", "NumberOfFailedSuboperations",
+          "NumberOfWarningSuboperations")
+
+
+def suboperations(status: Dataset) -> dict[str, int]:
+    """The sub-operation counts of a C-MOVE response, zero where the PACS left one out."""
+    names = ("remaining", "completed", "failed", "warning")
+    return {name: int(status.get(key) or 0) for name, key in zip(names, SUBOPS, strict=True)}
+
+
+class MoveOperation:
+    """One C-MOVE on a pooled association; each pending response is reported through ``on_progress``."""
+
+    def __init__(self, pool: AssociationPool, identifier: Dataset, model: UID, destination: str, msg_id: int,
+                 dimse_timeout_s: float, on_progress: Callable[[dict[str, int]], None]) -> None:
+        self._pool = pool
+        self._identifier = identifier
+        self._model = model
+        self._destination = destination
+        self._msg_id = msg_id
+        self._dimse_timeout_s = dimse_timeout_s
+        self._on_progress = on_progress
+        self._lock = threading.Lock()
+        self._assoc: Association | None = None
+        self.counts = {"remaining": 0, "completed": 0, "failed": 0, "warning": 0}
+        self.final_status: int | None = None
+        self.error_comment: str | None = None
+        self.failed_uids: list[str] = []
+        self.error: NodeError | None = None
+        self.aborted = False
+        self.cancel_sent = False
+        self.finished = threading.Event()
+
+    def run(self) -> None:
+        try:
+            self._run()
+        finally:
+            self.finished.set()
+
+    def _run(self) -> None:
+        try:
+            assoc, _ = self._pool.acquire()
+        except NodeError as exc:
+            self.error = exc
+            return
+        with self._lock:
+            self._assoc = assoc
+        assoc.dimse_timeout = self._dimse_timeout_s
+        try:
+            responses = assoc.send_c_move(
+                self._identifier, self._destination, self._model, msg_id=self._msg_id
+            )
+            for status, identifier in responses:
+                if "Status" not in status:
+                    self.aborted = True
+                    break
+                code = int(status.Status)
+                self.counts.update(suboperations(status))
+                if code in PENDING:
+                    self._on_progress(dict(self.counts))
+                    continue
+                self.final_status = code
+                self.error_comment = str(status.get("ErrorComment", "")) or None
+                if identifier is not None and "FailedSOPInstanceUIDList" in identifier:
+                    value = identifier.FailedSOPInstanceUIDList
+                    values = value if isinstance(value, list | tuple) else [value]
+                    self.failed_uids = [str(v) for v in values]
+                break
+        except (ValueError, RuntimeError) as exc:
+            self.error = DimseFailure(f"C-MOVE could not be sent: {exc}")
+        self._pool.give_back(assoc, reusable=self.final_status is not None and not self.aborted)
+
+    def cancel(self) -> None:
+        with self._lock:
+            assoc = self._assoc
+            if assoc is None or self.finished.is_set() or self.cancel_sent:
+                return
+            self.cancel_sent = True
+        with contextlib.suppress(RuntimeError, ValueError):
+            assoc.send_c_cancel(self._msg_id, query_model=self._model)
+
+    def abort_if_running(self) -> None:
+        with self._lock:
+            assoc = self._assoc
+        if assoc is not None and not self.finished.is_set():
+            self.aborted = True
+            assoc.abort()

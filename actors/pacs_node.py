@@ -12,20 +12,20 @@ import itertools
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol
 
 import ray
 
 from actors.circuit import CircuitBreaker, Decision
-from actors.dimse import FIND_MODELS, build_ae
-from actors.operations import CANCELLED, EchoOperation, FindOperation
+from actors.dimse import FIND_MODELS, MOVE_MODELS, build_ae
+from actors.operations import CANCELLED, EchoOperation, FindOperation, MoveOperation
 from actors.pool import AssociationPool
 from actors.throttle import RateLimiter
 from spanner.errors import AssociationRejected, NodeUnreachable
 from spanner.nodespec import ActorTuning, NodeSpec
 from spanner.outcome import DicomJson, NodeOutcome, OutcomeStatus
-from spanner.query import NodeQuery, information_model_for
+from spanner.query import MoveQuery, NodeQuery, information_model_for
 
 
 class _Operation(Protocol):
@@ -77,6 +77,113 @@ class PacsNodeImpl:
             outcome = _throttled(self.spec)
         outcome.elapsed_ms = round((time.monotonic() - started) * 1000, 2)
         return outcome
+
+    async def move(self, query: MoveQuery, timeout_s: float) -> AsyncIterator[dict[str, Any]]:
+        """C-MOVE to ``query.destination``: progress events as they come, then one result event."""
+        started = time.monotonic()
+        deadline = started + timeout_s
+        result: dict[str, Any] = {"event": "result", "node": self.spec.name}
+        model = information_model_for(query.level, self.spec.query_models)
+        try:
+            refused = (
+                None
+                if model is not None
+                else NodeOutcome(
+                    self.spec.name,
+                    OutcomeStatus.FAILED,
+                    error=(f"node supports no information model for a {query.level} C-MOVE"),
+                )
+            )
+            refused = refused or await self._admit(deadline, probe_allowed=True)
+        except _Throttled:
+            refused = _throttled(self.spec)
+        if refused is not None or model is None:
+            assert refused is not None
+            yield result | refused.to_json() | {"completed": 0, "failed": 0, "warning": 0, "failed_uids": []}
+            return
+        loop = asyncio.get_running_loop()
+        progress: asyncio.Queue[dict[str, int]] = asyncio.Queue()
+        op = MoveOperation(
+            self._pool,
+            query.identifier(),
+            MOVE_MODELS[model],
+            query.destination,
+            next(self._msg_ids) % 65535 + 1,
+            dimse_timeout_s=min(self.spec.dimse_timeout_s, timeout_s + self.tuning.cancel_grace_s + 1.0),
+            on_progress=lambda counts: _post(loop, progress, counts),
+        )
+        runner = asyncio.ensure_future(self._run(op, deadline))
+        try:
+            while not runner.done() or not progress.empty():
+                waiter = asyncio.ensure_future(progress.get())
+                done, _ = await asyncio.wait({waiter, runner}, return_when=asyncio.FIRST_COMPLETED)
+                if waiter in done:
+                    yield {"event": "progress", "node": self.spec.name, **waiter.result()}
+                else:
+                    waiter.cancel()
+            finished = runner.result()
+        except _Throttled:
+            yield (
+                result
+                | _throttled(self.spec).to_json()
+                | {"completed": 0, "failed": 0, "warning": 0, "failed_uids": []}
+            )
+            return
+        finally:
+            if not runner.done():  # the caller went away: stop the archive too
+                runner.cancel()
+        outcome = self._move_outcome(op, finished)
+        outcome.elapsed_ms = round((time.monotonic() - started) * 1000, 2)
+        self.outcomes[f"move_{outcome.status.value}"] += 1
+        yield result | outcome.to_json() | {**op.counts, "failed_uids": op.failed_uids}
+
+    def _move_outcome(self, op: MoveOperation, finished: bool) -> NodeOutcome:
+        name = self.spec.name
+        if op.error is not None:
+            self._note_connection(op.error)
+            return NodeOutcome(name, OutcomeStatus(op.error.status), error=op.error.message)
+        self._circuit.record_success()
+        if not finished:
+            return NodeOutcome(
+                name,
+                OutcomeStatus.TIMEOUT,
+                incomplete=True,
+                error="no final C-MOVE response before the deadline; C-CANCEL sent",
+            )
+        if op.aborted:
+            return NodeOutcome(
+                name,
+                OutcomeStatus.ABORTED,
+                incomplete=True,
+                error="the association was aborted before the final C-MOVE response",
+            )
+        status = op.final_status or 0
+        comment = f": {op.error_comment}" if op.error_comment else ""
+        if status == 0x0000:
+            return NodeOutcome(name, OutcomeStatus.OK, dimse_status=0)
+        if status == 0xB000:  # some sub-operations failed: the archive did its part, with losses
+            return NodeOutcome(
+                name,
+                OutcomeStatus.OK,
+                dimse_status=status,
+                incomplete=True,
+                error=f"C-MOVE completed with failures (0xB000){comment}",
+            )
+        if status == CANCELLED:
+            return NodeOutcome(
+                name,
+                OutcomeStatus.CANCELLED,
+                dimse_status=status,
+                incomplete=True,
+                error="the PACS reports the move cancelled",
+            )
+        return NodeOutcome(
+            name,
+            OutcomeStatus.FAILED,
+            dimse_status=status,
+            incomplete=True,
+            error=f"C-MOVE failed with status 0x{status:04X}{comment}",
+        )
 
     def stats(self) -> dict[str, Any]:
         return {
@@ -288,6 +395,13 @@ class _Throttled(Exception):
         self.spec = spec
 
 
+def _post(
+    loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[dict[str, int]], item: dict[str, int]
+) -> None:
+    """Hand a progress report from a DIMSE thread to the actor's event loop."""
+    loop.call_soon_threadsafe(queue.put_nowait, item)
+
+
 def _cancel_then_abort(op: _Operation, grace_s: float) -> None:
     op.cancel()
     if not op.finished.wait(grace_s):
@@ -319,6 +433,26 @@ class PacsNode:
     async def echo(self, timeout_s: float = 5.0) -> NodeOutcome:
         result: NodeOutcome = await _guard(self._impl.spec, lambda: self._impl.echo(timeout_s), None)
         return result
+
+    @ray.method(num_returns="streaming")
+    async def move(self, query: MoveQuery, timeout_s: float) -> AsyncIterator[dict[str, Any]]:
+        try:
+            async for event in self._impl.move(query, timeout_s):
+                yield event
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the boundary: report, never raise into the coordinator
+            yield {
+                "event": "result",
+                "node": self._impl.spec.name,
+                "status": "failed",
+                "error": f"{type(exc).__name__}: {exc}",
+                "completed": 0,
+                "failed": 0,
+                "warning": 0,
+                "failed_uids": [],
+                "dimse_status": None,
+            }
 
     async def spec(self) -> NodeSpec:
         return self._impl.spec

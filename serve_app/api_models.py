@@ -7,7 +7,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from spanner.query import Level
-from spanner.schemas import Dedup, FailureStrategy
+from spanner.schemas import AETitle, Dedup, FailureStrategy
 
 FilterValue = str | int | float | list[str] | None
 
@@ -77,6 +77,23 @@ class QueryOut(BaseModel):
     nodes: list[NodeOutcomeOut]
     elapsed_ms: float
     reason: str | None = Field(default=None, description="Why the query is failed, when it is")
+
+
+class RetrievalIn(BaseModel):
+    """A retrieval: the archives holding the objects are found, and C-MOVE them to the destination."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{
+        "level": "STUDY", "uids": {"StudyInstanceUID": "1.2.840.113619.2.55.3.604688119"},
+        "destination_ae": "WORKSTATION1",
+    }]})
+
+    level: Level = Field(description="STUDY, SERIES or IMAGE")
+    uids: dict[str, str | list[str]] = Field(
+        description="StudyInstanceUID (STUDY), SeriesInstanceUID (SERIES) or SOPInstanceUID (IMAGE), one "
+                    "or a list; the parents' UIDs may be given to narrow the search")
+    destination_ae: AETitle = Field(description="Move destination: an AE title the holding archives know")
+    span: str = Field(default="all", description="Span whose nodes are searched for holders")
+    timeout_s: float | None = Field(default=None, gt=0, description="Deadline of the whole retrieval")
 
 
 class EchoOut(BaseModel):

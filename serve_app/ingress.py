@@ -12,7 +12,7 @@ from fastapi import FastAPI
 from ray import serve
 
 from serve_app import errors
-from serve_app.routes import health, nodes, queries, register, spans
+from serve_app.routes import health, nodes, queries, register, retrievals, spans
 from serve_app.services import Services
 from spanner.settings import Settings
 
@@ -23,7 +23,7 @@ app = FastAPI(
     "and answers with one merged, de-duplicated list and each archive's outcome.",
 )
 errors.install(app)
-for module in (queries, nodes, spans, health):
+for module in (queries, retrievals, nodes, spans, health):
     app.include_router(module.router)
 
 

@@ -8,6 +8,7 @@ from actors import registry
 from serve_app.api_models import QueryIn
 from serve_app.coordinator import Coordinator
 from serve_app.plan import QueryPlan
+from serve_app.retrieval import Retriever
 from spanner.config_file import apply_config
 from spanner.errors import InvalidQuery, NotFound
 from spanner.nodespec import ActorTuning, NodeSpec
@@ -40,6 +41,7 @@ class Services:
             settings.merge_inline_max,
             settings.merge_partitions,
         )
+        self.retriever = Retriever(self.coordinator, lookup_timeout_s=settings.default_timeout_s)
 
     # -- nodes and their actors -------------------------------------------------------------------------
     def spec_for(self, node: NodeOut) -> NodeSpec:
@@ -81,21 +83,27 @@ class Services:
                 registry.stop(node.name, self.settings.namespace)
 
     # -- planning -------------------------------------------------------------------------------------
-    def plan(self, q: QueryIn) -> QueryPlan:
-        span = self.repo.get_span(q.span)
-        members = self.repo.span_nodes(q.span)
-        if q.nodes is not None:
+    def span_specs(self, span: str, only: list[str] | None) -> list[NodeSpec]:
+        """The enabled nodes of ``span`` (narrowed to ``only``), best priority first; 404/422 otherwise."""
+        self.repo.get_span(span)
+        members = self.repo.span_nodes(span)
+        if only is not None:
             names = {n.name for n in members}
-            unknown = sorted(set(q.nodes) - names)
+            unknown = sorted(set(only) - names)
             if unknown:
                 raise InvalidQuery(
-                    f"nodes {', '.join(unknown)} are not enabled nodes of span {q.span!r}; "
+                    f"nodes {', '.join(unknown)} are not enabled nodes of span {span!r}; "
                     f"it has: {', '.join(sorted(names)) or 'none'}"
                 )
-            members = [n for n in members if n.name in set(q.nodes)]
+            members = [n for n in members if n.name in set(only)]
         if not members:
-            hint = "add one with POST /api/v1/nodes" if q.span == ALL_SPAN else "enable or add its nodes"
-            raise InvalidQuery(f"span {q.span!r} has no enabled node to query; {hint}")
+            hint = "add one with POST /api/v1/nodes" if span == ALL_SPAN else "enable or add its nodes"
+            raise InvalidQuery(f"span {span!r} has no enabled node to query; {hint}")
+        return [self.spec_for(n) for n in members]
+
+    def plan(self, q: QueryIn) -> QueryPlan:
+        span = self.repo.get_span(q.span)
+        members = self.span_specs(q.span, q.nodes)
         timeout = q.timeout_s if q.timeout_s is not None else span.timeout_s
         if timeout > self.settings.max_timeout_s:
             raise InvalidQuery(
@@ -115,7 +123,7 @@ class Services:
         return QueryPlan(
             query=query,
             span=q.span,
-            nodes=tuple(self.spec_for(n) for n in members),
+            nodes=tuple(members),
             timeout_s=timeout,
             failure_strategy=strategy,
             minimum_nodes=minimum,

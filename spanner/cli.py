@@ -74,6 +74,36 @@ def simulate(
     serve_forever(config, fleet[node_index])
 
 
+@app.command()
+def scp(
+    port: Annotated[int | None, typer.Option(help="Port (default SPANNER_SCP_PORT, 11114)")] = None,
+    host: Annotated[str | None, typer.Option(help="Address (default SPANNER_SCP_HOST, 127.0.0.1)")] = None,
+    url: Annotated[str | None, typer.Option(help="Base URL of the HTTP API (default SPANNER_URL)")] = None,
+) -> None:
+    """Serve the spans over DICOM (C-ECHO, C-FIND, C-MOVE; the called AE title picks the span)."""
+    from scp.server import SpannerScp, serve_forever
+    from spanner.settings import get_settings
+
+    try:
+        settings = get_settings()
+        given = (("scp_port", port), ("scp_host", host), ("scp_url", url))
+        overrides = {key: value for key, value in given if value is not None}
+        if overrides:
+            settings = settings.model_copy(update=overrides)
+    except ConfigError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2) from exc
+
+    def started(front: SpannerScp) -> None:
+        console.print(f"DICOM front on {front.host}:{front.port} -> {front.base_url}; Ctrl-C stops it")
+
+    try:
+        serve_forever(settings, on_started=started)
+    except OSError as exc:
+        console.print(f"[red]cannot listen on {settings.scp_host}:{settings.scp_port}: {exc}[/red]")
+        raise typer.Exit(1) from exc
+
+
 def _keyword_value(text: str) -> tuple[str, str]:
     key, sep, value = text.partition("=")
     if not sep:

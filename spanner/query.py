@@ -289,3 +289,19 @@ class NodeQuery:
         for keyword, value in merged.items():
             setattr(ds, keyword, value or None)
         return ds
+
+
+@dataclass(frozen=True, slots=True)
+class MoveQuery:
+    """One C-MOVE a node actor is asked to run: unique keys of the objects, and where they go."""
+
+    level: Level
+    keys: tuple[tuple[str, str], ...]  # keyword -> value; UID lists are backslash-joined
+    destination: str
+
+    def identifier(self) -> Dataset:
+        ds = Dataset()
+        ds.QueryRetrieveLevel = self.level.value
+        for keyword, value in self.keys:
+            setattr(ds, keyword, value)
+        return ds

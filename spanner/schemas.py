@@ -428,6 +428,28 @@ class QueryRecordOut(BaseModel):
     error: str | None = Field(default=None, description="Why the query failed, when it did")
 
 
+class RetrievalRecordOut(BaseModel):
+    """One retrieval (C-MOVE through the spanner) as recorded: what moved where, from which archives."""
+
+    model_config = _OUT
+
+    id: str = Field(description="Identifier of the retrieval (hex UUID)")
+    created_at: datetime = Field(description="When the retrieval started (UTC)")
+    span: str = Field(description="Span whose nodes were asked", examples=["all"])
+    level: str = Field(description="STUDY, SERIES or IMAGE", examples=["STUDY"])
+    uids: dict[str, Any] = Field(description="Unique keys of what was asked for")
+    destination_ae: str = Field(description="Move destination AE title", examples=["WORKSTATION1"])
+    requester: str = Field(description="Who asked")
+    status: str = Field(description="success, warning or failed")
+    dimse_status: int | None = Field(description="Final C-MOVE status (0x0000, 0xB000, 0xA801, 0xC000)")
+    completed: int = Field(description="Sub-operations completed")
+    failed: int = Field(description="Sub-operations failed")
+    warning: int = Field(description="Sub-operations with warnings")
+    parts: list[dict[str, Any]] = Field(description="Each part: level, keys, node tried, outcome, counts")
+    elapsed_ms: float = Field(description="Wall time in milliseconds")
+    error: str | None = Field(default=None, description="Why it failed, when it did")
+
+
 # --- messages ----------------------------------------------------------------------------------------
 
 def describe_errors(exc: ValidationError) -> str:

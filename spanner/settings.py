@@ -62,11 +62,27 @@ class Settings(BaseSettings):
     )
     circuit_cooldown_s: float = Field(default=15.0, gt=0)
     pool_idle_s: float = Field(default=30.0, gt=0, description="Idle associations are released after this")
+    retrieve_timeout_s: float = Field(default=600.0, gt=0, description="Deadline of a whole retrieval")
     merge_inline_max: int = Field(
         default=5000, ge=0, description="Up to this many matches merge in the ingress"
     )
     merge_partitions: int = Field(default=4, ge=1, le=64)
     query_history: int = Field(default=100, ge=1, le=10000, description="Records GET /api/v1/queries lists")
+
+    scp_host: str = Field(default="127.0.0.1", description="Address the DICOM front listens on")
+    scp_port: int = Field(default=11114, ge=0, le=65535, description="Port of the DICOM front (0: any free)")
+    scp_url: str = Field(
+        default="http://127.0.0.1:8000",
+        validation_alias=AliasChoices("SPANNER_URL", "SPANNER_SCP_URL", "scp_url"),
+        description="Base URL of the HTTP API the DICOM front forwards to",
+    )
+    scp_max_associations: int = Field(default=32, ge=1, description="Associations the DICOM front accepts")
+    scp_acse_timeout_s: float = Field(default=30.0, gt=0, description="DICOM front: association set-up")
+    scp_dimse_timeout_s: float = Field(default=30.0, gt=0, description="DICOM front: DIMSE message wait")
+    scp_network_timeout_s: float = Field(default=60.0, gt=0, description="DICOM front: idle association")
+    scp_span_cache_ttl_s: float = Field(
+        default=5.0, ge=0, description="How long the DICOM front trusts its copy of the span table"
+    )
 
     demo_fleet: bool = Field(
         default=True, description="Start three simulated PACS when no node is configured"

@@ -112,6 +112,9 @@ def test_spanner_run_serves_the_demo_fleet_and_ctrl_c_leaves_nothing(tmp_path: P
         assert answer is not None, (tmp_path / "run.log").read_text()[-3000:]
         assert answer["status"] == "success"
         assert sorted(o["node"] for o in answer["nodes"]) == ["demo-a", "demo-b", "demo-c"]
+        ready_by = time.monotonic() + 20  # the banner is printed right after serve.run returns
+        while "Ready." not in (tmp_path / "run.log").read_text() and time.monotonic() < ready_by:
+            time.sleep(0.2)
         assert "Ready." in (tmp_path / "run.log").read_text()
         started = descendants(proc.pid)
         assert started, "spanner run should have started Ray's processes"

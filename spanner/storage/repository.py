@@ -28,6 +28,7 @@ from spanner.schemas import (
     NodePatch,
     NodePut,
     QueryRecordOut,
+    RetrievalRecordOut,
     SpanIn,
     SpanOut,
     SpanPatch,
@@ -36,7 +37,7 @@ from spanner.schemas import (
     describe_errors,
 )
 from spanner.storage.engine import BEGIN_OPTION, describe_db_error
-from spanner.storage.tables import NodeRow, QueryRecordRow, SpanNodeRow, SpanRow
+from spanner.storage.tables import NodeRow, QueryRecordRow, RetrievalRecordRow, SpanNodeRow, SpanRow
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -287,6 +288,41 @@ class Repository:
                 .offset(offset)
             ).all()
             return [QueryRecordOut.model_validate(row) for row in rows]
+
+
+    def record_retrieval(self, *, retrieval_id: str, span: str, level: str, uids: Mapping[str, Any],
+                         destination_ae: str, requester: str, status: str, dimse_status: int | None,
+                         completed: int, failed: int, warning: int, parts: Sequence[Mapping[str, Any]],
+                         elapsed_ms: float, error: str | None = None) -> RetrievalRecordOut:
+        """Store one finished retrieval."""
+        row = RetrievalRecordRow(
+            id=retrieval_id, created_at=_now(), span=span[:64], level=level[:16], uids=dict(uids),
+            destination_ae=destination_ae[:16], requester=requester[:255], status=status[:32],
+            dimse_status=dimse_status, completed=completed, failed=failed, warning=warning,
+            parts=[dict(p) for p in parts], elapsed_ms=float(elapsed_ms), error=error,
+        )
+        with self._session(write=True) as session:
+            session.add(row)
+            session.flush()
+            return RetrievalRecordOut.model_validate(row)
+
+    def get_retrieval(self, retrieval_id: str) -> RetrievalRecordOut:
+        with self._session() as session:
+            row = session.get(RetrievalRecordRow, retrieval_id)
+            if row is None:
+                raise NotFound(f"retrieval {retrieval_id!r} is not recorded")
+            return RetrievalRecordOut.model_validate(row)
+
+    def list_retrievals(self, limit: int = 100, offset: int = 0) -> list[RetrievalRecordOut]:
+        """Recorded retrievals, newest first."""
+        with self._session() as session:
+            rows = session.scalars(
+                select(RetrievalRecordRow)
+                .order_by(RetrievalRecordRow.created_at.desc(), RetrievalRecordRow.id.desc())
+                .limit(limit)
+                .offset(offset)
+            ).all()
+            return [RetrievalRecordOut.model_validate(row) for row in rows]
 
 
 # --- helpers (all run inside a session) --------------------------------------------------------------

@@ -127,4 +127,24 @@ class QueryRecordRow(Base):
     error: Mapped[str | None] = mapped_column(Text)
 
 
+class RetrievalRecordRow(Base):
+    __tablename__ = "retrieval_records"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(index=True)
+    span: Mapped[str] = mapped_column(String(64), index=True)
+    level: Mapped[str] = mapped_column(String(16))
+    uids: Mapped[dict[str, Any]]
+    destination_ae: Mapped[str] = mapped_column(String(16))
+    requester: Mapped[str] = mapped_column(String(255))
+    status: Mapped[str] = mapped_column(String(32))
+    dimse_status: Mapped[int | None]
+    completed: Mapped[int]
+    failed: Mapped[int]
+    warning: Mapped[int]
+    parts: Mapped[list[dict[str, Any]]]
+    elapsed_ms: Mapped[float]
+    error: Mapped[str | None] = mapped_column(Text)
+
+
 metadata = Base.metadata

@@ -1,0 +1,245 @@
+"""Retrieval: find which archives hold the objects, then have each holder's actor C-MOVE its part.
+
+A study split across archives is moved part by part (one SERIES-level C-MOVE per series, from the
+archive that holds it); a study one archive holds whole goes in one STUDY-level C-MOVE. When a holder
+fails, the next holder of the same objects (by node priority) is tried.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from serve_app.coordinator import Coordinator
+from serve_app.plan import QueryPlan
+from spanner.nodespec import NodeSpec
+from spanner.query import Level, MoveQuery, NodeQuery
+
+# C-MOVE final statuses (PS3.4 C.4.2.1.5)
+SUCCESS, WARNING_FAILURES, DESTINATION_UNKNOWN, UNABLE = 0x0000, 0xB000, 0xA801, 0xC000
+TAG = {
+    "StudyInstanceUID": "0020000D",
+    "SeriesInstanceUID": "0020000E",
+    "SOPInstanceUID": "00080018",
+    "PatientID": "00100020",
+}
+Emit = Callable[[dict[str, Any]], Awaitable[None]]
+
+
+@dataclass(slots=True)
+class Part:
+    """One C-MOVE to run: its level and unique keys, and the nodes that hold it, best first."""
+
+    level: Level
+    keys: dict[str, str]
+    holders: list[NodeSpec]
+    counts: dict[str, int] = field(
+        default_factory=lambda: {"remaining": 0, "completed": 0, "failed": 0, "warning": 0}
+    )
+    failed_uids: list[str] = field(default_factory=list)
+    tried: list[dict[str, Any]] = field(default_factory=list)
+    done: bool = False
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "level": self.level.value,
+            "keys": self.keys,
+            "holders": [h.name for h in self.holders],
+            "done": self.done,
+            **self.counts,
+            "tried": self.tried,
+        }
+
+
+@dataclass(slots=True)
+class RetrievalResult:
+    status: str
+    dimse_status: int
+    counts: dict[str, int]
+    failed_uids: list[str]
+    parts: list[Part]
+    error: str | None
+
+
+def _value(match: dict[str, Any], keyword: str) -> str | None:
+    element = match["dataset"].get(TAG[keyword])
+    values = element.get("Value") if element else None
+    return str(values[0]) if values else None
+
+
+class Retriever:
+    def __init__(self, coordinator: Coordinator, lookup_timeout_s: float) -> None:
+        self._coordinator = coordinator
+        self._lookup_timeout_s = lookup_timeout_s
+
+    # -- who holds what -------------------------------------------------------------------------------
+    async def _lookup(
+        self, nodes: list[NodeSpec], level: Level, filters: dict[str, str]
+    ) -> list[dict[str, Any]]:
+        plan = QueryPlan(
+            query=NodeQuery(level, filters),
+            span="",
+            nodes=tuple(nodes),
+            timeout_s=self._lookup_timeout_s,
+            failure_strategy="best_effort",
+            minimum_nodes=1,
+            dedup="merge_all",
+            limit=100_000,
+            offset=0,
+        )
+        result = await self._coordinator.run(plan)
+        return result.matches  # type: ignore[return-value]
+
+    async def plan(self, nodes: list[NodeSpec], level: Level, uids: dict[str, list[str]]) -> list[Part]:
+        by_name = {n.name: n for n in nodes}
+        if level is Level.STUDY:
+            parts: list[Part] = []
+            for study in uids["StudyInstanceUID"]:
+                known = self._coordinator.holders(Level.STUDY, study)
+                ask = [by_name[n] for n in known if n in by_name] or nodes
+                series = await self._lookup(ask, Level.SERIES, {"StudyInstanceUID": study})
+                parts.extend(self._study_parts(study, series, by_name))
+            return parts
+        if level is Level.SERIES:
+            filters = {"SeriesInstanceUID": "\\".join(uids["SeriesInstanceUID"])}
+            if uids.get("StudyInstanceUID"):
+                filters["StudyInstanceUID"] = uids["StudyInstanceUID"][0]
+            matches = await self._lookup(nodes, Level.SERIES, filters)
+            return [
+                Part(
+                    Level.SERIES,
+                    {
+                        "StudyInstanceUID": _value(m, "StudyInstanceUID") or "",
+                        "SeriesInstanceUID": _value(m, "SeriesInstanceUID") or "",
+                    },
+                    [by_name[n] for n in m["nodes"]],
+                )
+                for m in matches
+            ]
+        filters = {"SOPInstanceUID": "\\".join(uids["SOPInstanceUID"])}
+        for key in ("StudyInstanceUID", "SeriesInstanceUID"):
+            if uids.get(key):
+                filters[key] = uids[key][0]
+        matches = await self._lookup(nodes, Level.IMAGE, filters)
+        groups: dict[tuple[str, str, tuple[str, ...]], list[str]] = {}
+        for m in matches:
+            group = (
+                _value(m, "StudyInstanceUID") or "",
+                _value(m, "SeriesInstanceUID") or "",
+                tuple(m["nodes"]),
+            )
+            groups.setdefault(group, []).append(_value(m, "SOPInstanceUID") or "")
+        return [
+            Part(
+                Level.IMAGE,
+                {"StudyInstanceUID": study, "SeriesInstanceUID": series, "SOPInstanceUID": "\\".join(sops)},
+                [by_name[n] for n in holders],
+            )
+            for (study, series, holders), sops in groups.items()
+        ]
+
+    @staticmethod
+    def _study_parts(study: str, series: list[dict[str, Any]], by_name: dict[str, NodeSpec]) -> list[Part]:
+        """One STUDY-level part when some node holds every series, else one part per series."""
+        if not series:
+            return []
+        holders_of = {(_value(m, "SeriesInstanceUID") or ""): list(m["nodes"]) for m in series}
+        whole = [n for n in series[0]["nodes"] if all(n in h for h in holders_of.values())]
+        whole.sort(key=lambda n: (by_name[n].priority, n))
+        if whole:
+            return [Part(Level.STUDY, {"StudyInstanceUID": study}, [by_name[n] for n in whole])]
+        return [
+            Part(
+                Level.SERIES,
+                {"StudyInstanceUID": study, "SeriesInstanceUID": uid},
+                [by_name[n] for n in holders],
+            )
+            for uid, holders in sorted(holders_of.items())
+        ]
+
+    # -- moving ---------------------------------------------------------------------------------------
+    async def run(self, parts: list[Part], destination: str, timeout_s: float, emit: Emit) -> RetrievalResult:
+        deadline = time.monotonic() + timeout_s
+
+        async def report() -> None:
+            await emit({"event": "progress", **_totals(parts)})
+
+        await asyncio.gather(*(self._move_part(p, destination, deadline, report) for p in parts))
+        return _result(parts)
+
+    async def _move_part(
+        self, part: Part, destination: str, deadline: float, report: Callable[[], Awaitable[None]]
+    ) -> None:
+        keys = tuple(sorted(part.keys.items()))
+        for spec in part.holders:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                part.tried.append(
+                    {"node": spec.name, "status": "timeout", "error": "retrieval deadline passed"}
+                )
+                return
+            handle = await self._coordinator.handle(spec)
+            stream = handle.move.options(num_returns="streaming").remote(
+                MoveQuery(part.level, keys, destination), remaining
+            )
+            final: dict[str, Any] = {}
+            try:
+                async for ref in stream:
+                    event: dict[str, Any] = await ref
+                    if event["event"] == "progress":
+                        part.counts = {k: int(event[k]) for k in part.counts}
+                        await report()
+                    else:
+                        final = event
+            except asyncio.CancelledError:
+                import ray
+
+                ray.cancel(stream)
+                raise
+            part.tried.append(
+                {
+                    k: final.get(k)
+                    for k in ("node", "status", "dimse_status", "error", "completed", "failed", "warning")
+                }
+            )
+            if final.get("status") == "ok":
+                part.counts = {k: int(final.get(k) or 0) for k in part.counts} | {"remaining": 0}
+                part.failed_uids = list(final.get("failed_uids") or [])
+                part.done = True
+                await report()
+                return
+            part.counts = dict.fromkeys(part.counts, 0)  # the next holder starts the part afresh
+
+
+def _totals(parts: list[Part]) -> dict[str, int]:
+    return {k: sum(p.counts[k] for p in parts) for k in ("remaining", "completed", "failed", "warning")}
+
+
+def _result(parts: list[Part]) -> RetrievalResult:
+    counts = _totals(parts)
+    failed_uids = [uid for p in parts for uid in p.failed_uids]
+    if not parts:
+        return RetrievalResult(
+            "failed", UNABLE, counts, [], parts, "no node of the span holds the requested objects"
+        )
+    undone = [p for p in parts if not p.done]
+    if not undone and counts["failed"] == 0 and counts["warning"] == 0:
+        return RetrievalResult("success", SUCCESS, counts, failed_uids, parts, None)
+    errors = [t.get("error") or t.get("status") for p in undone for t in p.tried]
+    reason = "; ".join(str(e) for e in errors[-3:]) or None
+    if counts["completed"] > 0 or (not undone and counts["warning"] > 0):
+        return RetrievalResult("warning", WARNING_FAILURES, counts, failed_uids, parts, reason)
+    statuses = [t.get("dimse_status") for p in undone for t in p.tried]
+    if statuses and all(s == DESTINATION_UNKNOWN for s in statuses):
+        return RetrievalResult(
+            "failed",
+            DESTINATION_UNKNOWN,
+            counts,
+            failed_uids,
+            parts,
+            "no holder knows the move destination; add it to the archive's known AEs",
+        )
+    return RetrievalResult("failed", UNABLE, counts, failed_uids, parts, reason)

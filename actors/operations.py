@@ -10,28 +10,21 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Callable
-from typing import Any
 
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 from pynetdicom.association import Association
 
+from actors.dicom_json import to_match
 from actors.pool import AssociationPool
 from spanner.errors import DimseFailure, NodeError
 from spanner.outcome import DicomJson
 
 PENDING = (0xFF00, 0xFF01)
 CANCELLED = 0xFE00
-# Attributes that describe the node's answer rather than the entity; the merged match lists its nodes instead.
-_DROP = ("00080005", "00080052", "00080054")
-
-
-def to_match(identifier: Dataset) -> DicomJson:
-    """A response identifier as DICOM JSON, decoded with its own SpecificCharacterSet."""
-    out: dict[str, Any] = identifier.to_json_dict(suppress_invalid_tags=True)
-    for tag in _DROP:
-        out.pop(tag, None)
-    return out
+def _little_endian(identifier: Dataset) -> bool:
+    encoding = getattr(identifier, "original_encoding", (True, True))
+    return encoding[1] is not False
 
 
 class FindOperation:
@@ -87,7 +80,7 @@ class FindOperation:
                 code = int(status.Status)
                 if code in PENDING:
                     if identifier is not None:
-                        self.matches.append(to_match(identifier))
+                        self.matches.append(to_match(identifier, _little_endian(identifier)))
                     continue
                 self.final_status = code
                 self.error_comment = str(status.get("ErrorComment", "")) or None

@@ -10,7 +10,7 @@ import socket
 from typing import Any
 
 from pydicom.uid import UID
-from pynetdicom import AE, evt
+from pynetdicom import AE, _config, evt
 from pynetdicom.association import Association
 
 from spanner.errors import AssociationAborted, AssociationRejected, NodeUnreachable
@@ -46,7 +46,14 @@ def set_nodelay(event: evt.Event) -> None:
 NODELAY_HANDLERS: list[Any] = [(evt.EVT_CONN_OPEN, set_nodelay)]
 
 
+def quiet_pynetdicom() -> None:
+    """pynetdicom formats every identifier for its INFO log even when nobody listens: ~20% of a match's CPU."""
+    _config.LOG_REQUEST_IDENTIFIERS = False
+    _config.LOG_RESPONSE_IDENTIFIERS = False
+
+
 def build_ae(spec: NodeSpec) -> AE:
+    quiet_pynetdicom()
     ae = AE(ae_title=spec.calling_ae_title)
     ae.add_requested_context(Verification)
     for model in spec.query_models:

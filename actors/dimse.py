@@ -47,7 +47,7 @@ NODELAY_HANDLERS: list[Any] = [(evt.EVT_CONN_OPEN, set_nodelay)]
 
 
 def quiet_pynetdicom() -> None:
-    """pynetdicom formats every identifier for its INFO log even when nobody listens: ~20% of a match's CPU."""
+    """pynetdicom formats every identifier for its INFO log, listened to or not: ~20% of a match's CPU."""
     _config.LOG_REQUEST_IDENTIFIERS = False
     _config.LOG_RESPONSE_IDENTIFIERS = False
 

@@ -11,7 +11,6 @@ from pynetdicom.association import Association
 from actors.dimse import open_association
 from spanner.nodespec import NodeSpec
 
-
 # pynetdicom polls each association from two threads every millisecond, about 2.4% of a core per thread.
 # An idle pooled association is parked: its reactor paused and its DUL polling slowed, so a node with a
 # full pool costs next to nothing between queries.

@@ -84,7 +84,14 @@ class Coordinator:
             asyncio.ensure_future(self._call(spec, plan)): spec for spec in plan.nodes
         }
         results: dict[str, tuple[NodeOutcome, Any]] = {}
-        reason = await self._gather(plan, tasks, results, started)
+        try:
+            reason = await self._gather(plan, tasks, results, started)
+        except asyncio.CancelledError:
+            # The caller went away (an HTTP client disconnected, a DICOM client sent C-CANCEL):
+            # cancel every node's call, so each actor sends C-CANCEL to its archive.
+            for task in tasks:
+                task.cancel()
+            raise
         outcomes = [results[spec.name][0] for spec in plan.nodes]
         ok = sum(o.status is OutcomeStatus.OK for o in outcomes)
         status, why = _status(plan, outcomes, ok)
@@ -150,7 +157,17 @@ class Coordinator:
         return reason
 
     async def _call(self, spec: NodeSpec, plan: QueryPlan) -> tuple[NodeOutcome, Any]:
-        """One node's outcome and the reference to its matches; a dead or stale actor is looked up again."""
+        """One node's outcome and the reference to its matches; never raises but for cancellation."""
+        try:
+            return await self._attempts(spec, plan)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # e.g. the actor could not be created: this node fails, the query goes on
+            error = f"node actor could not be reached: {type(exc).__name__}: {exc}"
+            return NodeOutcome(spec.name, OutcomeStatus.FAILED, error=error), None
+
+    async def _attempts(self, spec: NodeSpec, plan: QueryPlan) -> tuple[NodeOutcome, Any]:
+        """A dead or stale actor handle is looked up again once."""
         timeout = plan.node_timeout(spec)
         started = time.monotonic()
         for attempt in (1, 2):
@@ -164,7 +181,7 @@ class Coordinator:
             except asyncio.CancelledError:
                 ray.cancel(out_ref)
                 raise
-            except ray.exceptions.RayActorError as exc:
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
                 self.forget(spec.name)
                 if attempt == 2:
                     return NodeOutcome(

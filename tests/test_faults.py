@@ -209,3 +209,23 @@ def test_associations_are_reused(api: Api, sims: dict[str, SimulatedPacs]) -> No
         assert statuses(api.query(level="STUDY", nodes=["good-b"])[1]) == {"good-b": "ok"}
     assert good.counters.finds == 5
     assert good.counters.associations <= 1
+
+
+def test_a_client_that_hangs_up_cancels_the_archives_query(api: Api, sims: dict[str, SimulatedPacs]) -> None:
+    """Serve cancels the request of a disconnected client; the coordinator passes that on as C-CANCEL."""
+    import httpx
+
+    slow = sims["slow"]
+    before = slow.counters.cancels
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(
+            f"{api.base_url}/api/v1/queries",
+            json={"level": "STUDY", "nodes": ["slow"], "timeout_s": 20},
+            timeout=httpx.Timeout(10.0, read=0.7),
+        )
+    deadline = time.monotonic() + 5
+    while slow.counters.cancels == before and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert slow.counters.cancels > before, (
+        "the archive's C-FIND should be cancelled well before its 20 s deadline"
+    )

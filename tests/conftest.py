@@ -37,10 +37,22 @@ def ray_session() -> Iterator[str]:
         namespace=namespace,
         log_to_driver=False,
         _temp_dir=tmp,
+        _node_ip_address="127.0.0.1",  # Ray would pick the machine's interface address; stay on loopback
     )
     yield namespace
     ray.shutdown()
     shutil.rmtree(tmp, ignore_errors=True)
+
+
+def migrate(url: str) -> None:
+    """Bring a test database to the newest schema, as `spanner db upgrade` does (the app only checks)."""
+    from spanner.storage import make_engine, upgrade_database
+
+    engine = make_engine(url)
+    try:
+        upgrade_database(engine)
+    finally:
+        engine.dispose()
 
 
 class Api:
@@ -80,7 +92,9 @@ class Api:
         return result
 
     def query(self, **body: object) -> tuple[int, dict[str, object]]:
-        response = self.http.post("/api/v1/queries", json=body)
+        """A query that asks the archives every time (Cache-Control: no-cache): tests of the fan-out must
+        not be answered from the query cache; tests of the cache post their own requests."""
+        response = self.http.post("/api/v1/queries", json=body, headers={"Cache-Control": "no-cache"})
         return response.status_code, response.json()
 
 
@@ -105,6 +119,7 @@ def api(ray_session: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         "cancel_grace_s": 0.3,
         "node_grace_s": 1.0,
     }
+    migrate(str(settings["database_url"]))
     serve.start(
         http_options=HTTPOptions(host="127.0.0.1", port=port), logging_config={"enable_access_log": False}
     )
@@ -161,6 +176,7 @@ def api_pg(api: Api, postgres_url: str, ray_session: str) -> Iterator[Api]:
 
     namespace = f"{ray_session}-pg"
     settings = dict(api.settings) | {"namespace": namespace, "database_url": postgres_url}
+    migrate(postgres_url)
     serve.run(build_app(AppArgs(settings=settings)), name="spanner-pg", route_prefix="/pg")
     client = Api(f"{api.base_url}/pg", namespace, settings)
     yield client

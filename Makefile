@@ -28,12 +28,30 @@ peers:
 
 ## Everything the tests need, then the tests.
 test: $(VENV)/.installed-test peers
-	$(BIN)/ruff check spanner serve_app actors cluster tests
+	$(BIN)/ruff check spanner serve_app actors cluster scp tests benchmarks
 	$(BIN)/mypy
 	$(BIN)/pytest -q -p no:cacheprovider
 
+$(VENV)/.installed-bench: pyproject.toml $(VENV)/.installed
+	$(BIN)/pip install -q -e '.[bench]'
+	touch $@
+
+## Benchmarks at full size (about 25 minutes); results in benchmarks/results/ (JSON, markdown, PNG).
+bench: $(VENV)/.installed-bench peers
+	$(BIN)/python -m benchmarks.fanout
+	$(BIN)/python -m benchmarks.merge
+	$(BIN)/python -m benchmarks.throughput
+	$(BIN)/python -m benchmarks.orthanc
+
+## The same, small (under 3 minutes on a quiet machine); results in benchmarks/results/*-quick.*
+bench-quick: $(VENV)/.installed-bench peers
+	$(BIN)/python -m benchmarks.fanout --quick
+	$(BIN)/python -m benchmarks.merge --quick
+	$(BIN)/python -m benchmarks.throughput --quick
+	$(BIN)/python -m benchmarks.orthanc --quick
+
 lint: $(VENV)/.installed-test
-	$(BIN)/ruff check spanner serve_app actors cluster tests
+	$(BIN)/ruff check spanner serve_app actors cluster scp tests benchmarks
 
 typecheck: $(VENV)/.installed-test
 	$(BIN)/mypy

@@ -9,11 +9,14 @@ from __future__ import annotations
 import signal
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from spanner.schemas import NodeIn, NodeOut
 from spanner.settings import Settings
-from spanner.storage import Repository, create_schema, make_engine
+from spanner.storage import Repository, make_engine, require_current_schema, upgrade_database
+
+if TYPE_CHECKING:
+    from scp.server import SpannerScp
 
 DEMO_HOST = "127.0.0.1"
 
@@ -22,13 +25,32 @@ def _is_demo(node: NodeOut, demo: dict[str, tuple[str, int]]) -> bool:
     return node.name in demo and node.host == DEMO_HOST and node.ae_title == demo[node.name][0]
 
 
+def prepare_database(settings: Settings, say: Callable[[str], None]) -> None:
+    """In development the embedded SQLite is migrated to the newest schema; any other database must be
+    current already (`spanner db upgrade`), or this raises ConfigError before Ray starts."""
+    engine = make_engine(settings.effective_database_url)
+    try:
+        if settings.environment == "development" and not settings.database_url:
+            result = upgrade_database(engine)
+            if result.stamped:
+                say(f"database made before migrations: stamped at schema revision {result.stamped}")
+            for change in result.drift:
+                say(f"[yellow]database differs from the code's schema: {change}[/yellow]")
+            if result.changed:
+                say(f"database schema upgraded: {result.from_label} -> {result.after}")
+        else:
+            require_current_schema(engine)
+    finally:
+        engine.dispose()
+
+
 def prepare_demo_fleet(settings: Settings, say: Callable[[str], None]) -> list[Any]:
     """Start and register three simulated PACS unless real nodes exist (then drop stale demo nodes)."""
     from spanner.simulator.fleet import DEMO_NODES, start_demo_fleet
 
     demo = {d.name: (d.ae_title, settings.demo_base_port + d.port_offset) for d in DEMO_NODES}
+    prepare_database(settings, say)
     repo = Repository(make_engine(settings.effective_database_url))
-    create_schema(repo.engine)
     nodes = repo.list_nodes()
     real = [n for n in nodes if not _is_demo(n, demo)]
     if real or not settings.demo_fleet:
@@ -48,6 +70,7 @@ def prepare_demo_fleet(settings: Settings, say: Callable[[str], None]) -> list[A
 
 def example(settings: Settings) -> str:
     url = f"http://{settings.http_host}:{settings.http_port}"
+    dicom = f"{settings.scp_host} {settings.scp_port}"
     body = '{"level": "STUDY", "filters": {"PatientName": "*", "StudyDate": "20100101-"}, "limit": 5}'
     return (
         f"\nReady. API {url}  (OpenAPI: {url}/docs)   Ray dashboard: "
@@ -55,8 +78,28 @@ def example(settings: Settings) -> str:
         f"  curl -s -X POST {url}/api/v1/queries -H 'Content-Type: application/json' \\\n"
         f"       -d '{body}'\n\n"
         f"  .venv/bin/spanner query STUDY -f 'StudyDate=20100101-' --limit 5\n\n"
+        f"DICOM front {settings.scp_host}:{settings.scp_port} (called AE title SPANNER = span 'all'):\n"
+        f"  echoscu -aec SPANNER {dicom}\n"
+        f"  findscu -S -aec SPANNER -k QueryRetrieveLevel=STUDY -k StudyDate=20100101- -k PatientName "
+        f"-k StudyInstanceUID {dicom}\n"
+        f"  movescu -S -aec SPANNER -aem MYSTORESCP -k QueryRetrieveLevel=STUDY -k StudyInstanceUID=<uid> "
+        f"{dicom}\n\n"
         "Ctrl-C stops everything.\n"
     )
+
+
+def start_scp(settings: Settings, say: Callable[[str], None]) -> SpannerScp | None:
+    """The DICOM front in this process, forwarding to the local API; None (said why) if it cannot listen."""
+    from scp.server import SpannerScp
+
+    host = "127.0.0.1" if settings.http_host in ("0.0.0.0", "") else settings.http_host
+    front = SpannerScp(settings, base_url=f"http://{host}:{settings.http_port}")
+    try:
+        front.start()
+    except OSError as exc:
+        say(f"DICOM front not started: cannot listen on {settings.scp_host}:{settings.scp_port} ({exc})")
+        return None
+    return front
 
 
 def run(settings: Settings, say: Callable[[str], None] = print) -> None:
@@ -72,6 +115,7 @@ def run(settings: Settings, say: Callable[[str], None] = print) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     fleet: list[Any] = []
+    front: SpannerScp | None = None
     try:
         fleet = prepare_demo_fleet(settings, say)
         say("starting Ray" + (f" (joining {settings.ray_address})" if settings.ray_address else " (local)"))
@@ -86,10 +130,13 @@ def run(settings: Settings, say: Callable[[str], None] = print) -> None:
             route_prefix="/",
             blocking=False,
         )
+        front = start_scp(settings, say)
         say(example(settings))
         stop.wait()
         say("stopping")
     finally:
+        if front is not None:
+            front.stop()
         if ray.is_initialized():
             try:
                 # On a shared cluster only our app goes; a local instance goes whole.

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -77,6 +77,11 @@ class QueryOut(BaseModel):
     nodes: list[NodeOutcomeOut]
     elapsed_ms: float
     reason: str | None = Field(default=None, description="Why the query is failed, when it is")
+    cache: Literal["hit", "miss"] = Field(
+        default="miss",
+        description="hit: answered from the query cache (only success answers are kept, for the span's "
+        "cache_ttl_s; the query_id and elapsed_ms are the hit's own); miss: asked the archives",
+    )
 
 
 class RetrievalIn(BaseModel):

@@ -2,29 +2,57 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+from dataclasses import dataclass
 
 from actors import registry
 from serve_app.api_models import QueryIn
 from serve_app.coordinator import Coordinator
 from serve_app.plan import QueryPlan
 from serve_app.retrieval import Retriever
+from spanner.cache import NO_LOOKUP, Lookup, QueryIdentity, make_cache
 from spanner.config_file import apply_config
 from spanner.errors import InvalidQuery, NotFound
 from spanner.nodespec import ActorTuning, NodeSpec
 from spanner.query import NodeQuery, normalise_filters, normalise_return_keys
-from spanner.schemas import ALL_SPAN, NodeOut
+from spanner.schemas import ALL_SPAN, NodeOut, SpanOut
 from spanner.settings import Settings
-from spanner.storage import Repository, create_schema, make_engine
+from spanner.storage import Repository, make_engine, require_current_schema
 
 log = logging.getLogger("spanner.serve")
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedQuery:
+    plan: QueryPlan
+    cache_ttl_s: int
+    lookup: Lookup
+
+
+def cache_identity(plan: QueryPlan) -> QueryIdentity:
+    return QueryIdentity(
+        span=plan.span,
+        nodes=tuple(dataclasses.asdict(spec) for spec in plan.nodes),
+        level=plan.query.level.value,
+        filters=plan.query.filters,
+        return_keys=plan.query.return_keys,
+        dedup=plan.dedup,
+        limit=plan.limit,
+        offset=plan.offset,
+        failure_strategy=plan.failure_strategy,
+        minimum_nodes=plan.minimum_nodes,
+    )
 
 
 class Services:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.repo = Repository(make_engine(settings.effective_database_url))
-        create_schema(self.repo.engine)
+        engine = make_engine(settings.effective_database_url)
+        # Replicas never migrate: several starting at once would race. `spanner db upgrade` does it.
+        require_current_schema(engine)
+        self.repo = Repository(engine)
+        self.cache = make_cache(settings)
         self.repo.ensure_default_span(ae_title="SPANNER")
         if settings.config is not None:
             apply_config(self.repo, settings.config)
@@ -102,6 +130,16 @@ class Services:
         return [self.spec_for(n) for n in members]
 
     def plan(self, q: QueryIn) -> QueryPlan:
+        return self._plan(q)[0]
+
+    def prepare_query(self, q: QueryIn, *, read_cache: bool = True) -> PreparedQuery:
+        """The plan and, when the span caches, the cache key and any cached answer (one thread hop)."""
+        plan, span = self._plan(q)
+        if span.cache_ttl_s <= 0:
+            return PreparedQuery(plan, 0, NO_LOOKUP)
+        return PreparedQuery(plan, span.cache_ttl_s, self.cache.lookup(cache_identity(plan), read=read_cache))
+
+    def _plan(self, q: QueryIn) -> tuple[QueryPlan, SpanOut]:
         span = self.repo.get_span(q.span)
         members = self.span_specs(q.span, q.nodes)
         timeout = q.timeout_s if q.timeout_s is not None else span.timeout_s
@@ -120,7 +158,7 @@ class Services:
                 "page with offset"
             )
         query = NodeQuery(q.level, normalise_filters(q.filters), normalise_return_keys(q.return_keys))
-        return QueryPlan(
+        plan = QueryPlan(
             query=query,
             span=q.span,
             nodes=tuple(members),
@@ -131,3 +169,4 @@ class Services:
             limit=limit,
             offset=q.offset,
         )
+        return plan, span

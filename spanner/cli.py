@@ -10,11 +10,13 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from spanner.errors import ConfigError
+from spanner.errors import ConfigError, SpannerError
 
 app = typer.Typer(help="dicom-spanner: one front door to every PACS.", no_args_is_help=True)
 nodes_app = typer.Typer(help="List, add, remove and echo PACS nodes.", no_args_is_help=True)
 app.add_typer(nodes_app, name="nodes")
+db_app = typer.Typer(help="The database: schema migrations.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
 console = Console()
 
 UrlOption = Annotated[str, typer.Option(envvar="SPANNER_URL", help="Base URL of the spanner HTTP API")]
@@ -43,10 +45,37 @@ def run() -> None:
 
     try:
         settings = get_settings()
+        launch(settings, say=console.print)
     except ConfigError as exc:
         console.print(f"[red]{exc}[/red]")
         raise typer.Exit(2) from exc
-    launch(settings, say=console.print)
+    except SpannerError as exc:  # e.g. the database cannot be reached
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(1) from exc
+
+
+@db_app.command("upgrade")
+def db_upgrade() -> None:
+    """Migrate the database (DATABASE_URL, else the SQLite file under var/) to the newest schema."""
+    from spanner.settings import get_settings
+    from spanner.storage import make_engine, upgrade_database
+
+    try:
+        engine = make_engine(get_settings().effective_database_url)
+        try:
+            result = upgrade_database(engine)
+        finally:
+            engine.dispose()
+    except SpannerError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2 if isinstance(exc, ConfigError) else 1) from exc
+    where = engine.url.render_as_string(hide_password=True)
+    if result.stamped:
+        console.print(f"tables made before migrations found: stamped at revision {result.stamped}")
+    for change in result.drift:
+        console.print(f"[yellow]the database still differs from the code's schema: {change}[/yellow]")
+    note = "" if result.changed else " (already current)"
+    console.print(f"{where}: {result.from_label} -> {result.after}{note}")
 
 
 @app.command()

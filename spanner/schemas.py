@@ -426,6 +426,8 @@ class QueryRecordOut(BaseModel):
         description="Per-node outcomes (node, status, matches, elapsed_ms, error)")
     elapsed_ms: float = Field(description="Wall time of the whole query in milliseconds", examples=[58.2])
     error: str | None = Field(default=None, description="Why the query failed, when it did")
+    cache: str | None = Field(default=None, description="hit (answered from the query cache) or miss",
+                              examples=["miss"])
 
 
 class RetrievalRecordOut(BaseModel):

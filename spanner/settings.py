@@ -84,6 +84,26 @@ class Settings(BaseSettings):
         default=5.0, ge=0, description="How long the DICOM front trusts its copy of the span table"
     )
 
+    cache_prefix: str = Field(
+        default="spanner:", min_length=1, max_length=64,
+        description="Prefix of every query-cache key: deployments sharing one Redis keep apart by it",
+    )
+    cache_max_bytes: int = Field(
+        default=1 << 20, ge=0, description="Answers larger than this (bytes of JSON) are not cached"
+    )
+    cache_memory_entries: int = Field(
+        default=1000, ge=0, description="In-process cache (no REDIS_URL): at most this many answers"
+    )
+    cache_memory_bytes: int = Field(
+        default=64 << 20, ge=0, description="In-process cache (no REDIS_URL): at most this many bytes"
+    )
+    cache_timeout_s: float = Field(
+        default=0.2, gt=0, le=5, description="Redis connect and reply timeout: a slow cache is skipped"
+    )
+    cache_retry_s: float = Field(
+        default=2.0, ge=0, description="After a Redis failure, queries skip the cache this long"
+    )
+
     demo_fleet: bool = Field(
         default=True, description="Start three simulated PACS when no node is configured"
     )

@@ -1,4 +1,5 @@
-"""/api/v1/nodes: the PACS the spanner queries. A change reconfigures or stops the node's actor."""
+"""/api/v1/nodes: the PACS the spanner queries. A change reconfigures or stops the node's actor and
+drops the cached answers that involved the node (spanner.cache: its generation changes)."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ def list_nodes(s: Services = Depends(services)) -> list[NodeOut]:
 @router.post("", response_model=NodeOut, status_code=201)
 def create_node(body: NodeIn, s: Services = Depends(services)) -> NodeOut:
     node = s.repo.create_node(body)
+    s.cache.invalidate_node(node.name)  # a node of that name may have existed, with other answers
     s.sync_actor(node.name)
     return node
 
@@ -35,6 +37,7 @@ def get_node(name: str, s: Services = Depends(services)) -> NodeOut:
 @router.put("/{name}", response_model=NodeOut)
 def replace_node(name: str, body: NodePut, s: Services = Depends(services)) -> NodeOut:
     node = s.repo.replace_node(name, body)
+    s.cache.invalidate_node(name)
     s.sync_actor(name)
     return node
 
@@ -42,6 +45,7 @@ def replace_node(name: str, body: NodePut, s: Services = Depends(services)) -> N
 @router.patch("/{name}", response_model=NodeOut)
 def patch_node(name: str, body: NodePatch, s: Services = Depends(services)) -> NodeOut:
     node = s.repo.patch_node(name, body)
+    s.cache.invalidate_node(name)
     s.sync_actor(name)
     return node
 
@@ -49,6 +53,7 @@ def patch_node(name: str, body: NodePatch, s: Services = Depends(services)) -> N
 @router.delete("/{name}", status_code=204)
 def delete_node(name: str, s: Services = Depends(services)) -> Response:
     s.repo.delete_node(name)
+    s.cache.invalidate_node(name)
     s.sync_actor(name)
     return Response(status_code=204)
 

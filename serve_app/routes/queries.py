@@ -1,8 +1,13 @@
-"""/api/v1/queries: run a spanning C-FIND, and read back what was asked before."""
+"""/api/v1/queries: run a spanning C-FIND (answered from the query cache when it can), read back the record.
+
+``Cache-Control: no-cache`` on the request skips the lookup (the fresh answer is still stored);
+``no-store`` keeps the fresh answer out of the cache.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import time
 import uuid
 from typing import Any
 
@@ -10,6 +15,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
 
 from serve_app.api_models import QueryIn, QueryOut
+from serve_app.plan import QueryPlan
 from serve_app.routes import services
 from serve_app.services import Services
 from spanner.schemas import QueryRecordOut
@@ -21,9 +27,21 @@ FAILED_RESPONSE: dict[int | str, dict[str, Any]] = {
 }
 
 
+def cache_directives(header: str | None) -> set[str]:
+    """The directive names of a Cache-Control header, lower-case (``no-cache``, ``no-store``, ...)."""
+    return {part.split("=", 1)[0].strip().lower() for part in (header or "").split(",") if part.strip()}
+
+
 @router.post("", response_model=QueryOut, responses=FAILED_RESPONSE)
 async def run_query(body: QueryIn, request: Request, s: Services = Depends(services)) -> JSONResponse:
-    plan = await asyncio.to_thread(s.plan, body)
+    started = time.monotonic()
+    directives = cache_directives(request.headers.get("cache-control"))
+    prepared = await asyncio.to_thread(s.prepare_query, body, read_cache="no-cache" not in directives)
+    plan = prepared.plan
+    requester = request.client.host if request.client else "unknown"
+    if prepared.lookup.answer is not None:
+        return await _answer_hit(s, plan, prepared.lookup.answer, requester, started)
+
     result = await s.coordinator.run(plan)
     query_id = uuid.uuid4().hex
     outcomes = [o.to_json() for o in result.outcomes]
@@ -37,8 +55,37 @@ async def run_query(body: QueryIn, request: Request, s: Services = Depends(servi
         "nodes": outcomes,
         "elapsed_ms": result.elapsed_ms,
         "reason": result.reason,
+        "cache": "miss",
     }
-    requester = request.client.host if request.client else "unknown"
+    store_key = None if "no-store" in directives else prepared.lookup.key
+
+    def record_and_store() -> None:
+        s.repo.record_query(
+            query_id=query_id,
+            span=plan.span,
+            level=plan.query.level.value,
+            filters=plan.query.filters,
+            requester=requester,
+            status=result.status,
+            total=result.total,
+            outcomes=outcomes,
+            elapsed_ms=result.elapsed_ms,
+            error=result.reason,
+            cache="miss",
+        )
+        s.cache.store(store_key, answer, prepared.cache_ttl_s)
+
+    await asyncio.to_thread(record_and_store)
+    return JSONResponse(answer, status_code=502 if result.status == "failed" else 200)
+
+
+async def _answer_hit(
+    s: Services, plan: QueryPlan, cached: dict[str, Any], requester: str, started: float
+) -> JSONResponse:
+    """A cached answer under a fresh query_id, recorded like any query with the hit's own elapsed time."""
+    query_id = uuid.uuid4().hex
+    elapsed_ms = round((time.monotonic() - started) * 1000, 2)
+    answer = {"query_id": query_id, **cached, "elapsed_ms": elapsed_ms, "cache": "hit"}
     await asyncio.to_thread(
         s.repo.record_query,
         query_id=query_id,
@@ -46,13 +93,14 @@ async def run_query(body: QueryIn, request: Request, s: Services = Depends(servi
         level=plan.query.level.value,
         filters=plan.query.filters,
         requester=requester,
-        status=result.status,
-        total=result.total,
-        outcomes=outcomes,
-        elapsed_ms=result.elapsed_ms,
-        error=result.reason,
+        status=str(answer.get("status")),
+        total=int(answer.get("total", 0)),
+        outcomes=list(answer.get("nodes", [])),
+        elapsed_ms=elapsed_ms,
+        error=answer.get("reason"),
+        cache="hit",
     )
-    return JSONResponse(answer, status_code=502 if result.status == "failed" else 200)
+    return JSONResponse(answer, status_code=502 if answer.get("status") == "failed" else 200)
 
 
 @router.get("", response_model=list[QueryRecordOut])

@@ -2,5 +2,21 @@
 
 from spanner.storage.engine import create_schema, make_engine
 from spanner.storage.repository import Repository
+from spanner.storage.schema import (
+    UpgradeResult,
+    head_revision,
+    require_current_schema,
+    schema_state,
+    upgrade_database,
+)
 
-__all__ = ["Repository", "create_schema", "make_engine"]
+__all__ = [
+    "Repository",
+    "UpgradeResult",
+    "create_schema",
+    "head_revision",
+    "make_engine",
+    "require_current_schema",
+    "schema_state",
+    "upgrade_database",
+]

@@ -72,7 +72,11 @@ def _sqlite_on_begin(connection: Connection) -> None:
 
 
 def create_schema(engine: Engine) -> None:
-    """Create the tables that are missing (Alembic migrations take over in a later issue)."""
+    """Create the tables that are missing, unversioned: for throwaway databases in tests only.
+
+    Real databases are made and moved by the migrations (spanner.storage.schema, `spanner db upgrade`);
+    the Serve app refuses a database without a current schema version.
+    """
     try:
         metadata.create_all(engine)
     except SQLAlchemyError as exc:

@@ -249,8 +249,10 @@ class Repository:
         error: str | None = None,
         query_id: str | None = None,
         created_at: datetime | None = None,
+        cache: str | None = None,
     ) -> QueryRecordOut:
-        """Store one finished query; ``created_at`` defaults to now (give the start time if known)."""
+        """Store one finished query; ``created_at`` defaults to now (give the start time if known);
+        ``cache`` says whether the answer was a cache "hit" or "miss" (None: no cache involved)."""
         row = QueryRecordRow(
             id=query_id or uuid.uuid4().hex,
             created_at=created_at or _now(),
@@ -263,6 +265,7 @@ class Repository:
             outcomes=[item.to_json() if isinstance(item, NodeOutcome) else dict(item) for item in outcomes],
             elapsed_ms=float(elapsed_ms),
             error=error,
+            cache=cache,
         )
         with self._session(write=True) as session:
             session.add(row)

@@ -125,6 +125,7 @@ class QueryRecordRow(Base):
     outcomes: Mapped[list[dict[str, Any]]]
     elapsed_ms: Mapped[float]
     error: Mapped[str | None] = mapped_column(Text)
+    cache: Mapped[str | None] = mapped_column(String(8))  # hit | miss; null before revision 0002
 
 
 class RetrievalRecordRow(Base):

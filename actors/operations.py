@@ -22,31 +22,63 @@ from spanner.outcome import DicomJson
 
 PENDING = (0xFF00, 0xFF01)
 CANCELLED = 0xFE00
+
+
 def _little_endian(identifier: Dataset) -> bool:
     encoding = getattr(identifier, "original_encoding", (True, True))
     return encoding[1] is not False
 
 
-class FindOperation:
-    """One C-FIND on a pooled association; retried once on a fresh one if a reused one turns out dead."""
+class _Cancellable:
+    """What C-FIND and C-MOVE share: the association in use, C-CANCEL, and abort as the last resort."""
 
-    def __init__(
-        self, pool: AssociationPool, identifier: Dataset, model: UID, msg_id: int, dimse_timeout_s: float
-    ) -> None:
+    def __init__(self, pool: AssociationPool, model: UID, msg_id: int, dimse_timeout_s: float) -> None:
         self._pool = pool
-        self._identifier = identifier
         self._model = model
         self._msg_id = msg_id
         self._dimse_timeout_s = dimse_timeout_s
         self._lock = threading.Lock()
         self._assoc: Association | None = None
-        self.matches: list[DicomJson] = []
         self.final_status: int | None = None
         self.error_comment: str | None = None
         self.error: NodeError | None = None
         self.aborted = False
         self.cancel_sent = False
         self.finished = threading.Event()
+
+    def _use(self, assoc: Association) -> None:
+        with self._lock:
+            self._assoc = assoc
+        assoc.dimse_timeout = self._dimse_timeout_s
+
+    def cancel(self) -> None:
+        """Ask the peer to stop (C-CANCEL); harmless when the operation already ended."""
+        with self._lock:
+            assoc = self._assoc
+            if assoc is None or self.finished.is_set() or self.cancel_sent:
+                return
+            self.cancel_sent = True
+        with contextlib.suppress(RuntimeError, ValueError):  # the association ended meanwhile
+            assoc.send_c_cancel(self._msg_id, query_model=self._model)
+
+    def abort_if_running(self) -> None:
+        """The peer ignored C-CANCEL: abort the association so the thread and the slot are freed."""
+        with self._lock:
+            assoc = self._assoc
+        if assoc is not None and not self.finished.is_set():
+            self.aborted = True
+            assoc.abort()
+
+
+class FindOperation(_Cancellable):
+    """One C-FIND on a pooled association; retried once on a fresh one if a reused one turns out dead."""
+
+    def __init__(
+        self, pool: AssociationPool, identifier: Dataset, model: UID, msg_id: int, dimse_timeout_s: float
+    ) -> None:
+        super().__init__(pool, model, msg_id, dimse_timeout_s)
+        self._identifier = identifier
+        self.matches: list[DicomJson] = []
 
     def run(self) -> None:
         try:
@@ -63,9 +95,7 @@ class FindOperation:
         except NodeError as exc:
             self.error = exc
             return False
-        with self._lock:
-            self._assoc = assoc
-        assoc.dimse_timeout = self._dimse_timeout_s
+        self._use(assoc)
         got_any = False
         try:
             responses = assoc.send_c_find(self._identifier, self._model, msg_id=self._msg_id)
@@ -89,24 +119,6 @@ class FindOperation:
             self.error = DimseFailure(f"C-FIND could not be sent: {exc}")
         self._pool.give_back(assoc, reusable=self.final_status is not None and not self.aborted)
         return False
-
-    def cancel(self) -> None:
-        """Ask the peer to stop (C-CANCEL); harmless when the operation already ended."""
-        with self._lock:
-            assoc = self._assoc
-            if assoc is None or self.finished.is_set() or self.cancel_sent:
-                return
-            self.cancel_sent = True
-        with contextlib.suppress(RuntimeError, ValueError):  # the association ended meanwhile
-            assoc.send_c_cancel(self._msg_id, query_model=self._model)
-
-    def abort_if_running(self) -> None:
-        """The peer ignored C-CANCEL: abort the association so the thread and the slot are freed."""
-        with self._lock:
-            assoc = self._assoc
-        if assoc is not None and not self.finished.is_set():
-            self.aborted = True
-            assoc.abort()
 
 
 class EchoOperation:
@@ -138,8 +150,12 @@ class EchoOperation:
         """Nothing to abort: see cancel()."""
 
 
-SUBOPS = ("NumberOfRemainingSuboperations", "NumberOfCompletedSuboperations", "NumberOfFailedSuboperations",
-          "NumberOfWarningSuboperations")
+SUBOPS = (
+    "NumberOfRemainingSuboperations",
+    "NumberOfCompletedSuboperations",
+    "NumberOfFailedSuboperations",
+    "NumberOfWarningSuboperations",
+)
 
 
 def suboperations(status: Dataset) -> dict[str, int]:
@@ -148,28 +164,25 @@ def suboperations(status: Dataset) -> dict[str, int]:
     return {name: int(status.get(key) or 0) for name, key in zip(names, SUBOPS, strict=True)}
 
 
-class MoveOperation:
+class MoveOperation(_Cancellable):
     """One C-MOVE on a pooled association; each pending response is reported through ``on_progress``."""
 
-    def __init__(self, pool: AssociationPool, identifier: Dataset, model: UID, destination: str, msg_id: int,
-                 dimse_timeout_s: float, on_progress: Callable[[dict[str, int]], None]) -> None:
-        self._pool = pool
+    def __init__(
+        self,
+        pool: AssociationPool,
+        identifier: Dataset,
+        model: UID,
+        destination: str,
+        msg_id: int,
+        dimse_timeout_s: float,
+        on_progress: Callable[[dict[str, int]], None],
+    ) -> None:
+        super().__init__(pool, model, msg_id, dimse_timeout_s)
         self._identifier = identifier
-        self._model = model
         self._destination = destination
-        self._msg_id = msg_id
-        self._dimse_timeout_s = dimse_timeout_s
         self._on_progress = on_progress
-        self._lock = threading.Lock()
-        self._assoc: Association | None = None
         self.counts = {"remaining": 0, "completed": 0, "failed": 0, "warning": 0}
-        self.final_status: int | None = None
-        self.error_comment: str | None = None
         self.failed_uids: list[str] = []
-        self.error: NodeError | None = None
-        self.aborted = False
-        self.cancel_sent = False
-        self.finished = threading.Event()
 
     def run(self) -> None:
         try:
@@ -183,9 +196,7 @@ class MoveOperation:
         except NodeError as exc:
             self.error = exc
             return
-        with self._lock:
-            self._assoc = assoc
-        assoc.dimse_timeout = self._dimse_timeout_s
+        self._use(assoc)
         try:
             responses = assoc.send_c_move(
                 self._identifier, self._destination, self._model, msg_id=self._msg_id
@@ -209,19 +220,3 @@ class MoveOperation:
         except (ValueError, RuntimeError) as exc:
             self.error = DimseFailure(f"C-MOVE could not be sent: {exc}")
         self._pool.give_back(assoc, reusable=self.final_status is not None and not self.aborted)
-
-    def cancel(self) -> None:
-        with self._lock:
-            assoc = self._assoc
-            if assoc is None or self.finished.is_set() or self.cancel_sent:
-                return
-            self.cancel_sent = True
-        with contextlib.suppress(RuntimeError, ValueError):
-            assoc.send_c_cancel(self._msg_id, query_model=self._model)
-
-    def abort_if_running(self) -> None:
-        with self._lock:
-            assoc = self._assoc
-        if assoc is not None and not self.finished.is_set():
-            self.aborted = True
-            assoc.abort()

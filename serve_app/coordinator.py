@@ -204,7 +204,11 @@ class Coordinator:
         limit = plan.limit
         if sum(outcome.matches for _, outcome, _ in holders) <= self._inline_max:
             lists = list(await asyncio.gather(*refs)) if refs else []
-            return merge_inline(plan.query.level, Dedup(plan.dedup), meta, lists, plan.offset, limit)
+            level, dedup = plan.query.level, Dedup(plan.dedup)
+            if len(lists) <= 1 or sum(map(len, lists)) < 500:
+                return merge_inline(level, dedup, meta, lists, plan.offset, limit)
+            # Off the event loop: the replica keeps serving other requests while it merges.
+            return await asyncio.to_thread(merge_inline, level, dedup, meta, lists, plan.offset, limit)
         level, dedup = plan.query.level, Dedup(plan.dedup)
         ref = merge_refs(level, dedup, meta, refs, self._partitions, plan.offset, limit)
         total, page = await ref

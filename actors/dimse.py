@@ -50,6 +50,7 @@ def quiet_pynetdicom() -> None:
     """pynetdicom formats every identifier for its INFO log, listened to or not: ~20% of a match's CPU."""
     _config.LOG_REQUEST_IDENTIFIERS = False
     _config.LOG_RESPONSE_IDENTIFIERS = False
+    _config.LOG_HANDLER_LEVEL = "none"  # the "standard" handlers format a line for every PDU, logged or not
 
 
 def build_ae(spec: NodeSpec) -> AE:

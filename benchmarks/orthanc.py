@@ -2,6 +2,7 @@
 
 - spanner: POST /api/v1/queries over the span of the three Orthancs (merged answer);
 - spanner-1: the same, narrowed to the first Orthanc (same work as the two below, plus the spanner);
+- findscu-scp: dcmtk's findscu to the spanner's DICOM front (scp/), span of the three;
 - findscu: dcmtk's findscu straight to the first Orthanc, a process per query, TCP_NODELAY=1;
 - pynetdicom: one pooled association (reused, TCP_NODELAY) to the first Orthanc, C-FIND after C-FIND.
 
@@ -35,7 +36,7 @@ from benchmarks.common import (
 FIND_MODELS = {"STUDY": "1.2.840.10008.5.1.4.1.2.2.1", "PATIENT": "1.2.840.10008.5.1.4.1.2.1.1"}
 IDENTITY = {"PATIENT": "PatientID", "STUDY": "StudyInstanceUID", "SERIES": "SeriesInstanceUID",
             "IMAGE": "SOPInstanceUID"}
-METHODS = ("spanner", "spanner-1", "findscu", "pynetdicom")
+METHODS = ("spanner", "spanner-1", "findscu-scp", "findscu", "pynetdicom")
 
 
 def parse(argv: list[str] | None) -> argparse.Namespace:
@@ -52,11 +53,28 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def findscu_command(name: str, level: Any, aec: str, host: str, port: int) -> list[str]:
+    """findscu asking the level's default keys, as the spanner does, so every method moves the same data."""
+    from spanner.query import DEFAULT_RETURN_KEYS, IDENTITY_KEYS
+
+    keys = [*DEFAULT_RETURN_KEYS[level], *IDENTITY_KEYS[level]]
+    key_args = [arg for key in dict.fromkeys(keys) for arg in ("-k", key)]
+    return ["findscu", "-S" if name != "PATIENT" else "-P", "-aet", "BENCH", "-aec", aec,
+            "-k", f"QueryRetrieveLevel={name}", *key_args, host, str(port)]
+
+
+def run_findscu(cmd: list[str]) -> None:
+    done = subprocess.run(cmd, env={**os.environ, "TCP_NODELAY": "1"}, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, timeout=30, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"findscu failed: {done.stderr.decode(errors='replace')[-500:]}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     from pynetdicom import AE, evt
 
-    from spanner.query import DEFAULT_RETURN_KEYS, IDENTITY_KEYS, Level, NodeQuery
+    from spanner.query import Level, NodeQuery
     from spanner.simulator.dataset import generate_fleet
     from spanner.simulator.scp import enable_nodelay
     from tests.peers.orthanc import OrthancPeer, orthanc_executable, stop_all
@@ -88,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         with SpannerApp() as app:
             nodes = [SimNode(i, f"orthanc-{i}", peer.aet, peer.dicom_port) for i, peer in enumerate(peers)]
             app.bring_up(nodes)
-            app.add_span("orthanc", [n.name for n in nodes])
+            app.add_span("orthanc", [n.name for n in nodes], cache_ttl_s=0)  # every method asks the archives
 
             def spanner(body: dict[str, Any], expected: int) -> None:
                 response = app.http.post("/api/v1/queries", json=body)
@@ -105,19 +123,21 @@ def main(argv: list[str] | None = None) -> int:
             results.append({"method": "spanner-1", "nodes": 1, "matches": expected_first,
                             **summarize(samples)})
 
-        keys = [*DEFAULT_RETURN_KEYS[level], *IDENTITY_KEYS[level]]
-        key_args = [arg for key in dict.fromkeys(keys) for arg in ("-k", key)]
-        cmd = ["findscu", "-S" if args.level != "PATIENT" else "-P", "-aet", "BENCH", "-aec", first.aet,
-               "-k", f"QueryRetrieveLevel={args.level}", *key_args, first.host, str(first.dicom_port)]
-        env = {**os.environ, "TCP_NODELAY": "1"}
+            from scp.server import SpannerScp
+            from spanner.settings import load_settings
 
-        def findscu() -> None:
-            done = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                  timeout=30, check=False)
-            if done.returncode != 0:
-                raise RuntimeError(f"findscu failed: {done.stderr.decode(errors='replace')[-500:]}")
+            front = SpannerScp(load_settings(demo_fleet=False), base_url=app.base_url, port=0)
+            scp_port = front.start()
+            try:  # a DICOM client's view: findscu to the span's AE title on the spanner's DICOM front
+                via_front = findscu_command(args.level, level, "ORTHANC", "127.0.0.1", scp_port)
+                samples = timed_runs(lambda: run_findscu(via_front), args.runs, 60.0, warmup=2)
+            finally:
+                front.stop()
+            results.append({"method": "findscu-scp", "nodes": 3, "matches": expected_all,
+                            **summarize(samples)})
 
-        samples = timed_runs(findscu, args.runs, 60.0, warmup=2)
+        cmd = findscu_command(args.level, level, first.aet, first.host, first.dicom_port)
+        samples = timed_runs(lambda: run_findscu(cmd), args.runs, 60.0, warmup=2)
         results.append({"method": "findscu", "nodes": 1, "matches": expected_first, **summarize(samples)})
 
         ae = AE(ae_title="BENCH")
@@ -156,8 +176,9 @@ def main(argv: list[str] | None = None) -> int:
                "load_average_at_end": [round(x, 2) for x in os.getloadavg()], "results": results}
     md = [f"# Three real Orthanc archives ({args.level} level, {args.patients} patients over 3 nodes)\n",
           machine_line(payload),
-          "spanner: the span of three; spanner-1, findscu and pynetdicom (one pooled association): the first "
-          "Orthanc only. TCP_NODELAY on every socket.\n",
+          "spanner and findscu-scp (findscu through the spanner's DICOM front): the span of three; "
+          "spanner-1, findscu and pynetdicom (one pooled association): the first Orthanc only. "
+          "TCP_NODELAY on every socket.\n",
           md_table(["method", "nodes", "matches", "p50 (ms)", "p95 (ms)", "p99 (ms)", "runs"],
                    [[r["method"], r["nodes"], r["matches"], r["p50_ms"], r["p95_ms"], r["p99_ms"], r["runs"]]
                     for r in results])]

@@ -25,6 +25,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--latency-ms", type=float, default=50.0)
     parser.add_argument("--jitter-ms", type=float, default=0.0)
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--poll-ms", type=float, default=5.0,
+                        help="association polling of the simulated PACS (pynetdicom's default is 1 ms)")
     parser.add_argument("--lifetime-s", type=float, default=3600.0, help="stop after this long regardless")
     args = parser.parse_args(argv)
     indexes = [int(i) for i in args.indexes.split(",") if i]
@@ -35,7 +37,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         for index in indexes:
             config = SimulatorConfig(ae_title=f"SIM{index:03d}", port=0, latency_ms=args.latency_ms,
-                                     jitter_ms=args.jitter_ms, seed=args.seed + index)
+                                     jitter_ms=args.jitter_ms, seed=args.seed + index,
+                                     poll_ms=args.poll_ms or None)
             pacs = SimulatedPacs(config, generate_uniform(args.seed, index, studies=args.studies))
             pacs.start()
             fleet.append(pacs)

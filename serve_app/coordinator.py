@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,12 +18,9 @@ from actors import registry
 from actors.merge_tasks import merge_inline, merge_refs
 from actors.registry import NodeHandle
 from serve_app.plan import QueryPlan
-from spanner.merge import Dedup, MergedMatch, identity_key
+from spanner.merge import Dedup, MergedMatch
 from spanner.nodespec import ActorTuning, NodeSpec
 from spanner.outcome import NodeOutcome, OutcomeStatus
-from spanner.query import Level
-
-HOLDERS_REMEMBERED = 50_000
 
 
 @dataclass(slots=True)
@@ -48,20 +44,6 @@ class Coordinator:
         self._inline_max = inline_max
         self._partitions = partitions
         self._handles: dict[str, NodeHandle] = {}
-        self._holders: OrderedDict[tuple[Level, str], list[str]] = OrderedDict()
-
-    # -- who held what, as recent answers showed (retrieval starts its search there) --------------------
-    def holders(self, level: Level, key: str) -> list[str]:
-        return list(self._holders.get((level, key), []))
-
-    def _remember(self, level: Level, matches: list[MergedMatch]) -> None:
-        for match in matches:
-            key = identity_key(level, match["dataset"])
-            if key is not None:
-                self._holders[(level, key)] = list(match["nodes"])
-                self._holders.move_to_end((level, key))
-        while len(self._holders) > HOLDERS_REMEMBERED:
-            self._holders.popitem(last=False)
 
     # -- actor handles --------------------------------------------------------------------------------
     async def handle(self, spec: NodeSpec, fresh: bool = False) -> NodeHandle:
@@ -99,7 +81,6 @@ class Coordinator:
         total, page = 0, list[MergedMatch]()
         if not (status == "failed" and plan.failure_strategy == "fail_fast"):
             total, page = await self._merge(plan, results)
-            self._remember(plan.query.level, page)
         return SpanResult(
             status, total, page, outcomes, round((time.monotonic() - started) * 1000, 2), reason
         )

@@ -98,9 +98,9 @@ class Retriever:
         if level is Level.STUDY:
             parts: list[Part] = []
             for study in uids["StudyInstanceUID"]:
-                known = self._coordinator.holders(Level.STUDY, study)
-                ask = [by_name[n] for n in known if n in by_name] or nodes
-                series = await self._lookup(ask, Level.SERIES, {"StudyInstanceUID": study})
+                # Always the whole span: a holder list remembered from an earlier answer may have gone
+                # stale, and a missed holder would silently leave part of a split study behind.
+                series = await self._lookup(nodes, Level.SERIES, {"StudyInstanceUID": study})
                 parts.extend(self._study_parts(study, series, by_name))
             return parts
         if level is Level.SERIES:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import threading
 import time
 from collections import Counter
@@ -17,15 +18,19 @@ from typing import Any, Protocol
 
 import ray
 
-from actors.circuit import CircuitBreaker, Decision
+from actors.circuit import CircuitBreaker, CircuitState, Decision
 from actors.dimse import FIND_MODELS, MOVE_MODELS, build_ae
+from actors.metrics import NodeMetrics
 from actors.operations import CANCELLED, EchoOperation, FindOperation, MoveOperation
 from actors.pool import AssociationPool
 from actors.throttle import RateLimiter
 from spanner.errors import AssociationRejected, NodeUnreachable
+from spanner.logs import configure_logging
 from spanner.nodespec import ActorTuning, NodeSpec
 from spanner.outcome import DicomJson, NodeOutcome, OutcomeStatus
 from spanner.query import MoveQuery, NodeQuery, information_model_for
+
+LOG = logging.getLogger(__name__)
 
 
 class _Operation(Protocol):
@@ -50,6 +55,7 @@ class PacsNodeImpl:
         self._reaper: asyncio.Task[None] | None = None
         self.in_flight = 0
         self.outcomes: Counter[str] = Counter()
+        self.metrics = NodeMetrics(spec.name)
 
     # -- public calls ---------------------------------------------------------------------------------
     async def find(self, query: NodeQuery, timeout_s: float) -> tuple[NodeOutcome, list[DicomJson]]:
@@ -61,6 +67,14 @@ class PacsNodeImpl:
         outcome.elapsed_ms = round((time.monotonic() - started) * 1000, 2)
         outcome.matches = len(matches)
         self.outcomes[outcome.status.value] += 1
+        self.metrics.query_finished(outcome.status.value, outcome.elapsed_ms)
+        self._publish()
+        LOG.debug(
+            "C-FIND finished: %s, %d matches",
+            outcome.status.value,
+            outcome.matches,
+            extra={"event": "node.find", "node": self.spec.name, "elapsed_ms": outcome.elapsed_ms},
+        )
         return outcome, matches
 
     async def echo(self, timeout_s: float) -> NodeOutcome:
@@ -76,6 +90,9 @@ class PacsNodeImpl:
         except _Throttled:
             outcome = _throttled(self.spec)
         outcome.elapsed_ms = round((time.monotonic() - started) * 1000, 2)
+        if outcome.status is OutcomeStatus.THROTTLED:
+            self.metrics.throttled()
+        self._publish()
         return outcome
 
     async def move(self, query: MoveQuery, timeout_s: float) -> AsyncIterator[dict[str, Any]]:
@@ -135,6 +152,8 @@ class PacsNodeImpl:
         outcome = self._move_outcome(op, finished)
         outcome.elapsed_ms = round((time.monotonic() - started) * 1000, 2)
         self.outcomes[f"move_{outcome.status.value}"] += 1
+        self.metrics.outcome(f"move_{outcome.status.value}")
+        self._publish()
         yield result | outcome.to_json() | {**op.counts, "failed_uids": op.failed_uids}
 
     def _move_outcome(self, op: MoveOperation, finished: bool) -> NodeOutcome:
@@ -142,7 +161,7 @@ class PacsNodeImpl:
         if op.error is not None:
             self._note_connection(op.error)
             return NodeOutcome(name, OutcomeStatus(op.error.status), error=op.error.message)
-        self._circuit.record_success()
+        self._circuit_success()
         if not finished:
             return NodeOutcome(
                 name,
@@ -186,6 +205,7 @@ class PacsNodeImpl:
         )
 
     def stats(self) -> dict[str, Any]:
+        self._publish()
         return {
             "node": self.spec.name,
             "in_flight": self.in_flight,
@@ -238,7 +258,7 @@ class PacsNodeImpl:
                 error=op.error.message,
                 dimse_status=op.error.dimse_status,
             )
-        self._circuit.record_success()
+        self._circuit_success()
         if not finished:
             return NodeOutcome(
                 name,
@@ -281,7 +301,7 @@ class PacsNodeImpl:
         if not finished:
             return NodeOutcome(name, OutcomeStatus.TIMEOUT, error="no C-ECHO response before the deadline")
         if op.status == 0x0000:
-            self._circuit.record_success()
+            self._circuit_success()
             return NodeOutcome(name, OutcomeStatus.OK, dimse_status=0)
         if op.status is None:
             return NodeOutcome(
@@ -293,7 +313,41 @@ class PacsNodeImpl:
 
     def _note_connection(self, error: Exception) -> None:
         if isinstance(error, NodeUnreachable | AssociationRejected):
-            self._circuit.record_failure()
+            self._circuit_failure()
+
+    # -- circuit transitions and gauges ---------------------------------------------------------------
+    def _circuit_success(self) -> None:
+        was_open = self._circuit.state is not CircuitState.CLOSED
+        self._circuit.record_success()
+        if was_open:
+            LOG.info(
+                "circuit closed: the node answers again",
+                extra={"event": "node.circuit_closed", "node": self.spec.name},
+            )
+            self._publish()
+
+    def _circuit_failure(self) -> None:
+        was_closed = self._circuit.state is CircuitState.CLOSED
+        self._circuit.record_failure()
+        if was_closed and self._circuit.state is not CircuitState.CLOSED:
+            LOG.warning(
+                "circuit opened after %d consecutive connection failures; next probe in %.1f s",
+                self._circuit.consecutive_failures,
+                self._circuit.retry_in_s(),
+                extra={"event": "node.circuit_opened", "node": self.spec.name},
+            )
+            self._publish()
+
+    def _publish(self) -> None:
+        """Set the gauges from the actor's state; metrics must never break a query."""
+        try:
+            self.metrics.state(
+                pool_open=self._pool.idle + self._pool.in_use,
+                in_flight=self.in_flight,
+                circuit_open=self._circuit.state is not CircuitState.CLOSED,
+            )
+        except Exception:  # pragma: no cover - a metrics agent hiccup is no reason to fail a query
+            LOG.debug("metrics update failed", exc_info=True)
 
     # -- admission: circuit, rate, slots ------------------------------------------------------------------
     async def _admit(self, deadline: float, probe_allowed: bool) -> NodeOutcome | None:
@@ -305,7 +359,7 @@ class PacsNodeImpl:
             probe = EchoOperation(self._pool)
             finished = await self._run(probe, deadline)
             if self._echo_outcome(probe, finished).status is not OutcomeStatus.OK:
-                self._circuit.record_failure()
+                self._circuit_failure()
                 decision = Decision.REJECT
         elif decision is Decision.PROBE:
             decision = Decision.PROCEED  # an explicit echo is itself the probe
@@ -348,6 +402,7 @@ class PacsNodeImpl:
         loop = asyncio.get_running_loop()
         done: asyncio.Future[None] = loop.create_future()
         self.in_flight += 1
+        self._publish()
 
         def finish() -> None:
             self.in_flight -= 1
@@ -421,6 +476,7 @@ class PacsNode:
     """Ray actor wrapper: one per enabled node, detached and named (see actors.registry)."""
 
     def __init__(self, spec: NodeSpec, tuning: ActorTuning) -> None:
+        configure_logging(f"node:{spec.name}", tuning)
         self._impl = PacsNodeImpl(spec, tuning)
 
     @ray.method(num_returns=2)

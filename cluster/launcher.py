@@ -11,6 +11,7 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from spanner.logs import configure_logging
 from spanner.schemas import NodeIn, NodeOut
 from spanner.settings import Settings
 from spanner.storage import Repository, make_engine, require_current_schema, upgrade_database
@@ -111,6 +112,7 @@ def run(settings: Settings, say: Callable[[str], None] = print) -> None:
     from serve_app.app import AppArgs, build_app
     from spanner.simulator.fleet import stop_fleet
 
+    configure_logging("cli", settings)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

@@ -29,6 +29,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 from scp import handlers, translate
 from scp.client import SpannerClient
 from scp.spans import SpanDirectory
+from spanner.logs import configure_logging
 from spanner.settings import Settings
 
 LOG = logging.getLogger(__name__)
@@ -199,6 +200,7 @@ class SpannerScp:
 
 def serve_forever(settings: Settings, on_started: Callable[[SpannerScp], None] | None = None) -> None:
     """Run the front until SIGINT or SIGTERM (for ``spanner scp``); main thread only."""
+    configure_logging("scp", settings)
     scp = SpannerScp(settings)
     done = threading.Event()
 

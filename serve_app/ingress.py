@@ -14,6 +14,7 @@ from ray import serve
 from serve_app import errors
 from serve_app.routes import health, nodes, queries, register, retrievals, spans
 from serve_app.services import Services
+from spanner.logs import configure_logging
 from spanner.settings import Settings
 
 app = FastAPI(
@@ -31,6 +32,8 @@ for module in (queries, retrievals, nodes, spans, health):
 @serve.ingress(app)
 class Ingress:
     def __init__(self, settings: dict[str, Any]) -> None:
-        self.services = Services(Settings(**settings))
+        parsed = Settings(**settings)
+        configure_logging("ingress", parsed)
+        self.services = Services(parsed)
         register(self.services)
         self.services.reconcile()

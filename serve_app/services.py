@@ -61,6 +61,8 @@ class Services:
             circuit_cooldown_s=settings.circuit_cooldown_s,
             pool_idle_s=settings.pool_idle_s,
             cancel_grace_s=settings.cancel_grace_s,
+            log_format=settings.log_format,
+            log_level=settings.log_level,
         )
         self.coordinator = Coordinator(
             settings.namespace,
@@ -113,8 +115,7 @@ class Services:
     # -- planning -------------------------------------------------------------------------------------
     def span_specs(self, span: str, only: list[str] | None) -> list[NodeSpec]:
         """The enabled nodes of ``span`` (narrowed to ``only``), best priority first; 404/422 otherwise."""
-        self.repo.get_span(span)
-        members = self.repo.span_nodes(span)
+        members = self.repo.span_nodes(span)  # NotFound for an unknown span
         if only is not None:
             names = {n.name for n in members}
             unknown = sorted(set(only) - names)

@@ -33,3 +33,5 @@ class ActorTuning:
     circuit_cooldown_s: float = 15.0
     pool_idle_s: float = 30.0
     cancel_grace_s: float = 1.0
+    log_format: str = "json"
+    log_level: str = "INFO"

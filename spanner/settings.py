@@ -104,6 +104,13 @@ class Settings(BaseSettings):
         default=2.0, ge=0, description="After a Redis failure, queries skip the cache this long"
     )
 
+    log_format: Literal["json", "text"] = Field(
+        default="json", description="json: one object per line (for Fluentd); text: for a terminal"
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        default="INFO", description="Root log level of every process; DEBUG may show patient data"
+    )
+
     demo_fleet: bool = Field(
         default=True, description="Start three simulated PACS when no node is configured"
     )

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
 from typing import Any
@@ -15,10 +16,14 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
 
 from serve_app.api_models import QueryIn, QueryOut
+from serve_app.metrics import record_span_query
 from serve_app.plan import QueryPlan
 from serve_app.routes import services
 from serve_app.services import Services
+from spanner.logs import query_log_fields
 from spanner.schemas import QueryRecordOut
+
+LOG = logging.getLogger(__name__)
 
 router = APIRouter(prefix="/api/v1/queries", tags=["queries"])
 
@@ -76,6 +81,7 @@ async def run_query(body: QueryIn, request: Request, s: Services = Depends(servi
         s.cache.store(store_key, answer, prepared.cache_ttl_s)
 
     await asyncio.to_thread(record_and_store)
+    _completed(query_id, plan, result.status, result.total, result.elapsed_ms, "miss")
     return JSONResponse(answer, status_code=502 if result.status == "failed" else 200)
 
 
@@ -100,7 +106,25 @@ async def _answer_hit(
         error=answer.get("reason"),
         cache="hit",
     )
+    _completed(query_id, plan, str(answer.get("status")), int(answer.get("total", 0)), elapsed_ms, "hit")
     return JSONResponse(answer, status_code=502 if answer.get("status") == "failed" else 200)
+
+
+def _completed(
+    query_id: str, plan: QueryPlan, status: str, total: int, elapsed_ms: float, cache: str
+) -> None:
+    """One INFO line and the span metrics per spanning query; filters stay out (they hold patient data)."""
+    fields = query_log_fields(
+        query_id=query_id,
+        span=plan.span,
+        level=plan.query.level.value,
+        status=status,
+        total=total,
+        elapsed_ms=elapsed_ms,
+        cache=cache,
+    )
+    LOG.info("query %s on span %s: %s, %d matches", query_id, plan.span, status, total, extra=fields)
+    record_span_query(plan.span, status, elapsed_ms, cache)
 
 
 @router.get("", response_model=list[QueryRecordOut])

@@ -69,13 +69,38 @@ def prepare_demo_fleet(settings: Settings, say: Callable[[str], None]) -> list[A
     return fleet
 
 
+def decide_auth(settings: Settings, say: Callable[[str], None]) -> Settings:
+    """In development with no API key configured, authentication goes off (and the banner says so);
+    otherwise it stays as set (production cannot turn it off: the settings refuse it)."""
+    if not settings.auth_enabled or settings.environment != "development":
+        return settings
+    engine = make_engine(settings.effective_database_url)
+    try:
+        keys = Repository(engine).count_active_api_keys()
+    finally:
+        engine.dispose()
+    if keys:
+        if not settings.scp_api_key:
+            say("[yellow]API keys are configured but SPANNER_SCP_API_KEY is not: the DICOM front will be "
+                "refused by the API (`spanner keys create dicom-front --role query`)[/yellow]")
+        return settings
+    return settings.model_copy(update={"auth_enabled": False})
+
+
+def auth_line(settings: Settings) -> str:
+    if settings.auth_enabled:
+        return "Authentication ON: send 'Authorization: Bearer <key>' (spanner keys create NAME --role ...)"
+    return ("[bold yellow]Authentication OFF[/bold yellow] (development, no API key configured): anyone who "
+            "reaches the API may use it; `spanner keys create NAME --role admin` and restart to turn it on")
+
+
 def example(settings: Settings) -> str:
     url = f"http://{settings.http_host}:{settings.http_port}"
     dicom = f"{settings.scp_host} {settings.scp_port}"
     body = '{"level": "STUDY", "filters": {"PatientName": "*", "StudyDate": "20100101-"}, "limit": 5}'
     return (
         f"\nReady. API {url}  (OpenAPI: {url}/docs)   Ray dashboard: "
-        f"http://{settings.dashboard_host}:{settings.dashboard_port}\n\n"
+        f"http://{settings.dashboard_host}:{settings.dashboard_port}\n{auth_line(settings)}\n\n"
         f"  curl -s -X POST {url}/api/v1/queries -H 'Content-Type: application/json' \\\n"
         f"       -d '{body}'\n\n"
         f"  .venv/bin/spanner query STUDY -f 'StudyDate=20100101-' --limit 5\n\n"
@@ -120,6 +145,9 @@ def run(settings: Settings, say: Callable[[str], None] = print) -> None:
     front: SpannerScp | None = None
     try:
         fleet = prepare_demo_fleet(settings, say)
+        settings = decide_auth(settings, say)
+        if not settings.auth_enabled:
+            say(auth_line(settings))
         say("starting Ray" + (f" (joining {settings.ray_address})" if settings.ray_address else " (local)"))
         connect(settings)
         serve.start(

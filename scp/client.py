@@ -120,8 +120,10 @@ class EventStream:
 class SpannerClient:
     """HTTP client of one spanner API; ``start()`` before use, ``close()`` after."""
 
-    def __init__(self, base_url: str, read_timeout_s: float = 330.0, connect_timeout_s: float = 5.0) -> None:
+    def __init__(self, base_url: str, read_timeout_s: float = 330.0, connect_timeout_s: float = 5.0,
+                 api_key: str = "") -> None:
         self.base_url = base_url.rstrip("/")
+        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._timeout = httpx.Timeout(read_timeout_s, connect=connect_timeout_s)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
@@ -142,7 +144,8 @@ class SpannerClient:
 
     async def _make_client(self) -> httpx.AsyncClient:
         limits = httpx.Limits(max_connections=None, max_keepalive_connections=20)
-        return httpx.AsyncClient(base_url=self.base_url, timeout=self._timeout, limits=limits)
+        return httpx.AsyncClient(base_url=self.base_url, timeout=self._timeout, limits=limits,
+                                 headers=self._headers)
 
     def close(self) -> None:
         with self._lock:
@@ -200,13 +203,14 @@ class SpannerClient:
             raise ApiFailed("GET /api/v1/spans answered no list")
         return spans
 
-    def query(self, body: Json) -> Pending[Json]:
-        """POST /api/v1/queries; the answer of a failed spanning query (502) raises ApiFailed."""
-        return Pending(self._submit(self._post_query(body)))
+    def query(self, body: Json, headers: dict[str, str] | None = None) -> Pending[Json]:
+        """POST /api/v1/queries; the answer of a failed spanning query (502) raises ApiFailed.
+        ``headers`` name the DICOM caller for the audit trail."""
+        return Pending(self._submit(self._post_query(body, headers or {})))
 
-    async def _post_query(self, body: Json) -> Json:
+    async def _post_query(self, body: Json, headers: dict[str, str]) -> Json:
         try:
-            response = await self._client().post("/api/v1/queries", json=body)
+            response = await self._client().post("/api/v1/queries", json=body, headers=headers)
         except httpx.TransportError as exc:
             raise _unreachable(self.base_url, exc) from exc
         if response.status_code != 200:
@@ -219,15 +223,16 @@ class SpannerClient:
             raise ApiFailed("the query answer has no list of matches", 200)
         return answer
 
-    def retrieve(self, body: Json) -> EventStream:
+    def retrieve(self, body: Json, headers: dict[str, str] | None = None) -> EventStream:
         """POST /api/v1/retrievals; its NDJSON events are read as they come."""
         stream = EventStream()
-        stream.attach(self._submit(self._stream_retrieval(body, stream)))
+        stream.attach(self._submit(self._stream_retrieval(body, stream, headers or {})))
         return stream
 
-    async def _stream_retrieval(self, body: Json, stream: EventStream) -> None:
+    async def _stream_retrieval(self, body: Json, stream: EventStream, headers: dict[str, str]) -> None:
         try:
-            async with self._client().stream("POST", "/api/v1/retrievals", json=body) as response:
+            async with self._client().stream("POST", "/api/v1/retrievals", json=body,
+                                             headers=headers) as response:
                 if response.status_code != 200:
                     await response.aread()
                     raise http_error(response)

@@ -119,6 +119,12 @@ def on_echo(event: evt.Event) -> int:
     return translate.SUCCESS
 
 
+def origin(event: evt.Event) -> dict[str, str]:
+    """Who is asking, for the API's audit trail: the calling AE title and its address."""
+    requestor = event.assoc.requestor
+    return {"X-Spanner-Calling-AE": str(requestor.ae_title).strip(), "X-Spanner-Peer": str(requestor.address)}
+
+
 def _identifier(event: evt.Event) -> Dataset:
     try:
         identifier: Dataset = event.identifier
@@ -134,7 +140,7 @@ def on_find(event: evt.Event, front: Front) -> Iterator[Response]:
         span = front.span_of(event.assoc)
         model = translate.MODELS[str(event.request.AffectedSOPClassUID)]
         request = translate.find_request(_identifier(event), model, span)
-        answer = front.client.query(request.body).wait(stop)
+        answer = front.client.query(request.body, origin(event)).wait(stop)
         for match in answer["matches"]:
             if stop():
                 raise Abandoned("C-CANCEL during the pending responses")
@@ -163,7 +169,7 @@ def on_move(event: evt.Event, front: Front) -> Iterator[Response]:
     except ScpError as exc:
         yield translate.move_failure(exc, None)
         return
-    stream = front.client.retrieve(body)
+    stream = front.client.retrieve(body, origin(event))
     try:
         while True:
             item = stream.next(stop)

@@ -150,7 +150,8 @@ class SpannerScp:
         _install_relay()
         if not logging.getLogger("pynetdicom").isEnabledFor(logging.DEBUG):
             _config.LOG_RESPONSE_IDENTIFIERS = False  # formatting every match for an unread log costs CPU
-        client = SpannerClient(self.base_url, read_timeout_s=s.max_timeout_s + s.node_grace_s + 30.0).start()
+        client = SpannerClient(self.base_url, read_timeout_s=s.max_timeout_s + s.node_grace_s + 30.0,
+                               api_key=s.scp_api_key).start()
         spans = SpanDirectory(lambda: client.spans(SPAN_LOOKUP_TIMEOUT_S), ttl_s=s.scp_span_cache_ttl_s)
         front = handlers.Front(spans, client)
         ae = FrontAE(ae_title=s.ae_title)

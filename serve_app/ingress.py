@@ -12,7 +12,7 @@ from fastapi import FastAPI
 from ray import serve
 
 from serve_app import errors
-from serve_app.routes import health, nodes, queries, register, retrievals, spans
+from serve_app.routes import audit, health, nodes, queries, register, retrievals, spans
 from serve_app.services import Services
 from spanner.logs import configure_logging
 from spanner.settings import Settings
@@ -21,10 +21,11 @@ app = FastAPI(
     title="dicom-spanner",
     version="0.1.0",
     description="One front door to every PACS: a spanning C-FIND fans out to every archive of a span at once "
-    "and answers with one merged, de-duplicated list and each archive's outcome.",
+    "and answers with one merged, de-duplicated list and each archive's outcome. Every /api route needs "
+    "an API key (`Authorization: Bearer <key>` or `X-API-Key`) unless authentication is turned off.",
 )
 errors.install(app)
-for module in (queries, retrievals, nodes, spans, health):
+for module in (queries, retrievals, nodes, spans, audit, health):
     app.include_router(module.router)
 
 

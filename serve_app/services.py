@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 
 from actors import registry
 from serve_app.api_models import QueryIn
@@ -13,7 +17,7 @@ from serve_app.plan import QueryPlan
 from serve_app.retrieval import Retriever
 from spanner.cache import NO_LOOKUP, Lookup, QueryIdentity, make_cache
 from spanner.config_file import apply_config
-from spanner.errors import InvalidQuery, NotFound
+from spanner.errors import InvalidQuery, NotFound, SpannerError
 from spanner.nodespec import ActorTuning, NodeSpec
 from spanner.query import NodeQuery, normalise_filters, normalise_return_keys
 from spanner.schemas import ALL_SPAN, NodeOut, SpanOut
@@ -45,6 +49,46 @@ def cache_identity(plan: QueryPlan) -> QueryIdentity:
     )
 
 
+class AuditJanitor:
+    """Purges records older than the retention; ``due()`` is the cheap check the request paths make."""
+
+    INTERVAL_S = 3600.0
+
+    def __init__(
+        self, repo: Repository, retention_days: int, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._repo = repo
+        self._retention_days = retention_days
+        self._clock = clock
+        self._last: float | None = None
+        self._lock = threading.Lock()
+
+    def due(self) -> bool:
+        if self._retention_days <= 0:
+            return False
+        return self._last is None or self._clock() - self._last >= self.INTERVAL_S
+
+    def purge(self) -> int:
+        """Delete what is past retention (call in a thread); a failure is logged, never raised."""
+        if self._retention_days <= 0:
+            return 0
+        with self._lock:
+            self._last = self._clock()
+        cutoff = datetime.now(UTC) - timedelta(days=self._retention_days)
+        try:
+            gone = self._repo.purge_audit(cutoff)
+        except SpannerError as exc:
+            log.warning("audit purge failed: %s", exc)
+            return 0
+        if gone:
+            log.info("audit trail: %d records older than %d days purged", gone, self._retention_days)
+        return gone
+
+    def purge_if_due(self) -> None:
+        if self.due():
+            self.purge()
+
+
 class Services:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -72,6 +116,12 @@ class Services:
             settings.merge_partitions,
         )
         self.retriever = Retriever(self.coordinator, lookup_timeout_s=settings.default_timeout_s)
+        from serve_app.auth import KeyCache  # auth depends on this module for its dependency
+
+        self.keys = KeyCache(self.repo, settings.auth_cache_ttl_s)
+        self.janitor = AuditJanitor(self.repo, settings.audit_retention_days)
+        self.janitor.purge()  # at start, then at most hourly from the request paths
+
 
     # -- nodes and their actors -------------------------------------------------------------------------
     def spec_for(self, node: NodeOut) -> NodeSpec:

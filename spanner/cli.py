@@ -17,6 +17,8 @@ nodes_app = typer.Typer(help="List, add, remove and echo PACS nodes.", no_args_i
 app.add_typer(nodes_app, name="nodes")
 db_app = typer.Typer(help="The database: schema migrations.", no_args_is_help=True)
 app.add_typer(db_app, name="db")
+keys_app = typer.Typer(help="API keys of the HTTP API (written to the database).", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
 console = Console()
 
 UrlOption = Annotated[str, typer.Option(envvar="SPANNER_URL", help="Base URL of the spanner HTTP API")]
@@ -76,6 +78,72 @@ def db_upgrade() -> None:
         console.print(f"[yellow]the database still differs from the code's schema: {change}[/yellow]")
     note = "" if result.changed else " (already current)"
     console.print(f"{where}: {result.from_label} -> {result.after}{note}")
+
+
+def _key_repository() -> Any:
+    """The repository of DATABASE_URL (or the SQLite file under var/), whose schema must be current."""
+    from spanner.settings import get_settings
+    from spanner.storage import Repository, make_engine, require_current_schema
+
+    try:
+        engine = make_engine(get_settings().effective_database_url)
+        require_current_schema(engine)
+    except SpannerError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(2 if isinstance(exc, ConfigError) else 1) from exc
+    return Repository(engine)
+
+
+@keys_app.command("create")
+def keys_create(
+    name: Annotated[str, typer.Argument(help="Who holds the key, e.g. ward-ws or dicom-front")],
+    role: Annotated[str, typer.Option(help="admin (may change nodes and spans, read the audit) or query")],
+) -> None:
+    """Create an API key and print it once: only its hash is stored."""
+    from serve_app.auth import new_key
+
+    repo = _key_repository()
+    key, prefix, key_hash = new_key()
+    try:
+        repo.create_api_key(name, role, prefix, key_hash)
+    except SpannerError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(1) from exc
+    finally:
+        repo.engine.dispose()
+    console.print(f"API key {name!r} (role {role}); shown only now, keep it safe:")
+    print(key)  # plain, so that `spanner keys create ... | tail -1` gets exactly the key
+
+
+@keys_app.command("list")
+def keys_list() -> None:
+    """List the API keys: name, role, public prefix, created, revoked."""
+    repo = _key_repository()
+    try:
+        keys = repo.list_api_keys()
+    finally:
+        repo.engine.dispose()
+    table = Table()
+    for col in ("name", "role", "prefix", "created", "revoked"):
+        table.add_column(col)
+    for k in keys:
+        revoked = k.revoked_at.isoformat(timespec="seconds") if k.revoked_at else ""
+        table.add_row(k.name, k.role, k.prefix, k.created_at.isoformat(timespec="seconds"), revoked)
+    console.print(table)
+
+
+@keys_app.command("revoke")
+def keys_revoke(name: str) -> None:
+    """Revoke an API key; replicas stop accepting it within SPANNER_AUTH_CACHE_TTL_S."""
+    repo = _key_repository()
+    try:
+        repo.revoke_api_key(name)
+    except SpannerError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(1) from exc
+    finally:
+        repo.engine.dispose()
+    console.print(f"revoked {name}")
 
 
 @app.command()

@@ -11,7 +11,7 @@ import ipaddress
 import re
 from datetime import datetime
 from enum import StrEnum
-from typing import Annotated, Any, Self
+from typing import Annotated, Any, Literal, Self
 
 from pydantic import (
     AfterValidator,
@@ -428,6 +428,12 @@ class QueryRecordOut(BaseModel):
     error: str | None = Field(default=None, description="Why the query failed, when it did")
     cache: str | None = Field(default=None, description="hit (answered from the query cache) or miss",
                               examples=["miss"])
+    principal: str | None = Field(default=None, description="Who asked: an API key's name, ae:<CALLING_AE> "
+                                  "or anonymous (null before the audit trail existed)", examples=["ward-ws"])
+    channel: str | None = Field(default=None, description="http or dimse", examples=["http"])
+    client: str | None = Field(default=None, description="Address of the asking client",
+                               examples=["10.0.0.7"])
+    patient_id: str | None = Field(default=None, description="The PatientID asked about, when one was given")
 
 
 class RetrievalRecordOut(BaseModel):
@@ -450,6 +456,48 @@ class RetrievalRecordOut(BaseModel):
     parts: list[dict[str, Any]] = Field(description="Each part: level, keys, node tried, outcome, counts")
     elapsed_ms: float = Field(description="Wall time in milliseconds")
     error: str | None = Field(default=None, description="Why it failed, when it did")
+    principal: str | None = Field(default=None, description="Who asked: an API key's name, ae:<CALLING_AE> "
+                                  "or anonymous (null before the audit trail existed)", examples=["ward-ws"])
+    channel: str | None = Field(default=None, description="http or dimse", examples=["http"])
+    client: str | None = Field(default=None, description="Address of the asking client",
+                               examples=["10.0.0.7"])
+    patient_id: str | None = Field(default=None, description="The PatientID asked about, when one was given")
+
+
+class AuditEntryOut(BaseModel):
+    """One query or retrieval in the audit trail: who asked what, from where, and how each node answered."""
+
+    kind: Literal["query", "retrieval"]
+    id: str
+    created_at: datetime = Field(description="When it started (UTC)")
+    principal: str | None = Field(description="API key name, ae:<CALLING_AE> or anonymous")
+    channel: str | None = Field(description="http or dimse")
+    client: str | None = Field(description="Address of the asking client")
+    patient_id: str | None
+    span: str
+    level: str
+    what: dict[str, Any] = Field(description="The query's filters, or the retrieval's unique keys")
+    destination_ae: str | None = Field(default=None, description="Retrievals: the move destination")
+    status: str
+    total: int = Field(description="Queries: merged matches; retrievals: sub-operations completed")
+    nodes: list[dict[str, Any]] = Field(description="Per-node outcomes (queries) or parts (retrievals)")
+    elapsed_ms: float
+    error: str | None = None
+
+
+ApiRole = Literal["admin", "query"]
+
+
+class ApiKeyOut(BaseModel):
+    """An API key as listed: never the key itself, only its public prefix."""
+
+    model_config = _OUT
+
+    name: str
+    role: ApiRole
+    prefix: str = Field(description="The key's first characters, to tell keys apart")
+    created_at: datetime
+    revoked_at: datetime | None = None
 
 
 # --- messages ----------------------------------------------------------------------------------------

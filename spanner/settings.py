@@ -83,6 +83,9 @@ class Settings(BaseSettings):
     scp_span_cache_ttl_s: float = Field(
         default=5.0, ge=0, description="How long the DICOM front trusts its copy of the span table"
     )
+    scp_api_key: str = Field(
+        default="", repr=False, description="API key the DICOM front sends to the API (role query suffices)"
+    )
 
     cache_prefix: str = Field(
         default="spanner:", min_length=1, max_length=64,
@@ -111,6 +114,17 @@ class Settings(BaseSettings):
         default="INFO", description="Root log level of every process; DEBUG may show patient data"
     )
 
+    auth_enabled: bool = Field(
+        default=True, description="Every /api route needs an API key; only development may turn it off"
+    )
+    auth_cache_ttl_s: float = Field(
+        default=5.0, ge=0, le=300,
+        description="How long a replica trusts a key it looked up: a revocation takes effect within it",
+    )
+    audit_retention_days: int = Field(
+        default=365, ge=0, description="Query and retrieval records older than this are purged (0: never)"
+    )
+
     demo_fleet: bool = Field(
         default=True, description="Start three simulated PACS when no node is configured"
     )
@@ -126,6 +140,8 @@ class Settings(BaseSettings):
                 )
             if self.demo_fleet:
                 raise ValueError("production must not start the demo fleet: set SPANNER_DEMO_FLEET=false")
+            if not self.auth_enabled:
+                raise ValueError("production must not turn API keys off: remove SPANNER_AUTH_ENABLED=false")
         return self
 
     @property

@@ -31,7 +31,7 @@ from spanner.storage.schema import (
 )
 from spanner.storage.tables import metadata
 
-HEAD = "0002"
+HEAD = "0003"
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -82,7 +82,7 @@ def columns(engine: Engine, table: str) -> set[str]:
 def test_the_head_is_the_last_revision_and_ships_in_the_package() -> None:
     assert head_revision() == HEAD
     assert (MIGRATIONS_DIR / "env.py").is_file() and (MIGRATIONS_DIR / "script.py.mako").is_file()
-    assert sorted(p.name[:4] for p in (MIGRATIONS_DIR / "versions").glob("0*.py")) == ["0001", "0002"]
+    assert sorted(p.name[:4] for p in (MIGRATIONS_DIR / "versions").glob("0*.py")) == ["0001", "0002", "0003"]
 
 
 def test_upgrade_from_empty_builds_exactly_the_code_tables(engine: Engine) -> None:

@@ -8,12 +8,14 @@ import asyncio
 from fastapi import APIRouter, Depends, Query, Response
 
 from serve_app.api_models import EchoOut
+from serve_app.auth import require_admin, require_query
 from serve_app.routes import services
 from serve_app.services import Services
 from spanner.errors import NotFound
 from spanner.schemas import NodeIn, NodeOut, NodePatch, NodePut
 
-router = APIRouter(prefix="/api/v1/nodes", tags=["nodes"])
+router = APIRouter(prefix="/api/v1/nodes", tags=["nodes"], dependencies=[Depends(require_query)])
+ADMIN = [Depends(require_admin)]
 
 
 @router.get("", response_model=list[NodeOut])
@@ -21,7 +23,7 @@ def list_nodes(s: Services = Depends(services)) -> list[NodeOut]:
     return s.repo.list_nodes()
 
 
-@router.post("", response_model=NodeOut, status_code=201)
+@router.post("", response_model=NodeOut, status_code=201, dependencies=ADMIN)
 def create_node(body: NodeIn, s: Services = Depends(services)) -> NodeOut:
     node = s.repo.create_node(body)
     s.cache.invalidate_node(node.name)  # a node of that name may have existed, with other answers
@@ -34,7 +36,7 @@ def get_node(name: str, s: Services = Depends(services)) -> NodeOut:
     return s.repo.get_node(name)
 
 
-@router.put("/{name}", response_model=NodeOut)
+@router.put("/{name}", response_model=NodeOut, dependencies=ADMIN)
 def replace_node(name: str, body: NodePut, s: Services = Depends(services)) -> NodeOut:
     node = s.repo.replace_node(name, body)
     s.cache.invalidate_node(name)
@@ -42,7 +44,7 @@ def replace_node(name: str, body: NodePut, s: Services = Depends(services)) -> N
     return node
 
 
-@router.patch("/{name}", response_model=NodeOut)
+@router.patch("/{name}", response_model=NodeOut, dependencies=ADMIN)
 def patch_node(name: str, body: NodePatch, s: Services = Depends(services)) -> NodeOut:
     node = s.repo.patch_node(name, body)
     s.cache.invalidate_node(name)
@@ -50,7 +52,7 @@ def patch_node(name: str, body: NodePatch, s: Services = Depends(services)) -> N
     return node
 
 
-@router.delete("/{name}", status_code=204)
+@router.delete("/{name}", status_code=204, dependencies=ADMIN)
 def delete_node(name: str, s: Services = Depends(services)) -> Response:
     s.repo.delete_node(name)
     s.cache.invalidate_node(name)
@@ -58,7 +60,7 @@ def delete_node(name: str, s: Services = Depends(services)) -> Response:
     return Response(status_code=204)
 
 
-@router.post("/{name}/echo", response_model=EchoOut)
+@router.post("/{name}/echo", response_model=EchoOut, dependencies=ADMIN)
 async def echo_node(
     name: str, timeout_s: float = Query(5.0, gt=0, le=60), s: Services = Depends(services)
 ) -> EchoOut:

@@ -16,16 +16,18 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
 
 from serve_app.api_models import QueryIn, QueryOut
+from serve_app.auth import Principal, audit_of, require_query
 from serve_app.metrics import record_span_query
 from serve_app.plan import QueryPlan
 from serve_app.routes import services
 from serve_app.services import Services
 from spanner.logs import query_log_fields
 from spanner.schemas import QueryRecordOut
+from spanner.storage import Audit
 
 LOG = logging.getLogger(__name__)
 
-router = APIRouter(prefix="/api/v1/queries", tags=["queries"])
+router = APIRouter(prefix="/api/v1/queries", tags=["queries"], dependencies=[Depends(require_query)])
 
 FAILED_RESPONSE: dict[int | str, dict[str, Any]] = {
     502: {"model": QueryOut, "description": "The query failed under its failure strategy"}
@@ -38,14 +40,20 @@ def cache_directives(header: str | None) -> set[str]:
 
 
 @router.post("", response_model=QueryOut, responses=FAILED_RESPONSE)
-async def run_query(body: QueryIn, request: Request, s: Services = Depends(services)) -> JSONResponse:
+async def run_query(
+    body: QueryIn,
+    request: Request,
+    s: Services = Depends(services),
+    principal: Principal = Depends(require_query),
+) -> JSONResponse:
     started = time.monotonic()
     directives = cache_directives(request.headers.get("cache-control"))
     prepared = await asyncio.to_thread(s.prepare_query, body, read_cache="no-cache" not in directives)
     plan = prepared.plan
     requester = request.client.host if request.client else "unknown"
+    audit = audit_of(request, principal, plan.query.filters.get("PatientID") or None)
     if prepared.lookup.answer is not None:
-        return await _answer_hit(s, plan, prepared.lookup.answer, requester, started)
+        return await _answer_hit(s, plan, prepared.lookup.answer, requester, audit, started)
 
     result = await s.coordinator.run(plan)
     query_id = uuid.uuid4().hex
@@ -77,8 +85,10 @@ async def run_query(body: QueryIn, request: Request, s: Services = Depends(servi
             elapsed_ms=result.elapsed_ms,
             error=result.reason,
             cache="miss",
+            audit=audit,
         )
         s.cache.store(store_key, answer, prepared.cache_ttl_s)
+        s.janitor.purge_if_due()
 
     await asyncio.to_thread(record_and_store)
     _completed(query_id, plan, result.status, result.total, result.elapsed_ms, "miss")
@@ -86,7 +96,7 @@ async def run_query(body: QueryIn, request: Request, s: Services = Depends(servi
 
 
 async def _answer_hit(
-    s: Services, plan: QueryPlan, cached: dict[str, Any], requester: str, started: float
+    s: Services, plan: QueryPlan, cached: dict[str, Any], requester: str, audit: Audit, started: float
 ) -> JSONResponse:
     """A cached answer under a fresh query_id, recorded like any query with the hit's own elapsed time."""
     query_id = uuid.uuid4().hex
@@ -105,6 +115,7 @@ async def _answer_hit(
         elapsed_ms=elapsed_ms,
         error=answer.get("reason"),
         cache="hit",
+        audit=audit,
     )
     _completed(query_id, plan, str(answer.get("status")), int(answer.get("total", 0)), elapsed_ms, "hit")
     return JSONResponse(answer, status_code=502 if answer.get("status") == "failed" else 200)

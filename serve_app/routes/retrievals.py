@@ -13,13 +13,14 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import StreamingResponse
 
 from serve_app.api_models import RetrievalIn
+from serve_app.auth import Principal, audit_of, require_query
 from serve_app.routes import services
 from serve_app.services import Services
 from spanner.errors import InvalidQuery
 from spanner.query import Level, normalise_value
 from spanner.schemas import RetrievalRecordOut
 
-router = APIRouter(prefix="/api/v1/retrievals", tags=["retrievals"])
+router = APIRouter(prefix="/api/v1/retrievals", tags=["retrievals"], dependencies=[Depends(require_query)])
 
 NEEDED = {Level.STUDY: "StudyInstanceUID", Level.SERIES: "SeriesInstanceUID", Level.IMAGE: "SOPInstanceUID"}
 ALLOWED = {"StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "PatientID"}
@@ -58,8 +59,15 @@ def _uids(body: RetrievalIn) -> dict[str, list[str]]:
 
 
 @router.post("", responses=STREAM_DOC)
-async def retrieve(body: RetrievalIn, request: Request, s: Services = Depends(services)) -> StreamingResponse:
+async def retrieve(
+    body: RetrievalIn,
+    request: Request,
+    s: Services = Depends(services),
+    principal: Principal = Depends(require_query),
+) -> StreamingResponse:
     uids = _uids(body)
+    patient_ids = uids.get("PatientID") or []
+    audit = audit_of(request, principal, patient_ids[0] if patient_ids else None)
     destination = body.destination_ae
     nodes = await asyncio.to_thread(s.span_specs, body.span, None)
     timeout = body.timeout_s or s.settings.retrieve_timeout_s
@@ -100,7 +108,9 @@ async def retrieve(body: RetrievalIn, request: Request, s: Services = Depends(se
                 parts=summaries,
                 elapsed_ms=round((time.monotonic() - started) * 1000, 2),
                 error=result.error,
+                audit=audit,
             )
+            await asyncio.to_thread(s.janitor.purge_if_due)
             await events.put(final)
         finally:
             await events.put(None)

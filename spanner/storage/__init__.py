@@ -1,7 +1,7 @@
 """Persistence of nodes, spans and query records behind one Repository (SQLite or PostgreSQL)."""
 
 from spanner.storage.engine import create_schema, make_engine
-from spanner.storage.repository import Repository
+from spanner.storage.repository import Audit, Repository
 from spanner.storage.schema import (
     UpgradeResult,
     head_revision,
@@ -11,6 +11,7 @@ from spanner.storage.schema import (
 )
 
 __all__ = [
+    "Audit",
     "Repository",
     "UpgradeResult",
     "create_schema",

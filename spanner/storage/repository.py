@@ -10,6 +10,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -23,6 +24,8 @@ from spanner.errors import Conflict, InvalidConfig, NotFound, StorageError
 from spanner.outcome import NodeOutcome
 from spanner.schemas import (
     ALL_SPAN,
+    ApiKeyOut,
+    AuditEntryOut,
     NodeIn,
     NodeOut,
     NodePatch,
@@ -37,7 +40,14 @@ from spanner.schemas import (
     describe_errors,
 )
 from spanner.storage.engine import BEGIN_OPTION, describe_db_error
-from spanner.storage.tables import NodeRow, QueryRecordRow, RetrievalRecordRow, SpanNodeRow, SpanRow
+from spanner.storage.tables import (
+    ApiKeyRow,
+    NodeRow,
+    QueryRecordRow,
+    RetrievalRecordRow,
+    SpanNodeRow,
+    SpanRow,
+)
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -250,6 +260,7 @@ class Repository:
         query_id: str | None = None,
         created_at: datetime | None = None,
         cache: str | None = None,
+        audit: Audit | None = None,
     ) -> QueryRecordOut:
         """Store one finished query; ``created_at`` defaults to now (give the start time if known);
         ``cache`` says whether the answer was a cache "hit" or "miss" (None: no cache involved)."""
@@ -266,6 +277,7 @@ class Repository:
             elapsed_ms=float(elapsed_ms),
             error=error,
             cache=cache,
+            **(audit or Audit()).columns(),
         )
         with self._session(write=True) as session:
             session.add(row)
@@ -296,10 +308,12 @@ class Repository:
     def record_retrieval(self, *, retrieval_id: str, span: str, level: str, uids: Mapping[str, Any],
                          destination_ae: str, requester: str, status: str, dimse_status: int | None,
                          completed: int, failed: int, warning: int, parts: Sequence[Mapping[str, Any]],
-                         elapsed_ms: float, error: str | None = None) -> RetrievalRecordOut:
+                         elapsed_ms: float, error: str | None = None, audit: Audit | None = None,
+                         created_at: datetime | None = None) -> RetrievalRecordOut:
         """Store one finished retrieval."""
         row = RetrievalRecordRow(
-            id=retrieval_id, created_at=_now(), span=span[:64], level=level[:16], uids=dict(uids),
+            id=retrieval_id, created_at=created_at or _now(), **(audit or Audit()).columns(),
+            span=span[:64], level=level[:16], uids=dict(uids),
             destination_ae=destination_ae[:16], requester=requester[:255], status=status[:32],
             dimse_status=dimse_status, completed=completed, failed=failed, warning=warning,
             parts=[dict(p) for p in parts], elapsed_ms=float(elapsed_ms), error=error,
@@ -326,6 +340,121 @@ class Repository:
                 .offset(offset)
             ).all()
             return [RetrievalRecordOut.model_validate(row) for row in rows]
+
+    # --- audit trail ---------------------------------------------------------------------------------
+
+    def list_audit(self, *, since: datetime | None = None, until: datetime | None = None,
+                   principal: str | None = None, patient_id: str | None = None, status: str | None = None,
+                   kind: str | None = None, limit: int = 100, offset: int = 0) -> list[AuditEntryOut]:
+        """Queries and retrievals, newest first, filtered; each table yields at most offset+limit rows,
+        merged here, so a page costs two indexed queries whatever the table sizes."""
+        if limit < 0 or offset < 0:
+            raise ValueError(f"limit ({limit}) and offset ({offset}) may not be negative")
+        entries: list[AuditEntryOut] = []
+        with self._session() as session:
+            kinds: tuple[tuple[type[QueryRecordRow] | type[RetrievalRecordRow], str], ...] = (
+                (QueryRecordRow, "query"), (RetrievalRecordRow, "retrieval"))
+            for table, name in kinds:
+                if kind is not None and kind != name:
+                    continue
+                query = select(table)
+                if since is not None:
+                    query = query.where(table.created_at >= since)
+                if until is not None:
+                    query = query.where(table.created_at < until)
+                if principal is not None:
+                    query = query.where(table.principal == principal)
+                if patient_id is not None:
+                    query = query.where(table.patient_id == patient_id)
+                if status is not None:
+                    query = query.where(table.status == status)
+                query = query.order_by(table.created_at.desc(), table.id.desc()).limit(offset + limit)
+                entries.extend(_audit_entry(row) for row in session.scalars(query).all())
+        entries.sort(key=lambda e: (e.created_at, e.id), reverse=True)
+        return entries[offset:offset + limit]
+
+    def purge_audit(self, before: datetime) -> int:
+        """Delete query and retrieval records made before ``before``; returns how many went."""
+        with self._session(write=True) as session:
+            gone = 0
+            for table in (QueryRecordRow, RetrievalRecordRow):
+                result = session.execute(delete(table).where(table.created_at < before))
+                gone += int(getattr(result, "rowcount", 0) or 0)
+            return gone
+
+    # --- API keys ------------------------------------------------------------------------------------
+
+    def create_api_key(self, name: str, role: str, prefix: str, key_hash: str) -> ApiKeyOut:
+        if role not in ("admin", "query"):
+            raise InvalidConfig(f"role {role!r} is not one of admin, query")
+        if not name or len(name) > 64:
+            raise InvalidConfig("an API key's name needs 1 to 64 characters")
+        with self._session(write=True) as session:
+            if session.get(ApiKeyRow, name) is not None:
+                raise Conflict(f"API key {name!r} already exists; pick another name "
+                               "(revoked names stay taken)")
+            row = ApiKeyRow(name=name, role=role, prefix=prefix, hash=key_hash, created_at=_now())
+            session.add(row)
+            session.flush()
+            return ApiKeyOut.model_validate(row)
+
+    def list_api_keys(self) -> list[ApiKeyOut]:
+        with self._session() as session:
+            rows = session.scalars(select(ApiKeyRow).order_by(ApiKeyRow.name)).all()
+            return [ApiKeyOut.model_validate(row) for row in rows]
+
+    def active_api_key(self, key_hash: str) -> ApiKeyOut | None:
+        """The unrevoked key with this hash, or None."""
+        with self._session() as session:
+            row = session.scalar(select(ApiKeyRow).where(ApiKeyRow.hash == key_hash,
+                                                         ApiKeyRow.revoked_at.is_(None)))
+            return None if row is None else ApiKeyOut.model_validate(row)
+
+    def count_active_api_keys(self) -> int:
+        with self._session() as session:
+            return len(session.scalars(select(ApiKeyRow.name).where(ApiKeyRow.revoked_at.is_(None))).all())
+
+    def revoke_api_key(self, name: str) -> ApiKeyOut:
+        with self._session(write=True) as session:
+            row = session.get(ApiKeyRow, name)
+            if row is None:
+                raise NotFound(f"API key {name!r} does not exist; `spanner keys list` shows them")
+            if row.revoked_at is None:
+                row.revoked_at = _now()
+            session.flush()
+            return ApiKeyOut.model_validate(row)
+
+
+@dataclass(frozen=True, slots=True)
+class Audit:
+    """Who asked for a query or retrieval, over which channel, from where, and about which patient."""
+
+    principal: str | None = None
+    channel: str | None = None
+    client: str | None = None
+    patient_id: str | None = None
+
+    def columns(self) -> dict[str, str | None]:
+        return {
+            "principal": None if self.principal is None else self.principal[:255],
+            "channel": None if self.channel is None else self.channel[:8],
+            "client": None if self.client is None else self.client[:255],
+            "patient_id": None if self.patient_id is None else self.patient_id[:64],
+        }
+
+
+def _audit_entry(row: object) -> AuditEntryOut:
+    assert isinstance(row, (QueryRecordRow, RetrievalRecordRow))
+    common: dict[str, Any] = {
+        "id": row.id, "created_at": row.created_at, "principal": row.principal, "channel": row.channel,
+        "client": row.client, "patient_id": row.patient_id, "span": row.span, "level": row.level,
+        "status": row.status, "elapsed_ms": row.elapsed_ms, "error": row.error,
+    }
+    if isinstance(row, QueryRecordRow):
+        return AuditEntryOut(kind="query", what=dict(row.filters), total=row.total, nodes=list(row.outcomes),
+                             **common)
+    return AuditEntryOut(kind="retrieval", what=dict(row.uids), total=row.completed, nodes=list(row.parts),
+                         destination_ae=row.destination_ae, **common)
 
 
 # --- helpers (all run inside a session) --------------------------------------------------------------

@@ -24,7 +24,7 @@ from alembic.config import Config
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from alembic.util import CommandError
-from sqlalchemy import Connection, Engine, inspect, text
+from sqlalchemy import Connection, Engine, MetaData, Table, inspect, text
 from sqlalchemy.exc import SQLAlchemyError
 
 from spanner.errors import ConfigError, StorageError
@@ -38,6 +38,8 @@ FIRST_TABLES = frozenset({"nodes", "spans", "span_nodes", "query_records", "retr
 """The tables of the first revision, i.e. what ``create_all`` made before migrations existed."""
 LATE_LEGACY_TABLES = frozenset({"retrieval_records"})
 """Added while create_all still ruled: a file from before it gets the table as create_all would have."""
+LATER_COLUMNS = {"retrieval_records": frozenset({"principal", "channel", "client", "patient_id"})}
+"""Columns later revisions add to a late legacy table: left out when it is made at the first revision."""
 _PG_LOCK_KEY = 0x5350414E  # "SPAN": two upgrades of one PostgreSQL database run one after the other
 
 
@@ -153,6 +155,14 @@ def downgrade_database(engine: Engine, revision: str) -> UpgradeResult:
     return UpgradeResult(before=before, after=schema_state(engine).current)
 
 
+def _first_revision_table(name: str) -> Table:
+    """The code's table without the columns later revisions add, i.e. as create_all made it back then."""
+    source = metadata.tables[name]
+    skip = LATER_COLUMNS.get(name, frozenset())
+    snapshot = MetaData(naming_convention=metadata.naming_convention)
+    return Table(name, snapshot, *(column._copy() for column in source.columns if column.name not in skip))
+
+
 def _adopt_unversioned(engine: Engine, state: SchemaState) -> str:
     """Stamp a create_all schema: at head if it matches the code's tables, else at FIRST_REVISION."""
     missing = FIRST_TABLES - state.tables
@@ -166,7 +176,7 @@ def _adopt_unversioned(engine: Engine, state: SchemaState) -> str:
         if missing:
             with connection.begin():
                 for name in sorted(missing):
-                    metadata.tables[name].create(connection)
+                    _first_revision_table(name).create(connection)
         with connection.begin():
             in_step = not _differences(connection)
         revision = state.head if in_step else FIRST_REVISION

@@ -126,6 +126,11 @@ class QueryRecordRow(Base):
     elapsed_ms: Mapped[float]
     error: Mapped[str | None] = mapped_column(Text)
     cache: Mapped[str | None] = mapped_column(String(8))  # hit | miss; null before revision 0002
+    # Audit (revision 0003; null on older rows): who asked, over which channel, from where, about whom.
+    principal: Mapped[str | None] = mapped_column(String(255), index=True)
+    channel: Mapped[str | None] = mapped_column(String(8))
+    client: Mapped[str | None] = mapped_column(String(255))
+    patient_id: Mapped[str | None] = mapped_column(String(64), index=True)
 
 
 class RetrievalRecordRow(Base):
@@ -146,6 +151,24 @@ class RetrievalRecordRow(Base):
     parts: Mapped[list[dict[str, Any]]]
     elapsed_ms: Mapped[float]
     error: Mapped[str | None] = mapped_column(Text)
+    principal: Mapped[str | None] = mapped_column(String(255), index=True)
+    channel: Mapped[str | None] = mapped_column(String(8))
+    client: Mapped[str | None] = mapped_column(String(255))
+    patient_id: Mapped[str | None] = mapped_column(String(64), index=True)
+
+
+class ApiKeyRow(Base):
+    """An API key: only its SHA-256 is kept (the token has full entropy, so no salt or slow hash is
+    needed); ``prefix`` names the key in lists and logs without revealing it."""
+
+    __tablename__ = "api_keys"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    role: Mapped[str] = mapped_column(String(16))
+    prefix: Mapped[str] = mapped_column(String(16))
+    hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime]
+    revoked_at: Mapped[datetime | None]
 
 
 metadata = Base.metadata

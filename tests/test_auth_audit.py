@@ -1,0 +1,235 @@
+"""API keys, roles and the audit trail: a second Serve app (under /auth) with authentication on, the
+session's open app for anonymous records, the DICOM front with a key, retention, and the keys CLI."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import httpx
+import pytest
+from pydicom.dataset import Dataset
+from pynetdicom import AE
+from typer.testing import CliRunner
+
+from scp import translate
+from scp.server import SpannerScp
+from serve_app.auth import new_key
+from serve_app.services import AuditJanitor
+from spanner.cli import app as cli
+from spanner.settings import get_settings, load_settings
+from spanner.simulator.dataset import generate_fleet
+from spanner.simulator.scp import SimulatedPacs, SimulatorConfig
+from spanner.storage import Audit, Repository, make_engine
+from tests.conftest import Api, migrate
+
+TTL_S = 0.5
+OLD = datetime.now(UTC) - timedelta(days=400)
+
+
+@dataclass
+class AuthApp:
+    api: Api
+    repo: Repository
+    keys: dict[str, str]
+
+    def get(self, path: str, **headers: str) -> httpx.Response:
+        return self.api.http.get(path, headers=headers)
+
+
+def _old_query(repo: Repository, query_id: str) -> None:
+    repo.record_query(query_id=query_id, span="all", level="STUDY", filters={"PatientID": "OLD1"},
+                      requester="x", status="success", total=0, outcomes=[], elapsed_ms=1.0, created_at=OLD,
+                      audit=Audit(principal="old", channel="http", client="10.0.0.1", patient_id="OLD1"))
+
+
+@pytest.fixture(scope="module")
+def pacs() -> Iterator[SimulatedPacs]:
+    sim = SimulatedPacs(SimulatorConfig(ae_title="AUDITPACS"), generate_fleet(5, 1, 4)[0])
+    sim.start()
+    yield sim
+    sim.stop()
+
+
+@pytest.fixture(scope="module")
+def auth(api: Api, ray_session: str, tmp_path_factory: pytest.TempPathFactory,
+         pacs: SimulatedPacs) -> Iterator[AuthApp]:
+    from ray import serve
+
+    from serve_app.app import AppArgs, build_app
+
+    var_dir = tmp_path_factory.mktemp("auth")
+    url = f"sqlite:///{var_dir}/spanner.db"
+    migrate(url)
+    repo = Repository(make_engine(url))
+    keys: dict[str, str] = {}
+    for name, role in (("boss", "admin"), ("ward", "query"), ("gone", "query"), ("front", "query")):
+        key, prefix, key_hash = new_key()
+        repo.create_api_key(name, role, prefix, key_hash)
+        keys[name] = key
+    _old_query(repo, "old-before-start")  # the ingress purges it at start
+    namespace = f"{ray_session}-auth"
+    settings = dict(api.settings) | {"namespace": namespace, "var_dir": str(var_dir), "database_url": url,
+                                     "auth_enabled": True, "auth_cache_ttl_s": TTL_S}
+    serve.run(build_app(AppArgs(settings=settings)), name="spanner-auth", route_prefix="/auth")
+    client = Api(f"{api.base_url}/auth", namespace, settings)
+    client.http.headers["Authorization"] = f"Bearer {keys['boss']}"
+    client.add_node("audit-sim", pacs.port, ae_title="AUDITPACS")
+    yield AuthApp(client, repo, keys)
+    client.http.close()
+    serve.delete("spanner-auth")
+    repo.engine.dispose()
+
+
+def anonymous(auth: AuthApp) -> httpx.Client:
+    return httpx.Client(base_url=auth.api.base_url, timeout=60.0)
+
+
+def test_keys_are_required_and_roles_apply(auth: AuthApp) -> None:
+    with anonymous(auth) as http:
+        missing = http.get("/api/v1/nodes")
+        assert missing.status_code == 401 and missing.headers["www-authenticate"] == "Bearer"
+        assert "API key is required" in missing.json()["detail"]
+        wrong = http.get("/api/v1/nodes", headers={"Authorization": "Bearer spk_nonsense"})
+        assert wrong.status_code == 401 and "unknown or revoked" in wrong.json()["detail"]
+        assert http.get("/health").status_code == 200
+        assert http.get("/openapi.json").status_code == 200
+        ward = {"X-API-Key": auth.keys["ward"]}
+        assert http.get("/api/v1/nodes", headers=ward).status_code == 200
+        body = {"name": "nope", "ae_title": "NOPE", "host": "127.0.0.1", "port": 104}
+        forbidden = http.post("/api/v1/nodes", json=body, headers=ward)
+        assert forbidden.status_code == 403 and "admin key" in forbidden.json()["detail"]
+        assert http.get("/api/v1/audit", headers=ward).status_code == 403
+        boss = {"Authorization": f"Bearer {auth.keys['boss']}"}
+        assert http.post("/api/v1/nodes", json=body, headers=boss).status_code == 201
+        assert http.delete("/api/v1/nodes/nope", headers={"X-API-Key": auth.keys["boss"]}).status_code == 204
+
+
+def test_a_revoked_key_is_refused_within_the_cache_ttl(auth: AuthApp) -> None:
+    headers = {"X-API-Key": auth.keys["gone"]}
+    with anonymous(auth) as http:
+        assert http.get("/api/v1/spans", headers=headers).status_code == 200
+        auth.repo.revoke_api_key("gone")
+        time.sleep(TTL_S + 0.3)
+        refused = http.get("/api/v1/spans", headers=headers)
+        assert refused.status_code == 401 and "revoked" in refused.json()["detail"]
+
+
+def test_the_audit_names_the_key_and_filters(auth: AuthApp) -> None:
+    started = datetime.now(UTC)
+    with anonymous(auth) as http:
+        answer = http.post("/api/v1/queries", json={"level": "PATIENT", "filters": {"PatientID": "PAT*"}},
+                           headers={"X-API-Key": auth.keys["ward"], "X-Spanner-Calling-AE": ""}).json()
+    entries = auth.api.http.get("/api/v1/audit", params={"since": started.isoformat()}).json()
+    mine = [e for e in entries if e["id"] == answer["query_id"]]
+    assert len(mine) == 1
+    entry = mine[0]
+    assert (entry["kind"], entry["principal"], entry["channel"], entry["client"]) == \
+        ("query", "ward", "http", "127.0.0.1")
+    assert entry["patient_id"] == "PAT*" and entry["what"] == {"PatientID": "PAT*"}
+    assert entry["nodes"][0]["node"] == "audit-sim" and entry["status"] == "success"
+    by_patient = auth.api.http.get("/api/v1/audit", params={"patient_id": "PAT*", "requester": "ward"}).json()
+    assert answer["query_id"] in {e["id"] for e in by_patient}
+    assert auth.api.http.get("/api/v1/audit", params={"status": "failed", "requester": "ward"}).json() == []
+    future = (datetime.now(UTC) + timedelta(hours=1)).isoformat()
+    assert auth.api.http.get("/api/v1/audit", params={"since": future}).json() == []
+    assert auth.api.http.get("/api/v1/audit", params={"kind": "retrieval", "requester": "ward"}).json() == []
+    naive = auth.api.http.get("/api/v1/audit", params={"since": "2026-01-01T00:00:00"})
+    assert naive.status_code == 422 and "time zone" in naive.json()["detail"]
+
+
+def test_a_dicom_query_is_audited_with_the_calling_ae(auth: AuthApp) -> None:
+    front = SpannerScp(load_settings(scp_port=0, scp_span_cache_ttl_s=0.1, scp_api_key=auth.keys["front"]),
+                       base_url=auth.api.base_url)
+    front.start()
+    try:
+        ae = AE(ae_title="AUDITWS")
+        ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 10
+        ae.add_requested_context(translate.PATIENT_ROOT_FIND)
+        assoc = ae.associate("127.0.0.1", front.port, ae_title="SPANNER")
+        assert assoc.is_established
+        ds = Dataset()
+        ds.QueryRetrieveLevel = "PATIENT"
+        ds.PatientID = "DIMSE*"
+        statuses = [int(st.Status) for st, _ in assoc.send_c_find(ds, translate.PATIENT_ROOT_FIND)]
+        assoc.release()
+    finally:
+        front.stop()
+    assert statuses[-1] == 0x0000
+    entries = auth.api.http.get("/api/v1/audit", params={"patient_id": "DIMSE*"}).json()
+    assert len(entries) == 1
+    assert (entries[0]["principal"], entries[0]["channel"], entries[0]["client"]) == \
+        ("ae:AUDITWS", "dimse", "127.0.0.1")
+
+
+def test_without_a_key_the_dicom_headers_are_not_believed(auth: AuthApp) -> None:
+    """The open app trusts them (auth off); an attacker without a key is refused before that matters."""
+    with anonymous(auth) as http:
+        response = http.post("/api/v1/queries", json={"level": "PATIENT"},
+                             headers={"X-Spanner-Calling-AE": "FAKE"})
+    assert response.status_code == 401
+
+
+def test_retention_purges_old_records(auth: AuthApp) -> None:
+    with pytest.raises(Exception, match="not recorded"):
+        auth.repo.get_query("old-before-start")  # purged by the ingress at start
+    _old_query(auth.repo, "old-1")
+    auth.repo.record_retrieval(retrieval_id="old-r", span="all", level="STUDY", uids={"PatientID": ["OLD1"]},
+                               destination_ae="X", requester="x", status="success", dimse_status=0,
+                               completed=0, failed=0, warning=0, parts=[], elapsed_ms=1.0, created_at=OLD)
+    now = [0.0]
+    janitor = AuditJanitor(auth.repo, 365, clock=lambda: now[0])
+    assert janitor.due() and janitor.purge() == 2
+    assert auth.api.http.get("/api/v1/audit", params={"patient_id": "OLD1"}).json() == []
+    now[0] = 3599.0
+    assert not janitor.due()
+    now[0] = 3600.0
+    assert janitor.due()
+    assert not AuditJanitor(auth.repo, 0).due()
+
+
+def test_the_open_app_records_anonymous_http(api: Api, pacs: SimulatedPacs) -> None:
+    api.add_node("audit-open", pacs.port, ae_title="AUDITPACS")
+    try:
+        status, answer = api.query(level="PATIENT", filters={"PatientID": "PAT*"}, nodes=["audit-open"])
+        assert status == 200
+        record = api.http.get(f"/api/v1/queries/{answer['query_id']}").json()
+        assert (record["principal"], record["channel"], record["client"], record["patient_id"]) == \
+            ("anonymous", "http", "127.0.0.1", "PAT*")
+        entries = api.http.get("/api/v1/audit", params={"requester": "anonymous", "kind": "query"}).json()
+        assert entries[0]["id"] == answer["query_id"]
+    finally:
+        api.http.delete("/api/v1/nodes/audit-open")
+
+
+def test_production_cannot_turn_auth_off() -> None:
+    with pytest.raises(Exception, match="must not turn API keys off"):
+        load_settings(environment="production", database_url="postgresql://x@127.0.0.1/x", demo_fleet=False,
+                      auth_enabled=False)
+
+
+def test_keys_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DATABASE_URL", f"sqlite:///{tmp_path / 'keys.db'}")
+    get_settings.cache_clear()
+    runner = CliRunner()
+    try:
+        assert runner.invoke(cli, ["db", "upgrade"]).exit_code == 0
+        made = runner.invoke(cli, ["keys", "create", "ward", "--role", "query"], terminal_width=200)
+        assert made.exit_code == 0, made.output
+        key = made.output.strip().splitlines()[-1]
+        assert key.startswith("spk_") and len(key) > 40
+        assert runner.invoke(cli, ["keys", "create", "ward", "--role", "query"]).exit_code == 1
+        bad = runner.invoke(cli, ["keys", "create", "x", "--role", "root"], terminal_width=200)
+        assert bad.exit_code == 1 and "admin, query" in bad.output
+        listed = runner.invoke(cli, ["keys", "list"], terminal_width=200)
+        assert "ward" in listed.output and key[:12] in listed.output and key not in listed.output
+        assert runner.invoke(cli, ["keys", "revoke", "ward"]).exit_code == 0
+        assert runner.invoke(cli, ["keys", "revoke", "nobody"]).exit_code == 1
+        repo = Repository(make_engine(f"sqlite:///{tmp_path / 'keys.db'}"))
+        assert repo.list_api_keys()[0].revoked_at is not None and repo.count_active_api_keys() == 0
+        repo.engine.dispose()
+    finally:
+        get_settings.cache_clear()

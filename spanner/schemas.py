@@ -408,7 +408,18 @@ def _too_few(span: _SpanFields) -> PydanticCustomError:
 
 # --- query records -----------------------------------------------------------------------------------
 
-class QueryRecordOut(BaseModel):
+class _AuditFields(BaseModel):
+    """Who asked, over what, from where, about whom: shared by query and retrieval records."""
+
+    principal: str | None = Field(default=None, description="Who asked: an API key's name, ae:<CALLING_AE> "
+                                  "or anonymous (null before the audit trail existed)", examples=["ward-ws"])
+    channel: str | None = Field(default=None, description="http or dimse", examples=["http"])
+    client: str | None = Field(default=None, description="Address of the asking client",
+                               examples=["10.0.0.7"])
+    patient_id: str | None = Field(default=None, description="The PatientID asked about, when one was given")
+
+
+class QueryRecordOut(_AuditFields):
     """One spanning query as recorded for GET /queries: what was asked, by whom, and each node's outcome."""
 
     model_config = _OUT
@@ -428,15 +439,9 @@ class QueryRecordOut(BaseModel):
     error: str | None = Field(default=None, description="Why the query failed, when it did")
     cache: str | None = Field(default=None, description="hit (answered from the query cache) or miss",
                               examples=["miss"])
-    principal: str | None = Field(default=None, description="Who asked: an API key's name, ae:<CALLING_AE> "
-                                  "or anonymous (null before the audit trail existed)", examples=["ward-ws"])
-    channel: str | None = Field(default=None, description="http or dimse", examples=["http"])
-    client: str | None = Field(default=None, description="Address of the asking client",
-                               examples=["10.0.0.7"])
-    patient_id: str | None = Field(default=None, description="The PatientID asked about, when one was given")
 
 
-class RetrievalRecordOut(BaseModel):
+class RetrievalRecordOut(_AuditFields):
     """One retrieval (C-MOVE through the spanner) as recorded: what moved where, from which archives."""
 
     model_config = _OUT
@@ -456,12 +461,6 @@ class RetrievalRecordOut(BaseModel):
     parts: list[dict[str, Any]] = Field(description="Each part: level, keys, node tried, outcome, counts")
     elapsed_ms: float = Field(description="Wall time in milliseconds")
     error: str | None = Field(default=None, description="Why it failed, when it did")
-    principal: str | None = Field(default=None, description="Who asked: an API key's name, ae:<CALLING_AE> "
-                                  "or anonymous (null before the audit trail existed)", examples=["ward-ws"])
-    channel: str | None = Field(default=None, description="http or dimse", examples=["http"])
-    client: str | None = Field(default=None, description="Address of the asking client",
-                               examples=["10.0.0.7"])
-    patient_id: str | None = Field(default=None, description="The PatientID asked about, when one was given")
 
 
 class AuditEntryOut(BaseModel):

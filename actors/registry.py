@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Callable
 from typing import Any
 
 import ray
@@ -70,13 +71,18 @@ def stop(node: str, namespace: str) -> bool:
     handle = lookup(node, namespace)
     if handle is None:
         return False
+    end_actor(handle, lambda: lookup(node, namespace) is None, close_timeout_s=5)
+    return True
+
+
+def end_actor(handle: Any, gone: Callable[[], bool], close_timeout_s: float) -> None:
+    """Let a named actor close what it holds, kill it for good, and wait until its name is free."""
     with contextlib.suppress(ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
-        ray.get(handle.close.remote(), timeout=5)
+        ray.get(handle.close.remote(), timeout=close_timeout_s)
     ray.kill(handle, no_restart=True)
     deadline = time.monotonic() + 10
-    while lookup(node, namespace) is not None and time.monotonic() < deadline:
+    while not gone() and time.monotonic() < deadline:
         time.sleep(0.05)
-    return True
 
 
 def live_nodes(namespace: str) -> list[str]:

@@ -44,6 +44,10 @@ class StorageError(SpannerError):
     """The database could not be read or written (HTTP 503)."""
 
 
+class BrokerUnavailable(SpannerError):
+    """RabbitMQ could not be reached or refused an operation; events wait in the outbox meanwhile."""
+
+
 class NodeError(SpannerError):
     """A PACS node could not answer; ``status`` is the outcome name it maps to."""
 

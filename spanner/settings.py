@@ -107,6 +107,34 @@ class Settings(BaseSettings):
         default=2.0, ge=0, description="After a Redis failure, queries skip the cache this long"
     )
 
+    events_exchange: str = Field(
+        default="spanner.events", min_length=1, max_length=255,
+        description="Topic exchange the events go to (RABBITMQ_URL set)",
+    )
+    events_poll_s: float = Field(
+        default=1.0, gt=0, le=60, description="How often the relay looks at the outbox when not nudged"
+    )
+    events_gap_wait_s: float = Field(
+        default=2.0, ge=0, le=60,
+        description="How long the relay waits for an earlier, not yet committed event before passing it",
+    )
+    events_retention_hours: float = Field(
+        default=24.0, ge=0, description="Published events stay in the outbox this long (0: deleted at once)"
+    )
+    requests_queue: str = Field(
+        default="spanner.requests", max_length=200,
+        description="Queue of AMQP spanning-query requests; '' turns the consumer off",
+    )
+    amqp_prefetch: int = Field(default=8, ge=1, le=1000, description="AMQP requests in flight per replica")
+    amqp_delivery_limit: int = Field(
+        default=3, ge=1, le=100,
+        description="Deliveries of one request before the broker dead-letters it (a crash loop ends there)",
+    )
+    amqp_timeout_s: float = Field(default=5.0, gt=0, le=60, description="RabbitMQ connect and socket timeout")
+    amqp_retry_s: float = Field(
+        default=2.0, gt=0, le=300, description="Pause before reconnecting to RabbitMQ"
+    )
+
     log_format: Literal["json", "text"] = Field(
         default="json", description="json: one object per line (for Fluentd); text: for a terminal"
     )

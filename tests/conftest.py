@@ -183,3 +183,14 @@ def api_pg(api: Api, postgres_url: str, ray_session: str) -> Iterator[Api]:
     yield client
     client.http.close()
     serve.delete("spanner-pg")
+
+
+@pytest.fixture(scope="session")
+def rabbitmq_url() -> Iterator[str]:
+    """A vhost of this session on the machine's RabbitMQ, deleted at the end."""
+    from tests.peers.rabbitmq import Vhost, machine_broker_available
+
+    require(machine_broker_available(), "RabbitMQ at 127.0.0.1:5672 with rabbitmqctl")
+    vhost = Vhost().create()
+    yield vhost.url
+    vhost.delete()

@@ -31,7 +31,8 @@ from spanner.storage.schema import (
 )
 from spanner.storage.tables import metadata
 
-HEAD = "0003"
+HEAD = "0004"
+PREVIOUS = "0003"
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -82,7 +83,8 @@ def columns(engine: Engine, table: str) -> set[str]:
 def test_the_head_is_the_last_revision_and_ships_in_the_package() -> None:
     assert head_revision() == HEAD
     assert (MIGRATIONS_DIR / "env.py").is_file() and (MIGRATIONS_DIR / "script.py.mako").is_file()
-    assert sorted(p.name[:4] for p in (MIGRATIONS_DIR / "versions").glob("0*.py")) == ["0001", "0002", "0003"]
+    versions = sorted(p.name[:4] for p in (MIGRATIONS_DIR / "versions").glob("0*.py"))
+    assert versions == ["0001", "0002", "0003", "0004"]
 
 
 def test_upgrade_from_empty_builds_exactly_the_code_tables(engine: Engine) -> None:
@@ -113,6 +115,23 @@ def test_upgrade_from_the_previous_revision_keeps_the_data(engine: Engine) -> No
     assert schema_diff(engine) == []
     old = Repository(engine).get_query("q1")
     assert (old.requester, old.total, old.cache) == ("old", 3, None)
+
+
+def test_upgrade_from_the_revision_before_head_adds_the_outbox_and_keeps_records(engine: Engine) -> None:
+    assert upgrade_database(engine, PREVIOUS).after == PREVIOUS
+    assert "event_outbox" not in tables(engine) and "node_health" not in tables(engine)
+    Repository(engine).record_query(query_id="q3", span="all", level="STUDY", filters={}, requester="r",
+                                    status="success", total=1, outcomes=[], elapsed_ms=2.0, cache="miss")
+    result = upgrade_database(engine)
+    assert (result.before, result.after) == (PREVIOUS, HEAD)
+    assert schema_diff(engine) == []
+    repo = Repository(engine)
+    assert repo.get_query("q3").total == 1
+    repo.record_query(span="all", level="STUDY", filters={}, requester="r", status="success", total=0,
+                      outcomes=[{"node": "n1", "status": "ok"}], elapsed_ms=1.0, emit=True)
+    assert [e.routing_key for e in repo.pending_events()] == ["query.completed", "node.health"]
+    assert downgrade_database(engine, PREVIOUS).after == PREVIOUS
+    assert "event_outbox" not in tables(engine)
 
 
 def test_downgrade_to_base_and_up_again(engine: Engine) -> None:

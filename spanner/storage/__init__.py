@@ -1,7 +1,7 @@
 """Persistence of nodes, spans and query records behind one Repository (SQLite or PostgreSQL)."""
 
 from spanner.storage.engine import create_schema, make_engine
-from spanner.storage.repository import Audit, Repository
+from spanner.storage.repository import Audit, OutboxEvent, Repository
 from spanner.storage.schema import (
     UpgradeResult,
     head_revision,
@@ -12,6 +12,7 @@ from spanner.storage.schema import (
 
 __all__ = [
     "Audit",
+    "OutboxEvent",
     "Repository",
     "UpgradeResult",
     "create_schema",

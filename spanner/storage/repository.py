@@ -16,10 +16,13 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 from pydantic_core import PydanticCustomError
-from sqlalchemy import Engine, delete, select, text
+from sqlalchemy import Engine, delete, func, select, text, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
+from spanner import events
 from spanner.errors import Conflict, InvalidConfig, NotFound, StorageError
 from spanner.outcome import NodeOutcome
 from spanner.schemas import (
@@ -42,7 +45,9 @@ from spanner.schemas import (
 from spanner.storage.engine import BEGIN_OPTION, describe_db_error
 from spanner.storage.tables import (
     ApiKeyRow,
+    NodeHealthRow,
     NodeRow,
+    OutboxRow,
     QueryRecordRow,
     RetrievalRecordRow,
     SpanNodeRow,
@@ -138,6 +143,7 @@ class Repository:
             row = _node_row(session, name)
             # The foreign key cascades too; deleting here keeps that true on engines made elsewhere.
             session.execute(delete(SpanNodeRow).where(SpanNodeRow.node_name == name))
+            session.execute(delete(NodeHealthRow).where(NodeHealthRow.node_name == name))
             session.delete(row)
 
     # --- spans ---------------------------------------------------------------------------------------
@@ -261,9 +267,12 @@ class Repository:
         created_at: datetime | None = None,
         cache: str | None = None,
         audit: Audit | None = None,
+        emit: bool = False,
     ) -> QueryRecordOut:
         """Store one finished query; ``created_at`` defaults to now (give the start time if known);
-        ``cache`` says whether the answer was a cache "hit" or "miss" (None: no cache involved)."""
+        ``cache`` says whether the answer was a cache "hit" or "miss" (None: no cache involved).
+        With ``emit`` its ``query.completed`` event, and a ``node.health`` event for each node whose
+        health this answer changed (not for cached answers), go to the outbox in the same transaction."""
         row = QueryRecordRow(
             id=query_id or uuid.uuid4().hex,
             created_at=created_at or _now(),
@@ -282,7 +291,16 @@ class Repository:
         with self._session(write=True) as session:
             session.add(row)
             session.flush()
-            return QueryRecordOut.model_validate(row)
+            record = QueryRecordOut.model_validate(row)
+            if emit:
+                told = [events.query_completed(
+                    query_id=record.id, span=record.span, level=record.level, status=record.status,
+                    total=record.total, elapsed_ms=record.elapsed_ms, cache=record.cache,
+                    outcomes=record.outcomes, principal=record.principal, channel=record.channel)]
+                if cache != "hit":
+                    told += _health_changes(session, events.health_seen(record.outcomes))
+                _add_events(session, told)
+            return record
 
     def get_query(self, query_id: str) -> QueryRecordOut:
         with self._session() as session:
@@ -309,8 +327,8 @@ class Repository:
                          destination_ae: str, requester: str, status: str, dimse_status: int | None,
                          completed: int, failed: int, warning: int, parts: Sequence[Mapping[str, Any]],
                          elapsed_ms: float, error: str | None = None, audit: Audit | None = None,
-                         created_at: datetime | None = None) -> RetrievalRecordOut:
-        """Store one finished retrieval."""
+                         created_at: datetime | None = None, emit: bool = False) -> RetrievalRecordOut:
+        """Store one finished retrieval (with ``emit``, its ``retrieval.completed`` event beside it)."""
         row = RetrievalRecordRow(
             id=retrieval_id, created_at=created_at or _now(), **(audit or Audit()).columns(),
             span=span[:64], level=level[:16], uids=dict(uids),
@@ -321,7 +339,15 @@ class Repository:
         with self._session(write=True) as session:
             session.add(row)
             session.flush()
-            return RetrievalRecordOut.model_validate(row)
+            record = RetrievalRecordOut.model_validate(row)
+            if emit:
+                _add_events(session, [events.retrieval_completed(
+                    retrieval_id=record.id, span=record.span, level=record.level, uids=record.uids,
+                    destination_ae=record.destination_ae, status=record.status,
+                    dimse_status=record.dimse_status, completed=record.completed, failed=record.failed,
+                    warning=record.warning, elapsed_ms=record.elapsed_ms, parts=record.parts,
+                    principal=record.principal, channel=record.channel)])
+            return record
 
     def get_retrieval(self, retrieval_id: str) -> RetrievalRecordOut:
         with self._session() as session:
@@ -382,6 +408,53 @@ class Repository:
                 gone += int(getattr(result, "rowcount", 0) or 0)
             return gone
 
+    # --- event outbox --------------------------------------------------------------------------------
+
+    def add_events(self, told: Sequence[events.NewEvent]) -> None:
+        """Events that belong to no record (tests, tools); records add theirs in their own transaction."""
+        with self._session(write=True) as session:
+            _add_events(session, told)
+
+    def pending_events(self, limit: int = 100) -> list[OutboxEvent]:
+        """Unpublished events, oldest (lowest id) first."""
+        with self._session() as session:
+            rows = session.scalars(select(OutboxRow).where(OutboxRow.published_at.is_(None))
+                                   .order_by(OutboxRow.id).limit(limit)).all()
+            return [OutboxEvent(row.id, row.event_id, row.routing_key, dict(row.payload), row.created_at)
+                    for row in rows]
+
+    def mark_published(self, ids: Sequence[int], at: datetime | None = None) -> None:
+        if not ids:
+            return
+        with self._session(write=True) as session:
+            session.execute(update(OutboxRow).where(OutboxRow.id.in_(list(ids)))
+                            .values(published_at=at or _now()))
+
+    def last_published_event_id(self) -> int | None:
+        with self._session() as session:
+            found: int | None = session.scalar(select(func.max(OutboxRow.id))
+                                               .where(OutboxRow.published_at.is_not(None)))
+            return found
+
+    def outbox_counts(self) -> dict[str, int]:
+        """How many events wait for the broker, and how many published ones are still kept."""
+        with self._session() as session:
+            pending = session.scalar(select(func.count()).select_from(OutboxRow)
+                                     .where(OutboxRow.published_at.is_(None)))
+            total = session.scalar(select(func.count()).select_from(OutboxRow))
+            return {"pending": int(pending or 0), "published": int(total or 0) - int(pending or 0)}
+
+    def purge_published_events(self, before: datetime) -> int:
+        """Delete events published before ``before``; unpublished ones are never purged."""
+        with self._session(write=True) as session:
+            result = session.execute(delete(OutboxRow).where(OutboxRow.published_at < before))
+            return int(getattr(result, "rowcount", 0) or 0)
+
+    def node_health(self) -> dict[str, str]:
+        with self._session() as session:
+            rows = session.execute(select(NodeHealthRow.node_name, NodeHealthRow.health)).all()
+            return {str(name): str(health) for name, health in rows}
+
     # --- API keys ------------------------------------------------------------------------------------
 
     def create_api_key(self, name: str, role: str, prefix: str, key_hash: str) -> ApiKeyOut:
@@ -441,6 +514,53 @@ class Audit:
             "client": None if self.client is None else self.client[:255],
             "patient_id": None if self.patient_id is None else self.patient_id[:64],
         }
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxEvent:
+    """One stored event as the relay publishes it: ``body`` is the envelope of spanner.events."""
+
+    id: int
+    event_id: str
+    routing_key: str
+    body: dict[str, Any]
+    created_at: datetime
+
+
+def _add_events(session: Session, told: Sequence[events.NewEvent]) -> None:
+    session.add_all(OutboxRow(event_id=e.event_id, routing_key=e.routing_key, payload=e.body,
+                              created_at=e.occurred_at) for e in told)
+    session.flush()
+
+
+def _health_changes(
+    session: Session, seen: Mapping[str, tuple[str, str, str | None]]
+) -> list[events.NewEvent]:
+    """Store the health each node showed; an event for each change. Compare-and-set, so two replicas
+    recording the same change at once tell it once."""
+    if not seen:
+        return []
+    rows = session.execute(select(NodeHealthRow.node_name, NodeHealthRow.health)
+                           .where(NodeHealthRow.node_name.in_(list(seen)))).all()
+    known = {str(name): str(health) for name, health in rows}
+    now = _now()
+    told: list[events.NewEvent] = []
+    for node, (health, status, error) in sorted(seen.items()):
+        previous = known.get(node)
+        if previous == health:
+            continue
+        if previous is None:
+            insert = pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
+            result = session.execute(insert(NodeHealthRow).values(node_name=node, health=health, since=now)
+                                     .on_conflict_do_nothing(index_elements=["node_name"]))
+        else:
+            result = session.execute(update(NodeHealthRow).where(NodeHealthRow.node_name == node,
+                                                                 NodeHealthRow.health == previous)
+                                     .values(health=health, since=now))
+        if int(getattr(result, "rowcount", 0) or 0) == 1:
+            told.append(events.node_health(node=node, health=health, previous=previous, status=status,
+                                           error=error, at=now))
+    return told
 
 
 def _audit_entry(row: object) -> AuditEntryOut:

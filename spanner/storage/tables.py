@@ -9,7 +9,19 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, DateTime, Dialect, Float, ForeignKey, Integer, MetaData, String, Text
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Dialect,
+    Float,
+    ForeignKey,
+    Integer,
+    MetaData,
+    String,
+    Text,
+)
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
@@ -169,6 +181,40 @@ class ApiKeyRow(Base):
     hash: Mapped[str] = mapped_column(String(64), unique=True)
     created_at: Mapped[datetime]
     revoked_at: Mapped[datetime | None]
+
+
+class OutboxRow(Base):
+    """An event waiting for the broker (``published_at`` null) or already handed to it.
+
+    Written in the same transaction as the record it tells of, so an event exists exactly when its
+    record does; the relay publishes in ``id`` order. ``sqlite_autoincrement`` keeps SQLite from
+    reusing the id of a purged last row, which would put a new event before an old one.
+    """
+
+    __tablename__ = "event_outbox"
+    __table_args__ = {"sqlite_autoincrement": True}
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer(), "sqlite"), primary_key=True,
+                                    autoincrement=True)
+    event_id: Mapped[str] = mapped_column(String(32), unique=True)
+    routing_key: Mapped[str] = mapped_column(String(64))
+    payload: Mapped[dict[str, Any]]
+    created_at: Mapped[datetime]
+    published_at: Mapped[datetime | None] = mapped_column(index=True)
+
+
+class NodeHealthRow(Base):
+    """The last health the spanner saw of a node (``up``/``down``): a change is a ``node.health`` event.
+
+    No foreign key: a query recorded while its node is being deleted must not fail on it; deleting a
+    node deletes its row here.
+    """
+
+    __tablename__ = "node_health"
+
+    node_name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    health: Mapped[str] = mapped_column(String(16))
+    since: Mapped[datetime]
 
 
 metadata = Base.metadata

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from typing import Any
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -36,11 +39,10 @@ async def _spanner_error(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"detail": exc.message}, status_code=status_for(exc))
 
 
-async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
-    """422 whose detail says, per problem, where it is and what would be accepted."""
-    assert isinstance(exc, RequestValidationError)
+def describe_problems(errors: Sequence[Mapping[str, Any]]) -> str:
+    """Pydantic's errors as one line: per problem, where it is and what would be accepted."""
     problems = []
-    for error in exc.errors():
+    for error in errors:
         loc = [str(p) for p in error.get("loc", ()) if p != "body"]
         where = ".".join(loc)
         message = str(error.get("msg", "invalid"))
@@ -49,7 +51,13 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
         elif error.get("type") == "extra_forbidden":
             message = "unknown field; see /docs for the accepted fields"
         problems.append(f"{where}: {message}" if where else message)
-    return JSONResponse({"detail": "; ".join(problems) or "invalid request"}, status_code=422)
+    return "; ".join(problems) or "invalid request"
+
+
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+    """422 whose detail says, per problem, where it is and what would be accepted."""
+    assert isinstance(exc, RequestValidationError)
+    return JSONResponse({"detail": describe_problems(exc.errors())}, status_code=422)
 
 
 def install(app: FastAPI) -> None:

@@ -6,12 +6,14 @@ builder, so a replica on another host needs no environment of its own.
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from fastapi import FastAPI
 from ray import serve
 
-from serve_app import errors
+from serve_app import errors, spanning
+from serve_app.amqp_requests import AmqpRequest, RequestConsumer
 from serve_app.routes import audit, health, nodes, queries, register, retrievals, spans
 from serve_app.services import Services
 from spanner.logs import configure_logging
@@ -38,3 +40,17 @@ class Ingress:
         self.services = Services(parsed)
         register(self.services)
         self.services.reconcile()
+        self.consumer: RequestConsumer | None = None
+        if parsed.rabbitmq_url and parsed.requests_queue:
+            # Serve runs the constructor on the replica's event loop: requests run there, like HTTP ones.
+            self.consumer = RequestConsumer(parsed, asyncio.get_running_loop(), self._amqp_query)
+            self.consumer.start()
+
+    async def _amqp_query(self, request: AmqpRequest) -> tuple[dict[str, Any], int]:
+        requester = f"amqp:{request.app_id or 'unknown'}"
+        return await spanning.run_query(self.services, request.query, request.audit(), requester,
+                                        read_cache=not request.no_cache)
+
+    def __del__(self) -> None:
+        if getattr(self, "consumer", None) is not None:
+            self.consumer.stop()  # type: ignore[union-attr]

@@ -10,7 +10,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from actors import registry
+from actors import event_relay, registry
 from serve_app.api_models import QueryIn
 from serve_app.coordinator import Coordinator
 from serve_app.plan import QueryPlan
@@ -121,7 +121,34 @@ class Services:
         self.keys = KeyCache(self.repo, settings.auth_cache_ttl_s)
         self.janitor = AuditJanitor(self.repo, settings.audit_retention_days)
         self.janitor.purge()  # at start, then at most hourly from the request paths
+        self.relay = self._start_relay()
 
+    # -- events ---------------------------------------------------------------------------------------
+    @property
+    def events_enabled(self) -> bool:
+        """With RABBITMQ_URL, records are written with their events (the outbox) for the relay."""
+        return bool(self.settings.rabbitmq_url)
+
+    def _start_relay(self) -> event_relay.RelayHandle | None:
+        if not self.events_enabled:
+            return None
+        s = self.settings
+        config = event_relay.RelayConfig(
+            database_url=s.effective_database_url, rabbitmq_url=s.rabbitmq_url, exchange=s.events_exchange,
+            poll_s=s.events_poll_s, gap_wait_s=s.events_gap_wait_s, retry_s=s.amqp_retry_s,
+            timeout_s=s.amqp_timeout_s, retention_hours=s.events_retention_hours,
+            log_format=s.log_format, log_level=s.log_level,
+        )
+        return event_relay.ensure(config, s.namespace)
+
+    def nudge_events(self) -> None:
+        """Tell the relay that the outbox has something (fire and forget; it polls anyway)."""
+        if self.relay is None:
+            return
+        try:
+            self.relay.nudge.remote()
+        except Exception as exc:  # a dead relay is restarted by Ray; its poll picks the event up
+            log.debug("event relay not nudged: %s", exc)
 
     # -- nodes and their actors -------------------------------------------------------------------------
     def spec_for(self, node: NodeOut) -> NodeSpec:

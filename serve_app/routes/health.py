@@ -20,6 +20,18 @@ def health() -> dict[str, str]:
     return {"status": "up"}
 
 
+async def _events(s: Services) -> dict[str, Any]:
+    counts = await asyncio.to_thread(s.repo.outbox_counts)
+    try:
+        assert s.relay is not None
+        pending = asyncio.wrap_future(s.relay.status.remote().future())
+        status: dict[str, Any] = await asyncio.wait_for(pending, 5)
+        relay = "connected" if status["connected"] else "broker unavailable"
+    except (ray.exceptions.RayError, TimeoutError):
+        relay = "unavailable"
+    return {"relay": relay, "pending": counts["pending"]}
+
+
 @router.get("/ready")
 async def ready(s: Services = Depends(services)) -> JSONResponse:
     problems: list[str] = []
@@ -44,4 +56,6 @@ async def ready(s: Services = Depends(services)) -> JSONResponse:
         "actors": actors,
         "problems": problems,
     }
+    if s.relay is not None:  # a broker outage is not unreadiness: the outbox keeps the events
+        body["events"] = await _events(s)
     return JSONResponse(body, status_code=200 if not problems else 503)

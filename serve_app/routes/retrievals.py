@@ -109,7 +109,9 @@ async def retrieve(
                 elapsed_ms=round((time.monotonic() - started) * 1000, 2),
                 error=result.error,
                 audit=audit,
+                emit=s.events_enabled,
             )
+            s.nudge_events()
             await asyncio.to_thread(s.janitor.purge_if_due)
             await events.put(final)
         finally:

@@ -94,13 +94,31 @@ def auth_line(settings: Settings) -> str:
             "reaches the API may use it; `spanner keys create NAME --role admin` and restart to turn it on")
 
 
+def services_line(settings: Settings) -> str:
+    """Which real service each URL switched on, and what serves where none is set (no passwords)."""
+    from sqlalchemy.engine import make_url
+
+    database = make_url(settings.effective_database_url).render_as_string(hide_password=True)
+    cache = f"Redis {make_url(settings.redis_url).render_as_string(hide_password=True)}" \
+        if settings.redis_url else "in-process LRU (no REDIS_URL)"
+    if settings.rabbitmq_url:
+        from spanner.amqp import redact
+
+        requests = f", requests on {settings.requests_queue}" if settings.requests_queue else ""
+        events = f"RabbitMQ {redact(settings.rabbitmq_url)} (events on {settings.events_exchange}{requests})"
+    else:
+        events = "off (no RABBITMQ_URL)"
+    return f"Database {database} | cache {cache} | events {events}"
+
+
 def example(settings: Settings) -> str:
     url = f"http://{settings.http_host}:{settings.http_port}"
     dicom = f"{settings.scp_host} {settings.scp_port}"
     body = '{"level": "STUDY", "filters": {"PatientName": "*", "StudyDate": "20100101-"}, "limit": 5}'
     return (
         f"\nReady. API {url}  (OpenAPI: {url}/docs)   Ray dashboard: "
-        f"http://{settings.dashboard_host}:{settings.dashboard_port}\n{auth_line(settings)}\n\n"
+        f"http://{settings.dashboard_host}:{settings.dashboard_port}\n{services_line(settings)}\n"
+        f"{auth_line(settings)}\n\n"
         f"  curl -s -X POST {url}/api/v1/queries -H 'Content-Type: application/json' \\\n"
         f"       -d '{body}'\n\n"
         f"  .venv/bin/spanner query STUDY -f 'StudyDate=20100101-' --limit 5\n\n"

@@ -135,10 +135,10 @@ def by(answers: list[Dataset], keyword: str) -> dict[str, Dataset]:
     return {str(getattr(ds, keyword)): ds for ds in answers}
 
 
-def test_peers_start_fast_on_loopback(peers: tuple[OrthancPeer, OrthancPeer]) -> None:
+def test_peers_start_on_loopback(peers: tuple[OrthancPeer, OrthancPeer]) -> None:
     a, b = peers
-    for peer in peers:
-        assert peer.start_seconds is not None and peer.start_seconds < 1.0
+    for peer in peers:  # how fast is for the benchmarks to say: a loaded machine may take seconds
+        assert peer.start_seconds is not None
         assert peer.get("/system")["DicomAet"] == peer.aet
         assert peer.config()["RemoteAccessAllowed"] is False
         assert port_accepts(peer.dicom_port) and port_accepts(peer.http_port)

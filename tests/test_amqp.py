@@ -5,6 +5,7 @@ the spanner cannot answer being retried until the broker dead-letters it."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import threading
 import time
@@ -201,33 +202,21 @@ def test_wrong_content_type_is_refused(amqp_api: Api, rpc: Rpc) -> None:
     assert "application/xml" in rpc.dead(correlation_id).headers["x-spanner-error"]
 
 
-def test_a_request_that_keeps_failing_is_dead_lettered_by_the_broker(rabbitmq_url: str,
-                                                                     tmp_path: Path) -> None:
-    """The spanner could not answer (its database is down): requeued, and after the delivery limit the
-    broker dead-letters it; the last delivery tells the caller."""
-    queue = f"flaky.{uuid.uuid4().hex[:6]}"
-    settings = load_settings(rabbitmq_url=rabbitmq_url, requests_queue=queue, amqp_delivery_limit=2,
-                             var_dir=str(tmp_path))
-    deliveries: list[AmqpRequest] = []
-
-    async def failing(request: AmqpRequest) -> tuple[dict[str, Any], int]:
-        deliveries.append(request)
-        raise StorageError("database error at sqlite:///gone.db: unable to open database file")
-
+@contextlib.contextmanager
+def consumer_of(
+    queue: str, handler: Any, rabbitmq_url: str, tmp_path: Path, **settings: Any
+) -> Iterator[Rpc]:
+    """A RequestConsumer of this process on ``queue`` (and a caller), its loop in a thread of its own."""
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
-    consumer = RequestConsumer(settings, loop, failing)
+    consumer = RequestConsumer(load_settings(rabbitmq_url=rabbitmq_url, requests_queue=queue,
+                                             var_dir=str(tmp_path), **settings), loop, handler)
     consumer.start()
     caller = Rpc(rabbitmq_url)
     try:
         assert consumer.consuming.wait(15)
-        correlation_id = caller.send(QUERY, queue=queue)
-        status, detail = caller.reply(correlation_id)
-        assert status == 503 and "given up after 3 deliveries" in detail["detail"]
-        dead = caller.dead(correlation_id, queue=f"{queue}.dead")
-        assert dead.headers["x-death"][0]["reason"] == "delivery_limit"
-        assert len(deliveries) == 3 and caller.depth(queue) == 0
+        yield caller
     finally:
         caller.channel.queue_delete(queue)
         caller.channel.queue_delete(f"{queue}.dead")
@@ -235,3 +224,47 @@ def test_a_request_that_keeps_failing_is_dead_lettered_by_the_broker(rabbitmq_ur
         consumer.stop()
         loop.call_soon_threadsafe(loop.stop)
         thread.join(5)
+
+
+def test_a_request_that_keeps_failing_is_dead_lettered_by_the_broker(rabbitmq_url: str,
+                                                                     tmp_path: Path) -> None:
+    """The spanner could not answer (its database is down): requeued, and after the delivery limit the
+    broker dead-letters it; the last delivery tells the caller."""
+    queue = f"flaky.{uuid.uuid4().hex[:6]}"
+    deliveries: list[AmqpRequest] = []
+
+    async def failing(request: AmqpRequest) -> tuple[dict[str, Any], int]:
+        deliveries.append(request)
+        raise StorageError("database error at sqlite:///gone.db: unable to open database file")
+
+    with consumer_of(queue, failing, rabbitmq_url, tmp_path, amqp_delivery_limit=2) as caller:
+        correlation_id = caller.send(QUERY, queue=queue)
+        status, detail = caller.reply(correlation_id)
+        assert status == 503 and "given up after 3 deliveries" in detail["detail"]
+        dead = caller.dead(correlation_id, queue=f"{queue}.dead")
+        assert dead.headers["x-death"][0]["reason"] == "delivery_limit"
+        assert len(deliveries) == 3 and caller.depth(queue) == 0
+
+
+def test_a_refused_request_logs_no_patient_data_at_info(rabbitmq_url: str, tmp_path: Path,
+                                                         caplog: pytest.LogCaptureFixture) -> None:
+    """The reason of a refusal may quote a filter value: it goes to the caller and the dead-letter
+    headers, and to the log only at DEBUG."""
+    import logging
+
+    from spanner.errors import InvalidQuery
+
+    queue = f"phi.{uuid.uuid4().hex[:6]}"
+
+    async def refusing(request: AmqpRequest) -> tuple[dict[str, Any], int]:
+        raise InvalidQuery("PatientName: 'DOE^JANE' is not a valid value here")
+
+    caplog.set_level(logging.INFO)
+    with consumer_of(queue, refusing, rabbitmq_url, tmp_path) as caller:
+        correlation_id = caller.send({"level": "STUDY", "filters": {"PatientName": "DOE^JANE"}}, queue=queue)
+        status, detail = caller.reply(correlation_id)
+        assert status == 422 and "DOE^JANE" in detail["detail"]
+        assert "DOE^JANE" in caller.dead(correlation_id, queue=f"{queue}.dead").headers["x-spanner-error"]
+    dead_lettered = [r for r in caplog.records if getattr(r, "event", None) == "amqp.dead_lettered"]
+    assert len(dead_lettered) == 1
+    assert not any("DOE^JANE" in r.getMessage() for r in caplog.records if r.levelno >= logging.INFO)

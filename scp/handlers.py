@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import socket
 import threading
+import time
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -67,6 +68,22 @@ class StopWatch:
             assoc = self._event.assoc
             self._seen = bool(self._event.is_cancelled) or assoc.is_aborted or not assoc.is_established
         return self._seen
+
+
+SEND_BACKLOG = 8
+"""Pending responses queued for sending at most. pynetdicom's reactor reads the socket only when it has
+nothing left to send, so an unbounded backlog would leave a C-CANCEL unread until every match is out
+(measured: 1,400 to 2,100 of 3,000 matches went after the cancel)."""
+
+
+def _backlog_drained(assoc: Association, limit: int = SEND_BACKLOG) -> bool:
+    """Wait until the reactor has at most ``limit`` messages to send; False if the association ended."""
+    outgoing = assoc.dul.to_provider_queue
+    while outgoing.qsize() > limit:
+        if not assoc.is_established:
+            return False
+        time.sleep(0.0005)
+    return True
 
 
 def on_conn_open(event: evt.Event) -> None:
@@ -142,7 +159,7 @@ def on_find(event: evt.Event, front: Front) -> Iterator[Response]:
         request = translate.find_request(_identifier(event), model, span)
         answer = front.client.query(request.body, origin(event)).wait(stop)
         for match in answer["matches"]:
-            if stop():
+            if stop() or not _backlog_drained(event.assoc):
                 raise Abandoned("C-CANCEL during the pending responses")
             yield translate.PENDING, translate.match_dataset(match, request, span)
     except Abandoned:

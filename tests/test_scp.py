@@ -279,7 +279,8 @@ def test_cancel_stops_the_pending_stream(fake: FakeApi, front: SpannerScp) -> No
     assoc.send_c_cancel(1, None, S_FIND)
     codes = [int(first.Status)] + [int(st.Status) for st, _ in responses]
     assoc.release()
-    assert codes[-1] == 0xFE00 and len(codes) < 3000
+    # The front reads the C-CANCEL between sends: at most its send backlog and what was in flight go after.
+    assert codes[-1] == 0xFE00 and len(codes) < 200, len(codes)
 
 
 # -- C-MOVE ----------------------------------------------------------------------------------------------

@@ -113,6 +113,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=None, help="unmeasured runs first (default 3)")
     parser.add_argument("--sim-processes", type=int, default=4, help="processes hosting the simulators")
     parser.add_argument("--timeline", default=None, help="write ray.timeline() (Chrome trace) after max N")
+    parser.add_argument("--sim-engine", choices=("wire", "pynetdicom"), default="wire",
+                        help="engine of the simulated PACS (see benchmarks/common.py)")
     parser.add_argument("--profile", action="store_true",
                         help="py-spy the ingress, proxy and a node actor during extra spanner runs at max N")
     add_output_args(parser, "fanout")
@@ -229,7 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     per_n: list[dict[str, Any]] = []
     failures: list[dict[str, Any]] = []
     started = time.monotonic()
-    fleet = SimFleet(max(args.nodes), k, latency, processes=args.sim_processes, prefix="bench")
+    fleet = SimFleet(max(args.nodes), k, latency, processes=args.sim_processes, prefix="bench",
+                     engine=args.sim_engine)
     with fleet, SpannerApp() as app:
         print(f"{len(fleet.nodes)} simulators (K={k}, L={latency:g} ms) in {fleet.processes} processes")
         for n in args.nodes:
@@ -245,6 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     targets = _targets(results, latency)
     print_targets("fanout", targets)
     payload = {"benchmark": "fanout", "machine": machine, "latency_ms": latency, "matches_per_node": k,
+               "sim_engine": args.sim_engine,
                "quick": args.quick, "elapsed_s": round(time.monotonic() - started, 1),
                "load_average_at_end": [round(x, 2) for x in os.getloadavg()], "results": results,
                "per_n": per_n, "failures": failures, "targets": [t.to_json() for t in targets]}

@@ -16,6 +16,7 @@ from pynetdicom import _config
 from spanner.simulator.dataset import generate_uniform
 from spanner.simulator.fleet import stop_fleet
 from spanner.simulator.scp import SimulatedPacs, SimulatorConfig
+from spanner.simulator.wire import WireSimulatedPacs
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -27,19 +28,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--poll-ms", type=float, default=5.0,
                         help="association polling of the simulated PACS (pynetdicom's default is 1 ms)")
+    parser.add_argument("--engine", choices=("wire", "pynetdicom"), default="wire",
+                        help="wire: the lean asyncio simulator; pynetdicom: the one the tests use by default")
     parser.add_argument("--lifetime-s", type=float, default=3600.0, help="stop after this long regardless")
     args = parser.parse_args(argv)
     indexes = [int(i) for i in args.indexes.split(",") if i]
     # A PACS stand-in should cost as little CPU as it can: pynetdicom's "standard" handlers format a log
     # line for every PDU and DIMSE message even when nothing logs them (process-wide; set before any AE).
     _config.LOG_HANDLER_LEVEL = "none"
-    fleet: list[SimulatedPacs] = []
+    fleet: list[SimulatedPacs | WireSimulatedPacs] = []
     try:
         for index in indexes:
             config = SimulatorConfig(ae_title=f"SIM{index:03d}", port=0, latency_ms=args.latency_ms,
                                      jitter_ms=args.jitter_ms, seed=args.seed + index,
                                      poll_ms=args.poll_ms or None)
-            pacs = SimulatedPacs(config, generate_uniform(args.seed, index, studies=args.studies))
+            engine = WireSimulatedPacs if args.engine == "wire" else SimulatedPacs
+            pacs = engine(config, generate_uniform(args.seed, index, studies=args.studies))
             pacs.start()
             fleet.append(pacs)
         ports = {str(i): pacs.port for i, pacs in zip(indexes, fleet, strict=True)}

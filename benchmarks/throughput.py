@@ -90,6 +90,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--latency-ms", type=float, default=50.0, help="simulator latency L")
     parser.add_argument("--seconds", type=float, default=None, help="measuring time per C (default 10)")
     parser.add_argument("--max-associations", type=int, default=16, help="per node (the API's default is 4)")
+    parser.add_argument("--sim-engine", choices=("wire", "pynetdicom"), default="wire",
+                        help="engine of the simulated PACS (see benchmarks/common.py)")
     parser.add_argument("--profile", action="store_true", help="py-spy the spanner's processes at one C")
     parser.add_argument("--profile-clients", type=int, default=16, help="the C to profile at (default 16)")
     add_output_args(parser, "throughput")
@@ -108,7 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     results: list[dict[str, Any]] = []
     expected = 4 * args.matches
     body = {"level": "STUDY", "span": SPAN}
-    with SimFleet(4, args.matches, args.latency_ms, processes=2, prefix="tput") as fleet, SpannerApp() as app:
+    sims = SimFleet(4, args.matches, args.latency_ms, processes=2, prefix="tput", engine=args.sim_engine)
+    with sims as fleet, SpannerApp() as app:
         up_s = app.bring_up(fleet.nodes, max_associations=args.max_associations)
         app.add_span(SPAN, [node.name for node in fleet.nodes])
         print(f"4 nodes up in {up_s:.2f} s (K={args.matches}, L={args.latency_ms:g} ms, "

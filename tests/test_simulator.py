@@ -6,6 +6,7 @@ the fault it needs and the ``sim`` fixture resets it. No Ray here.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -40,6 +41,7 @@ from spanner.simulator.scp import (
     SimulatorConfig,
     enable_nodelay,
 )
+from spanner.simulator.wire import WireSimulatedPacs
 from tests.conftest import require
 
 LOOPBACK = "127.0.0.1"
@@ -67,9 +69,11 @@ def node(universe: list[list[Dataset]]) -> list[Dataset]:
     return universe[NODE]
 
 
-@pytest.fixture(scope="module")
-def pacs(node: list[Dataset]) -> Iterator[SimulatedPacs]:
-    simulator = SimulatedPacs(SimulatorConfig(ae_title="SIM_T", seed=1), node)
+@pytest.fixture(scope="module", params=["pynetdicom", "wire"])
+def pacs(node: list[Dataset], request: pytest.FixtureRequest) -> Iterator[SimulatedPacs]:
+    """Both engines behave alike on the wire: every test of a running simulator runs against each."""
+    engine = WireSimulatedPacs if request.param == "wire" else SimulatedPacs
+    simulator = engine(SimulatorConfig(ae_title="SIM_T", seed=1), node)
     simulator.start()
     yield simulator
     simulator.stop()
@@ -84,9 +88,10 @@ def sim(pacs: SimulatedPacs) -> Iterator[SimulatedPacs]:
 
 
 @contextmanager
-def association(port: int, dimse_timeout: float = 5.0) -> Iterator[Association]:
+def association(port: int, dimse_timeout: float = 5.0, max_pdu: int = 16382) -> Iterator[Association]:
     """A pynetdicom SCU association with TCP_NODELAY, released (if still up) on exit."""
     ae = AE(ae_title="PYTEST_SCU")
+    ae.maximum_pdu_size = max_pdu
     for uid in (VERIFICATION, PATIENT_ROOT_FIND, STUDY_ROOT_FIND):
         ae.add_requested_context(uid)
     ae.acse_timeout = 5
@@ -468,6 +473,30 @@ def test_many_concurrent_associations(sim: SimulatedPacs, node: list[Dataset]) -
     for thread in threads:
         thread.join(10)
     assert counts == [len(by_study(node))] * 12
+
+
+def test_answers_are_fragmented_to_the_peers_maximum_pdu(sim: SimulatedPacs, node: list[Dataset]) -> None:
+    """A peer that takes small PDUs (here 128 bytes, below one identifier) gets every answer whole."""
+    images = query(Level.IMAGE, StudyInstanceUID="", SOPInstanceUID="", PatientName="")
+    with association(sim.port) as roomy:
+        expected, _ = find(roomy, images)
+    with association(sim.port, max_pdu=128) as tight:
+        matches, final = find(tight, images)
+    assert code(final) == 0 and len(matches) == len(expected) == len(node)
+    assert [m.to_json_dict() for m in matches] == [m.to_json_dict() for m in expected]
+
+
+def test_garbage_ends_that_connection_only(sim: SimulatedPacs) -> None:
+    junks = (b"\x01\x00\x00\x00\x00\x05hello", b"\x04\x00\x00\x00\x00\x02\x00\x00", b"GET / HTTP/1.1\r\n\r\n")
+    for junk in junks:
+        with socket.create_connection((LOOPBACK, sim.port), timeout=2) as sock:
+            sock.sendall(junk)
+            sock.shutdown(socket.SHUT_WR)
+            with contextlib.suppress(OSError):
+                while sock.recv(4096):
+                    pass
+    with association(sim.port) as assoc:
+        assert assoc.send_c_echo().Status == 0
 
 
 # -- fleet and serve_forever ---------------------------------------------------------------------

@@ -13,6 +13,7 @@ import pytest
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
+
 def require(condition: bool, what: str) -> None:
     """Skip locally when a peer is missing; under CI a missing peer fails the run (never a quiet skip)."""
     if condition:
@@ -27,6 +28,9 @@ def ray_session() -> Iterator[str]:
     """One local Ray instance for the whole session (never joins a running cluster); yields its namespace."""
     import ray
 
+    from cluster.ray_runtime import stay_on_loopback
+
+    stay_on_loopback()
     tmp = tempfile.mkdtemp(prefix="spanner-ray-")
     os.environ["RAY_TMPDIR"] = tmp
     namespace = f"spanner-test-{uuid.uuid4().hex[:8]}"

@@ -19,7 +19,7 @@ from spanner.schemas import NodeIn
 from spanner.settings import load_settings
 from spanner.simulator.fleet import stop_fleet
 from spanner.storage import Repository, create_schema, make_engine
-from tests.peers.ports import free_port
+from tests.peers.ports import descendants, free_port, off_loopback
 
 
 def test_demo_fleet_starts_only_without_real_nodes(tmp_path: Path) -> None:
@@ -45,22 +45,6 @@ def test_demo_fleet_can_be_turned_off(tmp_path: Path) -> None:
     repo = Repository(make_engine(settings.effective_database_url))
     create_schema(repo.engine)
     assert repo.list_nodes() == []
-
-
-def descendants(pid: int) -> set[int]:
-    table = subprocess.run(["ps", "-eo", "pid=,ppid="], capture_output=True, text=True, check=True).stdout
-    children: dict[int, list[int]] = {}
-    for line in table.splitlines():
-        child, parent = (int(x) for x in line.split())
-        children.setdefault(parent, []).append(child)
-    found: set[int] = set()
-    stack = [pid]
-    while stack:
-        for child in children.get(stack.pop(), []):
-            if child not in found:
-                found.add(child)
-                stack.append(child)
-    return found
 
 
 def alive(pid: int) -> bool:
@@ -118,6 +102,7 @@ def test_spanner_run_serves_the_demo_fleet_and_ctrl_c_leaves_nothing(tmp_path: P
         assert "Ready." in (tmp_path / "run.log").read_text()
         started = descendants(proc.pid)
         assert started, "spanner run should have started Ray's processes"
+        assert off_loopback(started | {proc.pid}) == [], "traffic must stay on loopback"
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=60) == 0
         deadline = time.monotonic() + 30

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import re
 import socket
+import subprocess
 import time
 
 LOOPBACK = "127.0.0.1"
@@ -59,3 +61,35 @@ class ClosedPort:
     def release(self) -> None:
         """Free the port, e.g. so a test can start a PACS on it."""
         self._sock.close()
+
+
+def descendants(pid: int) -> set[int]:
+    """Every process below ``pid`` (children, their children, ...)."""
+    table = subprocess.run(["ps", "-eo", "pid=,ppid="], capture_output=True, text=True, check=True).stdout
+    children: dict[int, list[int]] = {}
+    for line in table.splitlines():
+        child, parent = (int(x) for x in line.split())
+        children.setdefault(parent, []).append(child)
+    found: set[int] = set()
+    stack = [pid]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            if child not in found:
+                found.add(child)
+                stack.append(child)
+    return found
+
+
+_LOOPBACK = re.compile(r"^(127\.\d+\.\d+\.\d+|\[::1\]|\[::ffff:127\.\d+\.\d+\.\d+\]):\d+$")
+
+
+def off_loopback(pids: set[int]) -> list[str]:
+    """TCP connections of these processes whose either end is not a loopback address."""
+    table = subprocess.run(["ss", "-tnpH"], capture_output=True, text=True, check=True).stdout
+    bad = []
+    for line in table.splitlines():
+        fields = line.split()
+        owners = {int(pid) for pid in re.findall(r"pid=(\d+)", line)}
+        if len(fields) >= 5 and owners & pids and not all(_LOOPBACK.match(a) for a in fields[3:5]):
+            bad.append(line)
+    return bad

@@ -384,6 +384,19 @@ def migrate(url: str) -> None:
         engine.dispose()
 
 
+def _admin_key(url: str) -> str:
+    from serve_app.auth import new_key
+    from spanner.storage import Repository, make_engine
+
+    key, prefix, key_hash = new_key()
+    engine = make_engine(url)
+    try:
+        Repository(engine).create_api_key("bench", "admin", prefix, key_hash)
+    finally:
+        engine.dispose()
+    return key
+
+
 class SpannerApp:
     """A local Ray instance with the spanner Serve app on a free loopback port (as tests/conftest.py does)."""
 
@@ -399,6 +412,8 @@ class SpannerApp:
         }
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.http: Any = None
+        self.api_key = ""
+        self.headers: dict[str, str] = dict(NO_CACHE)
 
     def start(self) -> SpannerApp:
         os.environ["RAY_AUTH_MODE"] = "disabled"
@@ -408,10 +423,14 @@ class SpannerApp:
         from ray import serve
         from ray.serve.config import HTTPOptions
 
+        from cluster.ray_runtime import stay_on_loopback
         from serve_app.app import AppArgs, build_app
 
         started = time.monotonic()
         migrate(str(self.settings["database_url"]))
+        self.api_key = _admin_key(str(self.settings["database_url"]))  # keys on, as in production
+        self.headers = {**NO_CACHE, "Authorization": f"Bearer {self.api_key}"}
+        stay_on_loopback()
         ray.init(address="local", num_cpus=self.num_cpus, include_dashboard=False, namespace=self.namespace,
                  log_to_driver=False, _temp_dir=str(self.tmp), logging_level="WARNING",
                  _node_ip_address="127.0.0.1")
@@ -422,7 +441,7 @@ class SpannerApp:
         except BaseException:
             ray.shutdown()
             raise
-        self.http = httpx.Client(base_url=self.base_url, timeout=120.0, trust_env=False, headers=NO_CACHE)
+        self.http = httpx.Client(base_url=self.base_url, timeout=120.0, trust_env=False, headers=self.headers)
         print(f"spanner app up on {self.base_url} in {time.monotonic() - started:.1f} s")
         return self
 

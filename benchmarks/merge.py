@@ -31,6 +31,7 @@ from benchmarks.common import (
     targets_markdown,
     write_outputs,
 )
+from cluster.ray_runtime import stay_on_loopback
 
 NODES = 16
 PAGE_LIMIT = 1000  # what the API asks for by default (a span's max_results)
@@ -112,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     machine = machine_info()
     started = time.monotonic()
     results: list[dict[str, Any]] = []
+    stay_on_loopback()
     ray.init(address="local", num_cpus=os.cpu_count() or 2, include_dashboard=False, log_to_driver=False,
              _temp_dir=tmp, logging_level="WARNING", _node_ip_address="127.0.0.1")
     try:

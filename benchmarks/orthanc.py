@@ -126,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
             from scp.server import SpannerScp
             from spanner.settings import load_settings
 
-            front = SpannerScp(load_settings(demo_fleet=False), base_url=app.base_url, port=0)
+            front_settings = load_settings(demo_fleet=False, scp_api_key=app.api_key)
+            front = SpannerScp(front_settings, base_url=app.base_url, port=0)
             scp_port = front.start()
             try:  # a DICOM client's view: findscu to the span's AE title on the spanner's DICOM front
                 via_front = findscu_command(args.level, level, "ORTHANC", "127.0.0.1", scp_port)

@@ -21,7 +21,6 @@ from typing import Any
 
 from benchmarks import profiling
 from benchmarks.common import (
-    NO_CACHE,
     CpuMeter,
     SimFleet,
     SpannerApp,
@@ -41,7 +40,7 @@ from benchmarks.common import (
 SPAN = "bench4"
 
 
-def drive(base_url: str, body: dict[str, Any], clients: int, seconds: float, expected: int
+def drive(app: SpannerApp, body: dict[str, Any], clients: int, seconds: float, expected: int
           ) -> tuple[list[float], int, float]:
     """Latencies (ms) of queries that completed, error count, and the wall seconds the clients ran."""
     import httpx
@@ -53,7 +52,7 @@ def drive(base_url: str, body: dict[str, Any], clients: int, seconds: float, exp
     stop_at = [0.0]
 
     def client() -> None:
-        with httpx.Client(base_url=base_url, timeout=30.0, trust_env=False, headers=NO_CACHE) as http:
+        with httpx.Client(base_url=app.base_url, timeout=30.0, trust_env=False, headers=app.headers) as http:
             start.wait()
             while time.monotonic() < stop_at[0]:
                 t0 = time.perf_counter()
@@ -118,12 +117,12 @@ def main(argv: list[str] | None = None) -> int:
               f"max_associations {args.max_associations})")
         pids = app.pids()
         for clients in args.clients:
-            drive(app.base_url, body, clients, 1.0, expected)  # warm: this many associations per node
+            drive(app, body, clients, 1.0, expected)  # warm: this many associations per node
             meter = CpuMeter({"simulators": fleet.pids, "node_actors": pids["node_actors"],
                               "ingress": pids["ingress"], "proxy": pids["proxy"],
                               "ray_system": pids["ray_system"], "driver": [os.getpid()]})
             meter.start()
-            latencies, errors, wall = drive(app.base_url, body, clients, args.seconds, expected)
+            latencies, errors, wall = drive(app, body, clients, args.seconds, expected)
             cpu = meter.stop()
             done = max(1, len(latencies))
             per_query = {g: round(1000 * v / done, 2) for g, v in cpu.items()}
@@ -138,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
                 roles = {"ingress": pids["ingress"][0], "proxy": pids["proxy"][0],
                          "node_actor": pids["node_actors"][0]}
                 samplers = profiling.start(roles, 8, profile_dir)
-                drive(app.base_url, body, clients, 8.5, expected)
+                drive(app, body, clients, 8.5, expected)
                 profiling.wait(samplers)
                 profiling.print_summary(profile_dir)
     targets = []

@@ -17,6 +17,14 @@ from spanner.nodespec import NodeSpec
 IDLE_POLL_S = 0.05
 ACTIVE_POLL_S = 0.001
 ESTABLISHED = "Sta6"  # DUL state: association established, ready for data transfer
+SETTLE_TIMEOUT_S = 0.1
+"""pynetdicom's send_c_*() pause the association's reactor by clearing a checkpoint and waiting for its
+``_is_paused`` flag, which the reactor sets just *before* it waits on that checkpoint: if it has just
+passed the checkpoint, the flag is stale, the request goes out, and the reactor takes the first response
+off the queue as if it were a request. A fast archive on a reused association then loses a match (seen:
+2 queries in 400 against a simulator answering at once). So the pool keeps the reactor paused itself,
+from the moment it parks an association or opens one, and hands it out only once the reactor thread is
+really waiting at the cleared checkpoint."""
 
 
 def _park(assoc: Association) -> None:
@@ -24,12 +32,28 @@ def _park(assoc: Association) -> None:
     assoc.dul._run_loop_delay = IDLE_POLL_S
 
 
+def _reactor_waiting(assoc: Association) -> bool:
+    """True while the reactor thread blocks in the checkpoint's wait() (it is then one of the waiters
+    of the Event's condition; CPython's threading keeps them in ``_waiters``)."""
+    condition = getattr(assoc._reactor_checkpoint, "_cond", None)
+    return bool(getattr(condition, "_waiters", None))
+
+
+def _settle(assoc: Association) -> None:
+    """Clear the checkpoint and wait until the reactor sits at it (at most SETTLE_TIMEOUT_S)."""
+    assoc._reactor_checkpoint.clear()
+    deadline = time.monotonic() + SETTLE_TIMEOUT_S
+    while not _reactor_waiting(assoc) and assoc.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.0001)
+
+
 def _unpark(assoc: Association) -> bool:
-    """Wake a parked association; False when it died while parked (the paused reactor could not say)."""
+    """Ready a parked association for use; False when it died while parked (the paused reactor could
+    not say). The reactor stays paused: pynetdicom's send_c_*() resume it when they end."""
     dul = assoc.dul
     alive = assoc.is_established and dul.is_alive() and dul.state_machine.current_state == ESTABLISHED
     dul._run_loop_delay = ACTIVE_POLL_S
-    assoc._reactor_checkpoint.set()
+    _settle(assoc)
     return bool(alive)
 
 
@@ -67,6 +91,7 @@ class AssociationPool:
                     return assoc, True
                 stale.append(assoc)
         assoc = open_association(self._ae, self._spec)
+        _settle(assoc)
         with self._lock:
             self.opened += 1
             self.in_use += 1

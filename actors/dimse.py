@@ -13,6 +13,7 @@ from pydicom.uid import UID
 from pynetdicom import AE, _config, evt
 from pynetdicom.association import Association
 
+from spanner import reactor
 from spanner.errors import AssociationAborted, AssociationRejected, NodeUnreachable
 from spanner.nodespec import NodeSpec
 from spanner.query import InformationModel
@@ -55,6 +56,7 @@ def quiet_pynetdicom() -> None:
 
 def build_ae(spec: NodeSpec) -> AE:
     quiet_pynetdicom()
+    reactor.install()  # DUL threads wait on their sockets instead of polling every millisecond
     ae = AE(ae_title=spec.calling_ae_title)
     ae.add_requested_context(Verification)
     for model in spec.query_models:

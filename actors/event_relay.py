@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import ray
@@ -24,9 +24,9 @@ RelayHandle = Any
 class RelayConfig:
     """Everything the relay needs, as plain values (it runs in its own process, maybe on another host)."""
 
-    database_url: str
-    rabbitmq_url: str
-    exchange: str
+    database_url: str = field(repr=False)  # both may hold a password
+    rabbitmq_url: str = field(repr=False)
+    exchange: str = "spanner.events"
     poll_s: float = 1.0
     gap_wait_s: float = 2.0
     retry_s: float = 2.0

@@ -140,6 +140,10 @@ class RequestConsumer:
                                 redact(self._url), describe(exc), self._retry_s,
                                 extra={"event": "amqp.broker_down"})
                 self._stopping.wait(self._retry_s)
+            except Exception:  # a bug must not end the consumer: unacked requests go back to the queue
+                self.consuming.clear()
+                log.exception("AMQP requests: consumer failed; reconnecting", extra={"event": "amqp.error"})
+                self._stopping.wait(self._retry_s)
 
     def _consume(self) -> None:
         connection = connect(self._url, self._timeout_s)

@@ -80,6 +80,11 @@ class OutboxRelay:
             except StorageError as exc:
                 log.warning("event relay cannot read the outbox: %s", exc, extra={"event": "events.storage"})
                 pause = self._retry_s
+            except Exception:  # a bug must not end the relay's thread: say so, keep the events, try again
+                log.exception("event relay failed; events stay in the outbox",
+                              extra={"event": "events.error"})
+                self._publisher.close()
+                pause = self._retry_s
             self.wake.wait(pause)
             self.wake.clear()
             self._publisher.pump()

@@ -258,3 +258,33 @@ def _wait(condition: Any, what: str, timeout_s: float = 60.0) -> None:
         if time.monotonic() > end:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.05)
+
+
+def test_an_unexpected_error_does_not_end_the_relay(repo: Repository, rabbitmq_url: str, exchange: str,
+                                                    caplog: pytest.LogCaptureFixture) -> None:
+    """A bug (here: the first publish raising something nobody expected) is logged; the events stay and
+    go out on the next try."""
+
+    class FailsOnce(EventPublisher):
+        failed = False
+
+        def publish(self, routing_key: str, event_id: str, body: Any) -> None:
+            if not self.failed:
+                self.failed = True
+                raise KeyError("unexpected")
+            super().publish(routing_key, event_id, body)
+
+    listener = Listener(rabbitmq_url, exchange)
+    relay = OutboxRelay(repo, FailsOnce(rabbitmq_url, exchange, 5.0), broker="test", poll_s=0.05, retry_s=0.1)
+    thread = threading.Thread(target=relay.run, daemon=True)
+    thread.start()
+    try:
+        query_id = record(repo, [])
+        got = listener.take(1, timeout_s=10)
+    finally:
+        relay.stopping.set()
+        relay.wake.set()
+        thread.join(10)
+        listener.close()
+    assert got and got[0][2]["data"]["query_id"] == query_id
+    assert any(getattr(r, "event", None) == "events.error" for r in caplog.records)

@@ -13,6 +13,7 @@ import time
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from pydicom.dataset import Dataset
 from pynetdicom import evt
@@ -102,7 +103,8 @@ def on_conn_close(event: evt.Event) -> None:
     """
     assoc = event.assoc
     if assoc.is_acceptor and assoc.requestor.primitive is None:
-        assoc.dul.to_user_queue.put(None)
+        queue: Any = assoc.dul.to_user_queue  # typed for primitives; its own timeout puts a None too
+        queue.put(None)
 
 
 def _reject(assoc: Association, reason: tuple[int, int, int]) -> None:

@@ -143,8 +143,8 @@ def slow_reactor_polling(poll_s: float) -> None:
         association.time = _PollingClock(poll_s)  # type: ignore[assignment,attr-defined]
 
 
-class SimulatedPacs:
-    """One simulated PACS: ``start()`` it, query it, ``stop()`` it."""
+class SimulatorBase:
+    """What every simulator engine shares: its data, its config (faults changeable at run time), counters."""
 
     def __init__(self, config: SimulatorConfig, instances: Iterable[Dataset]) -> None:
         self._config = config
@@ -152,23 +152,51 @@ class SimulatedPacs:
         self._lock = threading.Lock()
         self._counts: dict[str, int] = {f.name: 0 for f in dataclasses.fields(Counters)}
         self._rng = random.Random(config.seed)
+
+    @property
+    def config(self) -> SimulatorConfig:
+        return self._config
+
+    @property
+    def ae_title(self) -> str:
+        return self._config.ae_title
+
+    def set_fault(self, fault: Fault, **params: Any) -> None:
+        """Change the fault (and e.g. abort_after, failure_status, slow_ms, latency_ms) at run time."""
+        fixed = sorted(set(params) & {"ae_title", "host", "port", "maximum_associations"})
+        if fixed:
+            raise ValueError(f"{', '.join(fixed)} cannot change while running; make a new simulator")
+        with self._lock:
+            self._config = dataclasses.replace(self._config, fault=fault, **params)
+
+    @property
+    def counters(self) -> Counters:
+        with self._lock:
+            return Counters(**self._counts)
+
+    def reset_counters(self) -> None:
+        with self._lock:
+            self._counts = dict.fromkeys(self._counts, 0)
+
+    def _count(self, name: str) -> None:
+        with self._lock:
+            self._counts[name] += 1
+
+
+class SimulatedPacs(SimulatorBase):
+    """One simulated PACS on pynetdicom: ``start()`` it, query it, ``stop()`` it."""
+
+    def __init__(self, config: SimulatorConfig, instances: Iterable[Dataset]) -> None:
+        super().__init__(config, instances)
         self._stopping = threading.Event()
         self._ae: AE | None = None
         self._server: ThreadedAssociationServer | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------
     @property
-    def config(self) -> SimulatorConfig:
-        return self._config
-
-    @property
     def port(self) -> int:
         """The bound port; 0 while not listening."""
         return int(self._server.server_address[1]) if self._server is not None else 0
-
-    @property
-    def ae_title(self) -> str:
-        return self._config.ae_title
 
     def start(self) -> int:
         """Listen (port 0 picks a free one) and return the bound port."""
@@ -216,32 +244,11 @@ class SimulatedPacs:
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
 
-    # -- run-time control ----------------------------------------------------------------------
-    def set_fault(self, fault: Fault, **params: Any) -> None:
-        """Change the fault (and e.g. abort_after, failure_status, slow_ms, latency_ms) at run time."""
-        fixed = sorted(set(params) & {"ae_title", "host", "port", "maximum_associations"})
-        if fixed:
-            raise ValueError(f"{', '.join(fixed)} cannot change while running; make a new SimulatedPacs")
-        with self._lock:
-            self._config = dataclasses.replace(self._config, fault=fault, **params)
-
-    @property
-    def counters(self) -> Counters:
-        with self._lock:
-            return Counters(**self._counts)
-
+    # -- run-time state ---------------------------------------------------------------------------
     @property
     def active_associations(self) -> int:
         """Associations open right now, including any a ``hang`` is sitting on."""
         return len(self._ae.active_associations) if self._ae is not None else 0
-
-    def reset_counters(self) -> None:
-        with self._lock:
-            self._counts = dict.fromkeys(self._counts, 0)
-
-    def _count(self, name: str) -> None:
-        with self._lock:
-            self._counts[name] += 1
 
     # -- event handlers ------------------------------------------------------------------------
     def _on_conn_open(self, event: evt.Event) -> None:

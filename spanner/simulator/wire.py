@@ -15,7 +15,6 @@ import contextlib
 import dataclasses
 import io
 import logging
-import random
 import struct
 import threading
 from collections.abc import Iterable
@@ -28,7 +27,7 @@ from pydicom.filewriter import write_dataset
 from pydicom.multival import MultiValue
 from pydicom.tag import BaseTag
 
-from spanner.simulator.index import IdentifierError, Index
+from spanner.simulator.index import IdentifierError
 from spanner.simulator.scp import (
     _MODELS,
     PATIENT_ROOT_FIND,
@@ -36,8 +35,7 @@ from spanner.simulator.scp import (
     STATUS_PENDING,
     STUDY_ROOT_FIND,
     VERIFICATION,
-    Counters,
-    Fault,
+    SimulatorBase,
     SimulatorConfig,
 )
 
@@ -125,15 +123,11 @@ class _Message:
     dataset: bytes | None
 
 
-class WireSimulatedPacs:
+class WireSimulatedPacs(SimulatorBase):
     """Drop-in for SimulatedPacs (same constructor, start/stop, faults, counters), on asyncio."""
 
     def __init__(self, config: SimulatorConfig, instances: Iterable[Dataset]) -> None:
-        self._config = config
-        self.index = Index(instances, ae_title=config.ae_title)
-        self._lock = threading.Lock()
-        self._counts: dict[str, int] = {f.name: 0 for f in dataclasses.fields(Counters)}
-        self._rng = random.Random(config.seed)
+        super().__init__(config, instances)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._server: asyncio.base_events.Server | None = None
@@ -142,16 +136,8 @@ class WireSimulatedPacs:
 
     # -- lifecycle ----------------------------------------------------------------------------------
     @property
-    def config(self) -> SimulatorConfig:
-        return self._config
-
-    @property
     def port(self) -> int:
         return self._port
-
-    @property
-    def ae_title(self) -> str:
-        return self._config.ae_title
 
     def start(self) -> int:
         if self._server is not None:
@@ -205,30 +191,9 @@ class WireSimulatedPacs:
     def __exit__(self, *exc_info: object) -> None:
         self.stop()
 
-    # -- run-time control (as SimulatedPacs) ------------------------------------------------------------
-    def set_fault(self, fault: Fault, **params: Any) -> None:
-        fixed = sorted(set(params) & {"ae_title", "host", "port", "maximum_associations"})
-        if fixed:
-            raise ValueError(f"{', '.join(fixed)} cannot change while running; make a new simulator")
-        with self._lock:
-            self._config = dataclasses.replace(self._config, fault=fault, **params)
-
-    @property
-    def counters(self) -> Counters:
-        with self._lock:
-            return Counters(**self._counts)
-
     @property
     def active_associations(self) -> int:
         return len(self._writers)
-
-    def reset_counters(self) -> None:
-        with self._lock:
-            self._counts = dict.fromkeys(self._counts, 0)
-
-    def _count(self, name: str) -> None:
-        with self._lock:
-            self._counts[name] += 1
 
     # -- one connection -------------------------------------------------------------------------------
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import time
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -30,7 +31,8 @@ PIKA_ERRORS: tuple[type[BaseException], ...] = (pika.exceptions.AMQPError, OSErr
 def redact(url: str) -> str:
     """The URL without its password, for logs and errors."""
     params = pika.URLParameters(url)
-    return f"amqp://{params.credentials.username}@{params.host}:{params.port}/{params.virtual_host}"
+    vhost = urllib.parse.quote(params.virtual_host, safe="")
+    return f"amqp://{params.credentials.username}@{params.host}:{params.port}/{vhost}"
 
 
 def connect(url: str, timeout_s: float) -> pika.BlockingConnection:

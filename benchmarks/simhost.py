@@ -15,7 +15,7 @@ from pynetdicom import _config
 
 from spanner.simulator.dataset import generate_uniform
 from spanner.simulator.fleet import stop_fleet
-from spanner.simulator.scp import SimulatedPacs, SimulatorConfig
+from spanner.simulator.scp import SimulatedPacs, SimulatorBase, SimulatorConfig
 from spanner.simulator.wire import WireSimulatedPacs
 
 
@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> None:
     # A PACS stand-in should cost as little CPU as it can: pynetdicom's "standard" handlers format a log
     # line for every PDU and DIMSE message even when nothing logs them (process-wide; set before any AE).
     _config.LOG_HANDLER_LEVEL = "none"
-    fleet: list[SimulatedPacs | WireSimulatedPacs] = []
+    fleet: list[SimulatorBase] = []
     try:
         for index in indexes:
             config = SimulatorConfig(ae_title=f"SIM{index:03d}", port=0, latency_ms=args.latency_ms,

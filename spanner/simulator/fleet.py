@@ -7,7 +7,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
 from spanner.simulator.dataset import generate_fleet
-from spanner.simulator.scp import SimulatedPacs, SimulatorConfig
+from spanner.simulator.scp import SimulatedPacs, SimulatorBase, SimulatorConfig
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,7 +48,7 @@ def start_demo_fleet(base_port: int | None = None, seed: int = 42,
     return fleet
 
 
-def stop_fleet(fleet: Iterable[SimulatedPacs]) -> None:
+def stop_fleet(fleet: Iterable[SimulatorBase]) -> None:
     """Stop every simulator in parallel (each stop waits up to 0.5 s for pynetdicom's server loop)."""
     threads = [threading.Thread(target=pacs.stop, name=f"stop-{pacs.ae_title}") for pacs in fleet]
     for thread in threads:

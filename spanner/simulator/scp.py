@@ -8,6 +8,7 @@ queries of a running fleet without restarting it. Every accepted socket gets TCP
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import logging
 import random
@@ -18,7 +19,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from types import FrameType
-from typing import Any, Literal, get_args
+from typing import Any, Literal, Self, get_args
 
 from pydicom.dataset import Dataset
 from pynetdicom import AE, _config, evt
@@ -143,8 +144,23 @@ def slow_reactor_polling(poll_s: float) -> None:
         association.time = _PollingClock(poll_s)  # type: ignore[assignment,attr-defined]
 
 
-class SimulatorBase:
+class SimulatorBase(abc.ABC):
     """What every simulator engine shares: its data, its config (faults changeable at run time), counters."""
+
+    @abc.abstractmethod
+    def start(self) -> int:
+        """Listen (port 0 picks a free one) and return the bound port."""
+
+    @abc.abstractmethod
+    def stop(self) -> None:
+        """Close the listener and every association."""
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
 
     def __init__(self, config: SimulatorConfig, instances: Iterable[Dataset]) -> None:
         self._config = config
@@ -236,13 +252,6 @@ class SimulatedPacs(SimulatorBase):
             self._ae.shutdown()
         self._ae = None
         self._server = None
-
-    def __enter__(self) -> SimulatedPacs:
-        self.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
 
     # -- run-time state ---------------------------------------------------------------------------
     @property

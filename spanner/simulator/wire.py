@@ -184,13 +184,6 @@ class WireSimulatedPacs(SimulatorBase):
         self._loop = self._thread = self._server = None
         self._port = 0
 
-    def __enter__(self) -> WireSimulatedPacs:
-        self.start()
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
-
     @property
     def active_associations(self) -> int:
         return len(self._writers)

@@ -1,8 +1,9 @@
 """Ray tasks that merge node answers where they lie, so matches never pass through the coordinator.
 
-Every matches list is a top-level ObjectRef argument: Ray resolves it in the task's worker. Large
-answers are split by identity key into P partitions (split_task per node), merged independently
-(one merge task per partition) and k-way merged into the requested page (one page task).
+Every node's answer (a spanner.packed.Packed, as the node actor returned it) is a top-level
+ObjectRef argument: Ray resolves it in the task's worker. Large answers are split by identity key
+into P partitions (split_task per node), merged independently (one merge task per partition) and
+k-way merged into the requested page (one page task).
 merge_task and page_task pass whole sorted partitions (for a caller that keeps them); merge_refs
 uses merge_head_task and page_heads_task, which pass only what the requested page can draw from.
 """
@@ -14,8 +15,8 @@ from typing import Any, cast
 
 import ray
 
-from spanner.merge import Dedup, MergedMatch, head, merge, page, page_heads, split
-from spanner.outcome import DicomJson
+from spanner.merge import Dedup, MergedMatch, merge_top, page, page_heads, split
+from spanner.packed import Packed
 from spanner.query import Level
 
 NodeMeta = tuple[str, int]  # (node name, priority: lower wins)
@@ -23,8 +24,8 @@ PageRef = ray.ObjectRef[tuple[int, list[MergedMatch]]]
 
 
 def _copies(
-    nodes_meta: Sequence[NodeMeta], matches_lists: Sequence[list[DicomJson]]
-) -> list[tuple[str, int, list[DicomJson]]]:
+    nodes_meta: Sequence[NodeMeta], matches_lists: Sequence[Packed]
+) -> list[tuple[str, int, Packed]]:
     if len(nodes_meta) != len(matches_lists):
         raise ValueError(f"{len(nodes_meta)} nodes but {len(matches_lists)} matches lists")
     return [(node, prio, matches) for (node, prio), matches in zip(nodes_meta, matches_lists, strict=True)]
@@ -32,19 +33,19 @@ def _copies(
 
 @ray.remote(num_cpus=1)
 def merge_task(
-    level: Level, dedup: Dedup, nodes_meta: list[NodeMeta], *matches_lists: list[DicomJson]
+    level: Level, dedup: Dedup, nodes_meta: list[NodeMeta], *matches_lists: Packed
 ) -> list[MergedMatch]:
     """Merged matches of one partition, sorted; the i-th matches list belongs to nodes_meta[i]."""
-    return merge(level, dedup, _copies(nodes_meta, matches_lists))
+    return merge_top(level, dedup, _copies(nodes_meta, matches_lists))[1]
 
 
 @ray.remote(num_cpus=1)
 def merge_head_task(
     level: Level, dedup: Dedup, nodes_meta: list[NodeMeta], offset: int, limit: int | None,
-    *matches_lists: list[DicomJson],
+    *matches_lists: Packed,
 ) -> tuple[int, list[MergedMatch]]:
     """Like merge_task, but returns (size, first offset+limit matches): a page never needs more."""
-    return head(merge(level, dedup, _copies(nodes_meta, matches_lists)), offset, limit)
+    return merge_top(level, dedup, _copies(nodes_meta, matches_lists), _stop(offset, limit))
 
 
 @ray.remote(num_cpus=1)
@@ -56,9 +57,11 @@ def page_heads_task(
 
 
 @ray.remote(num_cpus=1)
-def split_task(level: Level, partitions: int, matches: list[DicomJson]) -> list[list[DicomJson]]:
-    """One node's matches in ``partitions`` lists; call with .options(num_returns=partitions)."""
-    return split(level, matches, partitions)
+def split_task(level: Level, partitions: int, matches: Packed) -> list[Packed]:
+    """One node's matches in ``partitions`` packs; call with .options(num_returns=partitions)."""
+    if matches.level != level:
+        raise ValueError(f"matches are packed for {matches.level}, not {level}")
+    return split(matches, partitions)
 
 
 @ray.remote(num_cpus=1)
@@ -73,7 +76,7 @@ def merge_refs(
     level: Level,
     dedup: Dedup,
     nodes_meta: Sequence[NodeMeta],
-    matches_refs: Sequence[ray.ObjectRef[list[DicomJson]]],
+    matches_refs: Sequence[ray.ObjectRef[Packed]],
     partitions: int,
     offset: int,
     limit: int | None,
@@ -95,7 +98,7 @@ def merge_refs(
         merged = merge_remote(level, dedup, meta, offset, limit, *matches_refs)
         return cast(PageRef, page_remote(level, offset, limit, merged))
     split_remote = cast(Any, split_task).options(num_returns=partitions).remote
-    splits: list[list[ray.ObjectRef[list[DicomJson]]]] = [
+    splits: list[list[ray.ObjectRef[Packed]]] = [
         split_remote(level, partitions, ref) for ref in matches_refs
     ]
     heads = [
@@ -109,9 +112,17 @@ def merge_inline(
     level: Level,
     dedup: Dedup,
     nodes_meta: Sequence[NodeMeta],
-    matches_lists: Sequence[list[DicomJson]],
+    matches_lists: Sequence[Packed],
     offset: int,
     limit: int | None,
 ) -> tuple[int, list[MergedMatch]]:
     """The same result as merge_refs, in this process: cheaper than tasks for small answers."""
-    return page(level, [merge(level, dedup, _copies(nodes_meta, matches_lists))], offset, limit)
+    total, top = merge_top(level, dedup, _copies(nodes_meta, matches_lists), _stop(offset, limit))
+    return total, top[offset:]
+
+
+def _stop(offset: int, limit: int | None) -> int | None:
+    """How many of the first sorted matches a page at (offset, limit) can draw from."""
+    if offset < 0 or (limit is not None and limit < 0):
+        raise ValueError(f"offset and limit must not be negative (offset={offset}, limit={limit})")
+    return None if limit is None else offset + limit

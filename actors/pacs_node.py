@@ -28,6 +28,7 @@ from spanner.errors import AssociationRejected, NodeUnreachable
 from spanner.logs import configure_logging
 from spanner.nodespec import ActorTuning, NodeSpec
 from spanner.outcome import DicomJson, NodeOutcome, OutcomeStatus
+from spanner.packed import Packed, pack
 from spanner.query import MoveQuery, NodeQuery, information_model_for
 
 LOG = logging.getLogger(__name__)
@@ -480,11 +481,10 @@ class PacsNode:
         self._impl = PacsNodeImpl(spec, tuning)
 
     @ray.method(num_returns=2)
-    async def find(self, query: NodeQuery, timeout_s: float) -> tuple[NodeOutcome, list[DicomJson]]:
-        result: tuple[NodeOutcome, list[DicomJson]] = await _guard(
-            self._impl.spec, lambda: self._impl.find(query, timeout_s), []
-        )
-        return result
+    async def find(self, query: NodeQuery, timeout_s: float) -> tuple[NodeOutcome, Packed]:
+        """The outcome, and the matches packed here, where they arrived (see spanner.packed)."""
+        outcome, matches = await _guard(self._impl.spec, lambda: self._impl.find(query, timeout_s), [])
+        return outcome, pack(query.level, matches)
 
     async def echo(self, timeout_s: float = 5.0) -> NodeOutcome:
         result: NodeOutcome = await _guard(self._impl.spec, lambda: self._impl.echo(timeout_s), None)

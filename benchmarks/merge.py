@@ -1,7 +1,8 @@
 """Merge rate: M IMAGE-level matches from 16 nodes merged into one de-duplicated, sorted page.
 
-Compares the Ray merge graph (actors.merge_tasks.merge_refs, partitions 1 and 4; the node lists are
-put in the object store first, as node actors would leave them) with the in-process merge_inline.
+Compares the Ray merge graph (actors.merge_tasks.merge_refs, partitions 1 and 4; the node answers are
+packed and put in the object store first, as node actors leave them) with the in-process merge_inline.
+Packing (spanner.packed.pack) is timed on its own: the node actors do it, each for its own answer.
 30% of the M matches are copies of an instance that 2-4 nodes hold; the rest are on one node only.
 Matches are built as DICOM JSON dicts directly (pydicom would take longer than the merge).
 """
@@ -107,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from actors.merge_tasks import merge_inline, merge_refs
     from spanner.merge import Dedup
+    from spanner.packed import pack
     from spanner.query import Level
 
     paths = output_paths(args, "merge")
@@ -119,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         meta = [(f"node-{i:02d}", 100 + i) for i in range(NODES)]
         warm = generate(2000)
-        warm_refs = [ray.put(lst) for lst in warm]
+        warm_refs = [ray.put(pack(Level.IMAGE, lst)) for lst in warm]
         for partitions in (1, 4):  # start the task workers before anything is timed
             ray.get(merge_refs(Level.IMAGE, Dedup.MERGE_ALL, meta, warm_refs, partitions, 0, PAGE_LIMIT))
         del warm, warm_refs
@@ -128,10 +130,15 @@ def main(argv: list[str] | None = None) -> int:
             lists = generate(m)
             gen_s = time.perf_counter() - t0
             t0 = time.perf_counter()
-            refs = [ray.put(lst) for lst in lists]
+            packs = [pack(Level.IMAGE, lst) for lst in lists]
+            pack_s = time.perf_counter() - t0
+            del lists
+            t0 = time.perf_counter()
+            refs = [ray.put(packed) for packed in packs]
             put_s = time.perf_counter() - t0
             runs = args.runs or (2 if args.quick else 3 if m >= 1_000_000 else 5)
-            print(f"M={m:,}: generated in {gen_s:.1f} s, ray.put in {put_s:.1f} s; {runs} runs per method")
+            print(f"M={m:,}: generated in {gen_s:.1f} s, packed in {pack_s:.1f} s, ray.put in {put_s:.1f} s; "
+                  f"{runs} runs per method")
             merged_total = None
             for method in ("ray-p1", "ray-p4", "inline"):
                 samples = []
@@ -139,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
                     gc.collect()
                     t0 = time.perf_counter()
                     if method == "inline":
-                        total, page = merge_inline(Level.IMAGE, Dedup.MERGE_ALL, meta, lists, 0, PAGE_LIMIT)
+                        total, page = merge_inline(Level.IMAGE, Dedup.MERGE_ALL, meta, packs, 0, PAGE_LIMIT)
                     else:
                         partitions = int(method[-1])
                         total, page = ray.get(merge_refs(Level.IMAGE, Dedup.MERGE_ALL, meta, refs, partitions,
@@ -152,10 +159,11 @@ def main(argv: list[str] | None = None) -> int:
                 stats = summarize(samples)
                 rate = m / (stats["p50_ms"] / 1000.0)
                 results.append({"method": method, "matches": m, "merged": merged_total, **stats,
-                                "matches_per_s": round(rate), "put_s": round(put_s, 2)})
+                                "matches_per_s": round(rate), "put_s": round(put_s, 2),
+                                "pack_us_per_match": round(pack_s / m * 1e6, 1)})
                 print(f"  {method:7s} p50 {stats['p50_ms']:9.1f} ms  {rate:12,.0f} matches/s  "
                       f"(merged {merged_total:,})")
-            del lists, refs
+            del packs, refs
             gc.collect()
     finally:
         ray.shutdown()
@@ -174,11 +182,14 @@ def main(argv: list[str] | None = None) -> int:
     md = [f"# Merge rate ({NODES} nodes, IMAGE level, 30% of matches held by 2-4 nodes, "
           f"page of {PAGE_LIMIT})\n",
           machine_line(payload),
-          "ray-pN: merge_refs with N partitions over lists already in the object store (ray.put not timed); "
-          "inline: merge_inline on lists already in this process.\n",
-          md_table(["method", "M", "merged", "p50 (ms)", "p95 (ms)", "runs", "matches/s", "ray.put (s)"],
+          "ray-pN: merge_refs with N partitions over packed answers already in the object store (ray.put "
+          "not timed); inline: merge_inline on packed answers already in this process. Packing, done by each "
+          "node actor for its own answer, is not timed in either: its cost per match is its own column.\n",
+          md_table(["method", "M", "merged", "p50 (ms)", "p95 (ms)", "runs", "matches/s", "ray.put (s)",
+                    "pack (us/match)"],
                    [[r["method"], f"{r['matches']:,}", f"{r['merged']:,}", r["p50_ms"], r["p95_ms"],
-                     r["runs"], f"{r['matches_per_s']:,}", r["put_s"]] for r in results]),
+                     r["runs"], f"{r['matches_per_s']:,}", r["put_s"], r["pack_us_per_match"]]
+                    for r in results]),
           "\n## Targets\n", targets_markdown(targets)]
     write_outputs(paths, payload, "\n".join(md))
     plot_lines(paths["plot"], {

@@ -1,24 +1,37 @@
 """Merge rules: one entity answered by many PACS becomes one match, whatever order the nodes answered in.
 
-Pure Python on the DICOM JSON model (no pydicom objects): it runs in Ray tasks over up to a million
-matches, so the common case (a key seen by one node only) does no copying and no per-attribute work.
+Pure Python on packed node answers (spanner.packed): it runs in Ray tasks over up to a million
+matches, so a key seen by one node only is never decoded unless it is on the requested page, and a
+page of the first ``stop`` entities is selected without sorting the rest.
 Copies of one key are always looked at in (priority, node name) order, which makes every rule
 deterministic and lets the result be split by identity key into partitions merged independently.
 """
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import heapq
 import itertools
 import json
 import zlib
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from enum import StrEnum
 from functools import partial
-from operator import itemgetter
 from typing import Any, TypedDict
 
 from spanner.outcome import DicomJson
+from spanner.packed import (
+    ORDER_TAGS,
+    Packed,
+    canonical,
+    filled,
+    identity_key,
+    is_empty,
+    order,
+    pack,
+    select,
+)
 from spanner.query import Level
 
 
@@ -35,103 +48,25 @@ class MergedMatch(TypedDict):
     nodes: list[str]
 
 
-# (0 = dated / 1 = undated, minus the date-time stamp, identity key): ascending is newest first.
-SortKey = tuple[int, int, str]
+# (order: minus the date-time stamp, or spanner.packed.UNDATED; identity key): ascending is newest first.
+SortKey = tuple[int, str]
 Copy = tuple[str, DicomJson]
+# (order, key, ref): a merge entry; ref = node index << 32 | match index, the tie-break of equal keyless.
+_Entry = tuple[int, str, int]
+_INDEX = (1 << 32) - 1
 
-# Tags of spanner.query.IDENTITY_KEYS and ORDER_KEYS, written out so nothing is looked up at import.
-_PATIENT_ID = "00100020"
-_ISSUER_OF_PATIENT_ID = "00100021"
-_IDENTITY_TAG: dict[Level, str] = {
-    Level.STUDY: "0020000D",
-    Level.SERIES: "0020000E",
-    Level.IMAGE: "00080018",
-}
-_ORDER_TAGS: dict[Level, tuple[str, str] | None] = {
-    Level.PATIENT: None,
-    Level.STUDY: ("00080020", "00080030"),
-    Level.SERIES: ("00080021", "00080031"),
-    Level.IMAGE: ("00080023", "00080033"),
-}
 # ModalitiesInStudy, SOPClassesInStudy: each node may know only some of the values.
 UNION_TAGS: tuple[str, ...] = ("00080061", "00080062")
 # NumberOf{Patient,Study,Series}Related...: every node counts what it holds; summing would double count.
 COUNT_TAGS: tuple[str, ...] = ("00201200", "00201202", "00201204", "00201206", "00201208", "00201209")
 _SPECIAL = frozenset(UNION_TAGS + COUNT_TAGS)
-# A backslash separates values in DICOM, so it never occurs inside one PatientID or issuer value.
-KEY_SEPARATOR = "\\"
 # Matches without an identity key sort after every real key (same date) and are never merged.
 _KEYLESS_PREFIX = "\U0010ffff"
 
 
-def _first_text(ds: DicomJson, tag: str) -> str | None:
-    """The first value of ``tag`` as stripped text, None when absent or empty (inlined in ``merge``)."""
-    try:
-        value = ds[tag]["Value"][0]
-    except (KeyError, IndexError, TypeError):
-        return None
-    if value.__class__ is not str:
-        if value is None:
-            return None
-        value = str(value)
-    return value.strip() or None
-
-
-def identity_key(level: Level, ds: DicomJson) -> str | None:
-    """The key under which copies of one entity are merged; None when the node left it out."""
-    if level == Level.PATIENT:
-        patient_id = _first_text(ds, _PATIENT_ID)
-        if patient_id is None:
-            return None
-        return patient_id + KEY_SEPARATOR + (_first_text(ds, _ISSUER_OF_PATIENT_ID) or "")
-    return _first_text(ds, _IDENTITY_TAG[level])
-
-
-def _keyless_key(ds: DicomJson, nodes: Sequence[str]) -> str:
+def _keyless_key(text: str, nodes: Sequence[str]) -> str:
     """A stand-in key from content and nodes: the same in every partition and process, so order is stable."""
-    return _KEYLESS_PREFIX + "\x00".join(nodes) + "\x00" + json.dumps(ds, sort_keys=True, default=str)
-
-
-def _stamp(date: Any, time: Any) -> int | None:
-    """Date and time as one comparable integer (YYYYMMDDHHMMSSffffff); None without a usable date."""
-    date = str(date).strip().replace(".", "").replace("-", "")  # also ACR-NEMA style 2024.01.31
-    if len(date) != 8 or not (date.isascii() and date.isdigit()):
-        return None
-    stamp = int(date) * 1_000_000_000_000
-    if time is None:
-        return stamp
-    main, _, fraction = str(time).strip().replace(":", "").partition(".")
-    if not (main.isascii() and main.isdigit()) or len(main) > 6:
-        return stamp
-    stamp += int(main.ljust(6, "0")) * 1_000_000
-    fraction = fraction[:6]
-    if fraction.isascii() and fraction.isdigit():
-        stamp += int(fraction.ljust(6, "0"))
-    return stamp
-
-
-def _sort_key(tags: tuple[str, str] | None, ds: DicomJson, key: str) -> SortKey:
-    """The sort key from the level's (date tag, time tag); runs once per match, hence the fast path."""
-    if tags is None:
-        return (1, 0, key)
-    try:
-        date = ds[tags[0]]["Value"][0]
-    except (KeyError, IndexError, TypeError):
-        return (1, 0, key)
-    try:
-        time = ds[tags[1]]["Value"][0]
-    except (KeyError, IndexError, TypeError):
-        time = None
-    # What pydicom writes for an 8-digit DA and a 6-digit TM.
-    if (
-        date.__class__ is str and len(date) == 8 and date.isdigit() and date.isascii()
-        and time.__class__ is str and len(time) == 6 and time.isdigit() and time.isascii()
-    ):
-        return (0, -int(date + time) * 1_000_000, key)
-    stamp = None if date is None else _stamp(date, time)
-    if stamp is None:
-        return (1, 0, key)
-    return (0, -stamp, key)
+    return _KEYLESS_PREFIX + "\x00".join(nodes) + "\x00" + text
 
 
 def sort_key(level: Level, match: MergedMatch) -> SortKey:
@@ -139,39 +74,12 @@ def sort_key(level: Level, match: MergedMatch) -> SortKey:
     ds = match["dataset"]
     key = identity_key(level, ds)
     if key is None:
-        key = _keyless_key(ds, match["nodes"])
-    return _sort_key(_ORDER_TAGS[level], ds, key)
+        key = _keyless_key(canonical(ds), match["nodes"])
+    return order(ORDER_TAGS[level], ds), key
 
 
 def sort_matches(level: Level, matches: Iterable[MergedMatch]) -> list[MergedMatch]:
     return sorted(matches, key=partial(sort_key, Level(level)))
-
-
-def _is_empty(attr: Any) -> bool:
-    """No value at all: no Value (or only empty items) and no inline or bulk binary data."""
-    if not isinstance(attr, dict):
-        return True
-    values = attr.get("Value")
-    if values:
-        return all(value is None or value == "" for value in values)
-    return "InlineBinary" not in attr and "BulkDataURI" not in attr
-
-
-def _filled(ds: DicomJson) -> int:
-    """How many attributes have a value (``_is_empty`` inlined: it runs for every copy of a duplicate)."""
-    filled = 0
-    for attr in ds.values():
-        if attr.__class__ is not dict:
-            continue
-        values = attr.get("Value")
-        if values:
-            for value in values:
-                if value is not None and value != "":
-                    filled += 1
-                    break
-        elif "InlineBinary" in attr or "BulkDataURI" in attr:
-            filled += 1
-    return filled
 
 
 def _count(attr: Any) -> int | None:
@@ -200,11 +108,11 @@ def _first_wins(copies: list[Copy]) -> DicomJson:
 
 
 def _most_complete(copies: list[Copy]) -> DicomJson:
-    best, best_filled = copies[0][1], _filled(copies[0][1])
+    best, best_filled = copies[0][1], filled(copies[0][1])
     for _, ds in copies[1:]:
-        filled = _filled(ds)
-        if filled > best_filled:
-            best, best_filled = ds, filled
+        count = filled(ds)
+        if count > best_filled:
+            best, best_filled = ds, count
     return best
 
 
@@ -235,7 +143,7 @@ def _largest(tag: str, copies: list[Copy]) -> dict[str, Any] | None:
         if attr.__class__ is not dict:
             continue
         count = _count(attr)
-        rank = (2, count) if count is not None else (0 if _is_empty(attr) else 1, 0)
+        rank = (2, count) if count is not None else (0 if is_empty(attr) else 1, 0)
         if rank > best_rank:
             best_attr, best_rank = attr, rank
     return best_attr
@@ -250,7 +158,7 @@ def _merge_all(copies: list[Copy]) -> DicomJson:
     for tag, attr in head.items():
         if tag in _SPECIAL:
             special.add(tag)
-        elif _is_empty(attr):
+        elif is_empty(attr):
             empty.add(tag)
     for _, ds in copies[1:]:
         for tag, attr in ds.items():
@@ -258,9 +166,9 @@ def _merge_all(copies: list[Copy]) -> DicomJson:
                 special.add(tag)
             elif tag not in out:
                 out[tag] = attr
-                if _is_empty(attr):
+                if is_empty(attr):
                     empty.add(tag)
-            elif tag in empty and not _is_empty(attr):
+            elif tag in empty and not is_empty(attr):
                 out[tag] = attr
                 empty.discard(tag)
     if special:
@@ -280,61 +188,111 @@ _RULES: dict[Dedup, Callable[[list[Copy]], DicomJson]] = {
 }
 
 
-def merge(
-    level: Level, dedup: Dedup, copies_by_node: Iterable[tuple[str, int, list[DicomJson]]]
-) -> list[MergedMatch]:
-    """One match per identity key, sorted by ``sort_key``; keyless matches are kept one by one.
+@contextlib.contextmanager
+def _collector_paused() -> Iterator[None]:
+    """The cyclic collector off while the merge builds its index: it would walk every entry again and
+    again (3-4x the merge's time at a million) and finds no cycles here; reference counting frees all."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
-    Input dicts are never mutated; an unmerged match's dataset is the input dict itself.
+
+def merge_top(
+    level: Level,
+    dedup: Dedup,
+    packed_by_node: Iterable[tuple[str, int, Packed]],
+    stop: int | None = None,
+) -> tuple[int, list[MergedMatch]]:
+    """(entities, the first ``stop`` merged matches in ``sort_key`` order; all when ``stop`` is None).
+
+    One match per identity key; keyless matches are kept one by one.
     """
     level, rule = Level(level), _RULES[Dedup(dedup)]
-    ordered = sorted(copies_by_node, key=lambda entry: (entry[1], entry[0]))
+    ordered = sorted(packed_by_node, key=lambda entry: (entry[1], entry[0]))
     names = [entry[0] for entry in ordered]
     if len(set(names)) != len(names):
         raise ValueError(f"a node is given more than once: {names}")
-    first: dict[str, Copy] = {}
-    more: dict[str, list[Copy]] = {}
-    keyless: list[Copy] = []
-    tag = None if level == Level.PATIENT else _IDENTITY_TAG[level]
-    for node, _priority, matches in ordered:
-        for ds in matches:
-            if tag is None:
-                key = identity_key(level, ds)
-            else:  # _first_text inlined: this loop sees every match
-                try:
-                    key = ds[tag]["Value"][0]
-                except (KeyError, IndexError, TypeError):
-                    key = None
-                if key.__class__ is not str:
-                    key = None if key is None else str(key)
-                if key is not None:
-                    key = key.strip() or None
+    packs = [entry[2] for entry in ordered]
+    for name, packed in zip(names, packs, strict=True):
+        if packed.level != level:
+            raise ValueError(f"node {name}'s matches are packed for {packed.level}, not {level}")
+    with _collector_paused():
+        first, more, keyless = _index(packs)
+        tags = ORDER_TAGS[level]
+
+        def decoded(refs: list[int]) -> list[Copy]:
+            return [(names[ref >> 32], json.loads(packs[ref >> 32].texts[ref & _INDEX])) for ref in refs]
+
+        merged: dict[str, DicomJson] = {}
+        entries: list[_Entry] = []
+        append = entries.append
+        for key, ref in first.items():
+            copies = more.get(key)
+            if copies is None or rule is _first_wins:
+                append((packs[ref >> 32].orders[ref & _INDEX], key, ref))
+            elif rule is _most_complete:
+                best = max(copies, key=lambda c: packs[c >> 32].filled[c & _INDEX])  # first of the fullest
+                append((packs[best >> 32].orders[best & _INDEX], key, ref))
+            elif packs[ref >> 32].exact[ref & _INDEX]:  # merge_all keeps the head's date and time
+                append((packs[ref >> 32].orders[ref & _INDEX], key, ref))
+            else:  # the order may come from a later copy: merge now
+                ds = merged[key] = rule(decoded(copies))
+                append((order(tags, ds), key, ref))
+        for ref in keyless:
+            packed = packs[ref >> 32]
+            text = packed.texts[ref & _INDEX]
+            append((packed.orders[ref & _INDEX], _keyless_key(text, [names[ref >> 32]]), ref))
+        total = len(entries)
+        if stop is None or stop >= total:
+            entries.sort()
+            top = entries
+        else:
+            top = heapq.nsmallest(stop, entries)
+        out: list[MergedMatch] = []
+        for _order, key, ref in top:
+            copies = more.get(key)
+            if copies is None:
+                ds = json.loads(packs[ref >> 32].texts[ref & _INDEX])
+                out.append({"dataset": ds, "nodes": [names[ref >> 32]]})
+            else:
+                ds = merged[key] if key in merged else rule(decoded(copies))
+                out.append({"dataset": ds, "nodes": [names[c >> 32] for c in copies]})
+    return total, out
+
+
+def _index(packs: Sequence[Packed]) -> tuple[dict[str, int], dict[str, list[int]], list[int]]:
+    """Per key its first copy and, when other nodes have it too, every node's first copy; keyless refs."""
+    first: dict[str, int] = {}
+    more: dict[str, list[int]] = {}
+    keyless: list[int] = []
+    for n, packed in enumerate(packs):
+        base = n << 32
+        for i, key in enumerate(packed.keys):
+            ref = base | i
             if key is None:
-                keyless.append((node, ds))
+                keyless.append(ref)
                 continue
-            seen = first.get(key)
-            if seen is None:
-                first[key] = (node, ds)
-            elif seen[0] != node:  # a node that returns one key twice contributes its first copy
+            seen = first.setdefault(key, ref)
+            if seen != ref and seen >> 32 != n:  # a node that returns one key twice counts its first copy
                 copies = more.get(key)
                 if copies is None:
-                    more[key] = [seen, (node, ds)]
-                elif copies[-1][0] != node:
-                    copies.append((node, ds))
-    tags = _ORDER_TAGS[level]
-    keyed: list[tuple[SortKey, MergedMatch]] = []
-    append = keyed.append
-    for key, (node, ds) in first.items():
-        copies = more.get(key)
-        if copies is None:
-            append((_sort_key(tags, ds, key), {"dataset": ds, "nodes": [node]}))
-        else:
-            merged = rule(copies)
-            append((_sort_key(tags, merged, key), {"dataset": merged, "nodes": [name for name, _ in copies]}))
-    for node, ds in keyless:
-        append((_sort_key(tags, ds, _keyless_key(ds, [node])), {"dataset": ds, "nodes": [node]}))
-    keyed.sort(key=itemgetter(0))
-    return [match for _, match in keyed]
+                    more[key] = [seen, ref]
+                elif copies[-1] >> 32 != n:
+                    copies.append(ref)
+    return first, more, keyless
+
+
+def merge(
+    level: Level, dedup: Dedup, copies_by_node: Iterable[tuple[str, int, list[DicomJson]]]
+) -> list[MergedMatch]:
+    """Every merged match, sorted by ``sort_key``; for callers holding datasets rather than packs."""
+    level = Level(level)
+    packs = [(name, prio, pack(level, matches)) for name, prio, matches in copies_by_node]
+    return merge_top(level, dedup, packs)[1]
 
 
 def partition_of(key: str, partitions: int) -> int:
@@ -346,21 +304,17 @@ def partition_of(key: str, partitions: int) -> int:
     return zlib.crc32(key.encode("utf-8", "surrogatepass")) % partitions
 
 
-def split(level: Level, matches: Iterable[DicomJson], partitions: int) -> list[list[DicomJson]]:
-    """Matches by partition of their identity key, input order kept (so 'first copy of a node' holds)."""
+def split(packed: Packed, partitions: int) -> list[Packed]:
+    """One node's matches by partition of their identity key, input order kept (so 'first copy' holds)."""
     if partitions < 1:
         raise ValueError(f"partitions must be at least 1, not {partitions}")
     if partitions == 1:
-        return [list(matches)]
-    level = Level(level)
-    parts: list[list[DicomJson]] = [[] for _ in range(partitions)]
+        return [packed]
+    parts: list[list[int]] = [[] for _ in range(partitions)]
     crc32 = zlib.crc32
-    for ds in matches:
-        key = identity_key(level, ds)
-        if key is None:
-            key = json.dumps(ds, sort_keys=True, default=str)
-        parts[crc32(key.encode("utf-8", "surrogatepass")) % partitions].append(ds)
-    return parts
+    for i, (key, text) in enumerate(zip(packed.keys, packed.texts, strict=True)):
+        parts[crc32((text if key is None else key).encode("utf-8", "surrogatepass")) % partitions].append(i)
+    return [select(packed, indices) for indices in parts]
 
 
 def _window(offset: int, limit: int | None) -> int | None:

@@ -10,8 +10,9 @@ from typing import Any
 import pytest
 
 from actors.merge_tasks import NodeMeta, merge_inline, merge_refs, merge_task, page_task, split_task
-from spanner.merge import Dedup, MergedMatch, identity_key
+from spanner.merge import Dedup, MergedMatch
 from spanner.outcome import DicomJson
+from spanner.packed import Packed, identity_key, pack
 from spanner.query import Level
 
 
@@ -36,8 +37,8 @@ def image(uid: str, rng: random.Random) -> DicomJson:
     return ds
 
 
-Answers = tuple[list[NodeMeta], list[list[DicomJson]]]
-Small = tuple[list[NodeMeta], list[list[DicomJson]], list[Any]]
+Answers = tuple[list[NodeMeta], list[Packed]]
+Small = tuple[list[NodeMeta], list[Packed], list[Any]]
 
 
 def answers(total: int, nodes: int, duplicates: float, seed: int = 7) -> Answers:
@@ -50,7 +51,7 @@ def answers(total: int, nodes: int, duplicates: float, seed: int = 7) -> Answers
         lists[rng.randrange(nodes)].append(image(uid, rng))
     for _ in range(total - unique):
         lists[rng.randrange(nodes)].append(image(rng.choice(uids), rng))
-    return [(f"node{i:02d}", i % 3) for i in range(nodes)], lists
+    return [(f"node{i:02d}", i % 3) for i in range(nodes)], [pack(Level.IMAGE, matches) for matches in lists]
 
 
 def run(ref: Any) -> tuple[int, list[MergedMatch]]:
@@ -107,7 +108,7 @@ def test_no_nodes_and_empty_answers(ray_session: str) -> None:
     import ray
 
     assert run(merge_refs(Level.STUDY, Dedup.MERGE_ALL, [], [], 4, 0, 10)) == (0, [])
-    empty: list[Any] = [ray.put([]), ray.put([])]
+    empty: list[Any] = [ray.put(pack(Level.STUDY, [])), ray.put(pack(Level.STUDY, []))]
     assert run(merge_refs(Level.STUDY, Dedup.MERGE_ALL, [("a", 0), ("b", 1)], empty, 4, 0, 10)) == (0, [])
 
 
@@ -119,6 +120,8 @@ def test_split_task_returns_one_ref_per_partition(ray_session: str) -> None:
     assert len(parts) == 3
     got = ray.get(list(parts))
     assert sum(len(p) for p in got) == 200 and all(got)
+    with pytest.raises(ray.exceptions.RayTaskError, match="packed for IMAGE"):
+        ray.get(split_task.options(num_returns=2).remote(Level.STUDY, 2, ray.put(lists[0]))[0])
     assert ray.get(page_task.remote(Level.IMAGE, 0, None)) == (0, [])
 
 

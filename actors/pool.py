@@ -12,8 +12,9 @@ from actors.dimse import open_association
 from spanner.nodespec import NodeSpec
 
 # pynetdicom polls each association from two threads every millisecond, about 2.4% of a core per thread.
-# An idle pooled association is parked: its reactor paused and its DUL polling slowed, so a node with a
-# full pool costs next to nothing between queries.
+# An idle pooled association is parked: its reactor paused, and its DUL polling slowed where the DUL does
+# not wait on its socket already (spanner.reactor, which build_ae installs, makes the delay moot), so a
+# node with a full pool costs next to nothing between queries.
 IDLE_POLL_S = 0.05
 ACTIVE_POLL_S = 0.001
 ESTABLISHED = "Sta6"  # DUL state: association established, ready for data transfer

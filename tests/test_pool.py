@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -121,3 +122,49 @@ def test_associations_are_handed_out_with_their_reactor_waiting(sim: SimulatedPa
     again, reused = pool.acquire()
     assert reused and _reactor_waiting(again) and not again._reactor_checkpoint.is_set()
     pool.give_back(again, reusable=False)
+
+
+def _count_dul_timeouts(monkeypatch: pytest.MonkeyPatch, dul: Any) -> list[int]:
+    """How often ``dul``'s thread woke from its wait by the time bound rather than by an event (its
+    zero-timeout selects are pynetdicom's own readiness checks)."""
+    from spanner import reactor
+
+    timeouts = [0]
+    real = reactor.select.select
+
+    def counting(*args: Any) -> Any:
+        ready = real(*args)
+        if threading.current_thread() is dul and args[3] and not ready[0]:
+            timeouts[0] += 1
+        return ready
+
+    monkeypatch.setattr(reactor.select, "select", counting)
+    return timeouts
+
+
+def test_a_dul_waiting_on_a_slow_archive_sleeps_on_its_socket(monkeypatch: pytest.MonkeyPatch) -> None:
+    """While the archive takes 1 s, the DUL thread wakes by its bound (0.2 s) only, not every 1 ms;
+    the answer and the release still arrive at once (the socket and the wake-up pipe end the wait)."""
+    from pydicom.dataset import Dataset
+
+    from spanner import reactor
+
+    config = SimulatorConfig(ae_title="POOL", latency_ms=1000)
+    with SimulatedPacs(config, generate_uniform(2, 0, 2)) as slow:
+        pool = pool_for(slow)
+        assoc, _ = pool.acquire()
+        timeouts = _count_dul_timeouts(monkeypatch, assoc.dul)
+        query = Dataset()
+        query.QueryRetrieveLevel = "STUDY"
+        query.StudyInstanceUID = ""
+        started = time.monotonic()
+        statuses = [int(status.Status) for status, _ in assoc.send_c_find(query, STUDY_ROOT_FIND)]
+        elapsed = time.monotonic() - started
+        assert statuses[-1] == 0 and len(statuses) == 3  # two studies, then success
+        assert 1.0 <= elapsed < 1.0 + reactor.MAX_WAIT_S
+        assert timeouts[0] <= 1.0 / reactor.MAX_WAIT_S + 2  # polling every 1 ms would be about 1000
+        woken_by_bound = timeouts[0]
+        assoc.release()  # stop_dul wakes the thread: no wait for the bound
+        assert not assoc.dul.is_alive()
+        assert timeouts[0] == woken_by_bound
+        pool.give_back(assoc, reusable=False)

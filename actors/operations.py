@@ -102,7 +102,7 @@ class FindOperation(_Cancellable):
             for status, identifier in responses:
                 if "Status" not in status:  # aborted, or no answer within the DIMSE timeout
                     if reused and not got_any and not last and not self.cancel_sent:
-                        self._pool.give_back(assoc, reusable=False)
+                        self._pool.give_back(assoc, reusable=False, polite=False)
                         return True
                     self.aborted = True
                     break
@@ -117,7 +117,9 @@ class FindOperation(_Cancellable):
                 break
         except (ValueError, RuntimeError) as exc:  # no accepted context for the model, encoding failure
             self.error = DimseFailure(f"C-FIND could not be sent: {exc}")
-        self._pool.give_back(assoc, reusable=self.final_status is not None and not self.aborted)
+        self._pool.give_back(
+            assoc, reusable=self.final_status is not None and not self.aborted, polite=not self.aborted
+        )
         return False
 
 
@@ -219,4 +221,6 @@ class MoveOperation(_Cancellable):
                 break
         except (ValueError, RuntimeError) as exc:
             self.error = DimseFailure(f"C-MOVE could not be sent: {exc}")
-        self._pool.give_back(assoc, reusable=self.final_status is not None and not self.aborted)
+        self._pool.give_back(
+            assoc, reusable=self.final_status is not None and not self.aborted, polite=not self.aborted
+        )

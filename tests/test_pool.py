@@ -168,3 +168,37 @@ def test_a_dul_waiting_on_a_slow_archive_sleeps_on_its_socket(monkeypatch: pytes
         assert not assoc.dul.is_alive()
         assert timeouts[0] == woken_by_bound
         pool.give_back(assoc, reusable=False)
+
+
+def test_an_association_the_archive_aborts_is_not_released_but_dropped_at_once() -> None:
+    """Against an archive that aborts after its first match, every query ends ``aborted`` at once.
+
+    Releasing such an association waited the whole ACSE timeout for an answer that cannot come, and
+    the node answered ``timeout`` at its deadline instead (5 queries in 25 before the fix).
+    """
+    import asyncio
+
+    from actors.pacs_node import PacsNodeImpl
+    from spanner.nodespec import ActorTuning
+    from spanner.query import Level, NodeQuery
+
+    config = SimulatorConfig(ae_title="ABORTS", fault="abort", abort_after=1)
+    with SimulatedPacs(config, generate_uniform(2, 0, 5)) as aborting:
+        spec = NodeSpec(name="ab", ae_title="ABORTS", host="127.0.0.1", port=aborting.port,
+                        calling_ae_title="SPANNER", connect_timeout_s=5, dimse_timeout_s=30)
+        node = PacsNodeImpl(spec, ActorTuning(log_level="WARNING"))
+
+        async def queries() -> list[tuple[str, float]]:
+            outcomes = []
+            for _ in range(30):
+                outcome, matches = await node.find(NodeQuery(Level.STUDY), timeout_s=3.0)
+                outcomes.append((outcome.status.value, outcome.elapsed_ms))
+                assert len(matches) == 1
+            return outcomes
+
+        try:
+            outcomes = asyncio.run(queries())
+        finally:
+            node.close()
+    assert {status for status, _ in outcomes} == {"aborted"}, outcomes
+    assert max(elapsed for _, elapsed in outcomes) < 2000, outcomes

@@ -32,6 +32,7 @@ from spanner.packed import Packed, pack
 from spanner.query import MoveQuery, NodeQuery, information_model_for
 
 LOG = logging.getLogger(__name__)
+PACK_ON_LOOP_MAX = 1000  # matches packed on the actor's event loop; more go to a thread
 
 
 class _Operation(Protocol):
@@ -483,8 +484,18 @@ class PacsNode:
     @ray.method(num_returns=2)
     async def find(self, query: NodeQuery, timeout_s: float) -> tuple[NodeOutcome, Packed]:
         """The outcome, and the matches packed here, where they arrived (see spanner.packed)."""
-        outcome, matches = await _guard(self._impl.spec, lambda: self._impl.find(query, timeout_s), [])
-        return outcome, pack(query.level, matches)
+
+        async def find_and_pack() -> tuple[NodeOutcome, Packed]:
+            outcome, matches = await self._impl.find(query, timeout_s)
+            if len(matches) < PACK_ON_LOOP_MAX:
+                return outcome, pack(query.level, matches)
+            # About 15 us per match: a large answer is packed off the loop, which serves other calls.
+            return outcome, await asyncio.to_thread(pack, query.level, matches)
+
+        result: tuple[NodeOutcome, Packed] = await _guard(
+            self._impl.spec, find_and_pack, pack(query.level, [])
+        )
+        return result
 
     async def echo(self, timeout_s: float = 5.0) -> NodeOutcome:
         result: NodeOutcome = await _guard(self._impl.spec, lambda: self._impl.echo(timeout_s), None)

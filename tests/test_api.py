@@ -164,3 +164,26 @@ def test_span_with_unknown_node_is_refused(api: Api) -> None:
         "/api/v1/spans", json={"name": "ghosts", "ae_title": "GHOSTS", "nodes": ["ghost"]}
     )
     assert response.status_code == 422 and "ghost" in detail(response)
+
+
+def test_a_large_answer_is_packed_whole_and_pages_in_order(api: Api) -> None:
+    """1,200 studies from one archive: more than the node actor packs on its event loop (off it, then)."""
+    from actors.pacs_node import PACK_ON_LOOP_MAX
+    from spanner.simulator.dataset import generate_uniform
+
+    studies = PACK_ON_LOOP_MAX + 200
+    with SimulatedPacs(SimulatorConfig(ae_title="BIG_SIM"), generate_uniform(5, 0, studies)) as sim:
+        api.add_node("big-sim", sim.port, ae_title="BIG_SIM")
+        try:
+            pages = [api.query(level="STUDY", nodes=["big-sim"], limit=1000, offset=o, timeout_s=60)
+                     for o in (0, 1000)]
+            assert [status for status, _ in pages] == [200, 200], pages[0][1]
+            assert all(p["status"] == "success" and p["total"] == studies for _, p in pages)
+            matches = [m for _, p in pages for m in p["matches"]]  # type: ignore[attr-defined]
+            assert len(matches) == studies
+            assert len({m["dataset"]["0020000D"]["Value"][0] for m in matches}) == studies
+            status, page = api.query(level="STUDY", nodes=["big-sim"], limit=50, offset=980, timeout_s=60)
+            assert status == 200 and page["total"] == studies
+            assert page["matches"] == matches[980:1030]
+        finally:
+            api.http.delete("/api/v1/nodes/big-sim")

@@ -15,7 +15,7 @@ from typing import Any, cast
 
 import ray
 
-from spanner.merge import Dedup, MergedMatch, merge_top, page, page_heads, split
+from spanner.merge import Dedup, MergedMatch, merge_top, page, page_heads, page_stop, split
 from spanner.packed import Packed
 from spanner.query import Level
 
@@ -45,7 +45,7 @@ def merge_head_task(
     *matches_lists: Packed,
 ) -> tuple[int, list[MergedMatch]]:
     """Like merge_task, but returns (size, first offset+limit matches): a page never needs more."""
-    return merge_top(level, dedup, _copies(nodes_meta, matches_lists), _stop(offset, limit))
+    return merge_top(level, dedup, _copies(nodes_meta, matches_lists), page_stop(offset, limit))
 
 
 @ray.remote(num_cpus=1)
@@ -86,8 +86,7 @@ def merge_refs(
         raise ValueError(f"{len(nodes_meta)} nodes but {len(matches_refs)} matches refs")
     if partitions < 1:
         raise ValueError(f"partitions must be at least 1, not {partitions}")
-    if offset < 0 or (limit is not None and limit < 0):
-        raise ValueError(f"offset and limit must not be negative (offset={offset}, limit={limit})")
+    page_stop(offset, limit)  # refuses a negative offset or limit before any task starts
     level, dedup, meta = Level(level), Dedup(dedup), [(str(node), int(prio)) for node, prio in nodes_meta]
     # Ray's stubs type neither *args nor num_returns > 1; the graph is checked by tests/test_merge_tasks.py.
     # Merge tasks ship only the head of their partition a page can draw from (merge_head_task): sending
@@ -117,12 +116,5 @@ def merge_inline(
     limit: int | None,
 ) -> tuple[int, list[MergedMatch]]:
     """The same result as merge_refs, in this process: cheaper than tasks for small answers."""
-    total, top = merge_top(level, dedup, _copies(nodes_meta, matches_lists), _stop(offset, limit))
+    total, top = merge_top(level, dedup, _copies(nodes_meta, matches_lists), page_stop(offset, limit))
     return total, top[offset:]
-
-
-def _stop(offset: int, limit: int | None) -> int | None:
-    """How many of the first sorted matches a page at (offset, limit) can draw from."""
-    if offset < 0 or (limit is not None and limit < 0):
-        raise ValueError(f"offset and limit must not be negative (offset={offset}, limit={limit})")
-    return None if limit is None else offset + limit

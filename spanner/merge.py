@@ -317,7 +317,7 @@ def split(packed: Packed, partitions: int) -> list[Packed]:
     return [select(packed, indices) for indices in parts]
 
 
-def _window(offset: int, limit: int | None) -> int | None:
+def page_stop(offset: int, limit: int | None) -> int | None:
     """The stop index of the requested slice; refuses negative offsets and limits."""
     if offset < 0 or (limit is not None and limit < 0):
         raise ValueError(f"offset and limit must not be negative (offset={offset}, limit={limit})")
@@ -340,7 +340,7 @@ def page(
     limit: int | None = None,
 ) -> tuple[int, list[MergedMatch]]:
     """The total and one slice of the k-way merge of partitions each sorted by ``sort_key``."""
-    stop = _window(offset, limit)
+    stop = page_stop(offset, limit)
     return sum(len(part) for part in sorted_partitions), _slice(level, sorted_partitions, offset, stop)
 
 
@@ -354,11 +354,11 @@ def page_heads(
 
     Shipping only heads between tasks saves serialising whole partitions just to drop most of them.
     """
-    stop = _window(offset, limit)
+    stop = page_stop(offset, limit)
     return sum(count for count, _ in heads), _slice(level, [head for _, head in heads], offset, stop)
 
 
 def head(matches: list[MergedMatch], offset: int, limit: int | None) -> tuple[int, list[MergedMatch]]:
     """(size, first offset+limit matches) of one sorted partition: its share of any page up to there."""
-    stop = _window(offset, limit)
+    stop = page_stop(offset, limit)
     return len(matches), matches if stop is None else matches[:stop]

@@ -384,14 +384,14 @@ def migrate(url: str) -> None:
         engine.dispose()
 
 
-def _admin_key(url: str) -> str:
+def _new_key(url: str, name: str, role: str) -> str:
     from serve_app.auth import new_key
     from spanner.storage import Repository, make_engine
 
     key, prefix, key_hash = new_key()
     engine = make_engine(url)
     try:
-        Repository(engine).create_api_key("bench", "admin", prefix, key_hash)
+        Repository(engine).create_api_key(name, role, prefix, key_hash)
     finally:
         engine.dispose()
     return key
@@ -413,6 +413,7 @@ class SpannerApp:
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.http: Any = None
         self.api_key = ""
+        self.front_key = ""
         self.headers: dict[str, str] = dict(NO_CACHE)
 
     def start(self) -> SpannerApp:
@@ -428,7 +429,10 @@ class SpannerApp:
 
         started = time.monotonic()
         migrate(str(self.settings["database_url"]))
-        self.api_key = _admin_key(str(self.settings["database_url"]))  # keys on, as in production
+        # Keys on, as in production.
+        self.api_key = _new_key(str(self.settings["database_url"]), "bench", "admin")
+        # The DICOM front names its callers: only a dicom_front key may.
+        self.front_key = _new_key(str(self.settings["database_url"]), "bench-front", "dicom_front")
         self.headers = {**NO_CACHE, "Authorization": f"Bearer {self.api_key}"}
         stay_on_loopback()
         ray.init(address="local", num_cpus=self.num_cpus, include_dashboard=False, namespace=self.namespace,

@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
             from scp.server import SpannerScp
             from spanner.settings import load_settings
 
-            front_settings = load_settings(demo_fleet=False, scp_api_key=app.api_key)
+            front_settings = load_settings(demo_fleet=False, scp_api_key=app.front_key)
             front = SpannerScp(front_settings, base_url=app.base_url, port=0)
             scp_port = front.start()
             try:  # a DICOM client's view: findscu to the span's AE title on the spanner's DICOM front

@@ -82,7 +82,7 @@ def decide_auth(settings: Settings, say: Callable[[str], None]) -> Settings:
     if keys:
         if not settings.scp_api_key:
             say("[yellow]API keys are configured but SPANNER_SCP_API_KEY is not: the DICOM front will be "
-                "refused by the API (`spanner keys create dicom-front --role query`)[/yellow]")
+                "refused by the API (`spanner keys create dicom-front --role dicom_front`)[/yellow]")
         return settings
     return settings.model_copy(update={"auth_enabled": False})
 

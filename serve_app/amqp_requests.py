@@ -7,6 +7,11 @@ there, handed over with ``add_callback_threadsafe``). At most ``amqp_prefetch`` 
 per replica.
 
 What goes where:
+- who asks: the API key in the ``x-api-key`` message header, checked like an HTTP request's key; the
+  audit names that key (the broker's ``user_id`` goes in as the client, ``app_id`` only in the
+  requester text). With authentication on, a request without a valid key gets a 401 error reply and
+  goes to the dead-letter queue with the reason. The key never travels on: it is removed from the
+  headers of a dead-lettered message;
 - answered (200, or 502 when the query failed under its strategy): reply, ack;
 - malformed (not JSON, not a query, no ``reply_to``, a value the API would answer 4xx): error reply
   when there is a ``reply_to``, and the message goes to the dead-letter queue with the reason;
@@ -19,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
 import functools
 import json
 import logging
@@ -33,8 +39,11 @@ from pika.adapters.blocking_connection import BlockingChannel
 from pika.spec import Basic
 from pydantic import ValidationError
 
+from serve_app import spanning
 from serve_app.api_models import QueryIn
+from serve_app.auth import principal_of
 from serve_app.errors import describe_problems, status_for
+from serve_app.services import Services
 from spanner.amqp import (
     CONTENT_TYPE,
     ERROR_HEADER,
@@ -54,6 +63,7 @@ from spanner.storage import Audit
 log = logging.getLogger("spanner.amqp")
 
 DELIVERY_COUNT_HEADER = "x-delivery-count"
+API_KEY_HEADER = "x-api-key"
 RECONNECT_ON: tuple[type[BaseException], ...] = (BrokerUnavailable, *PIKA_ERRORS)
 
 
@@ -65,10 +75,16 @@ class AmqpRequest:
     app_id: str | None
     user_id: str | None
     no_cache: bool
+    api_key: str | None = dataclasses.field(default=None, repr=False)
 
-    def audit(self) -> Audit:
-        """Who asked: the sender's app id (its own word) and user id (checked by the broker)."""
-        return Audit(principal=f"amqp:{self.app_id or 'unknown'}", channel="amqp", client=self.user_id)
+
+async def answer(s: Services, request: AmqpRequest) -> tuple[dict[str, Any], int]:
+    """Run one AMQP request as its key's principal; an absent or unknown key raises Unauthenticated
+    (401) when authentication is on, which the consumer answers and dead-letters."""
+    principal = await principal_of(s, request.api_key)
+    audit = Audit(principal=principal.name, channel="amqp", client=request.user_id)
+    requester = f"amqp:{principal.name}" + (f" ({request.app_id})" if request.app_id else "")
+    return await spanning.run_query(s, request.query, audit, requester, read_cache=not request.no_cache)
 
 
 class Malformed(Exception):
@@ -97,8 +113,10 @@ def parse(body: bytes, props: pika.BasicProperties) -> AmqpRequest:
         raise Malformed(describe_problems(exc.errors()), 422) from None
     headers = props.headers or {}
     cache_control = str(headers.get("cache-control", "")).lower()
+    raw_key = headers.get(API_KEY_HEADER)
+    api_key = (raw_key.decode(errors="replace") if isinstance(raw_key, bytes) else str(raw_key or "")).strip()
     return AmqpRequest(query, props.reply_to, props.correlation_id, props.app_id, props.user_id,
-                       no_cache="no-cache" in cache_control)
+                       no_cache="no-cache" in cache_control, api_key=api_key or None)
 
 
 Handler = Callable[[AmqpRequest], Coroutine[Any, Any, tuple[dict[str, Any], int]]]
@@ -223,8 +241,9 @@ class RequestConsumer:
     def _dead_letter(self, channel: BlockingChannel, method: Basic.Deliver, props: pika.BasicProperties,
                      body: bytes, reason: str, status: int) -> None:
         """The message, unchanged, with the reason in its headers, on the dead-letter queue; then acked."""
-        headers = dict(props.headers or {}) | {ERROR_HEADER: reason[:4000], STATUS_HEADER: status,
-                                               "x-original-queue": self._topology.queue}
+        headers = {k: v for k, v in (props.headers or {}).items() if k.lower() != API_KEY_HEADER}
+        headers |= {ERROR_HEADER: reason[:4000], STATUS_HEADER: status,
+                    "x-original-queue": self._topology.queue}
         kept = pika.BasicProperties(
             content_type=props.content_type, content_encoding=props.content_encoding, headers=headers,
             delivery_mode=2, correlation_id=props.correlation_id, reply_to=props.reply_to,

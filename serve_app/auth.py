@@ -3,8 +3,11 @@
 A key is ``spk_`` + 43 URL-safe characters (32 random bytes); only its SHA-256 is stored. Each replica
 keeps what it looked up (found or not) for ``auth_cache_ttl_s`` seconds, so a query pays no database
 round trip for its key; a revoked key therefore keeps working for at most that long on a replica that
-had just seen it. Roles: ``query`` runs queries and retrievals and reads nodes, spans and records;
-``admin`` may also change nodes and spans and read the audit trail.
+had just seen it. Roles (spanner.schemas.ApiRole): ``query`` runs queries and retrievals and reads
+nodes, spans and records; ``admin`` may also change nodes and spans and read the audit trail;
+``dicom_front`` may do what ``query`` may and is the only role whose requests may name a DICOM caller
+(``X-Spanner-Calling-AE`` / ``X-Spanner-Peer``): the audit records the key that asked and, apart from it,
+the caller the front asserted.
 """
 
 from __future__ import annotations
@@ -16,11 +19,12 @@ import threading
 import time
 from dataclasses import dataclass
 
-from fastapi import Depends, HTTPException, Request
+from fastapi import Depends, Request
 
+from serve_app.errors import Forbidden, Unauthenticated
 from serve_app.routes import services
 from serve_app.services import Services
-from spanner.schemas import ApiKeyOut
+from spanner.schemas import ApiKeyOut, ApiRole
 from spanner.storage import Audit, Repository
 
 KEY_PREFIX = "spk_"
@@ -29,7 +33,9 @@ CACHE_MAX_ENTRIES = 10_000  # wrong keys are cached too; a flood of them must no
 CALLING_AE_HEADER = "X-Spanner-Calling-AE"
 PEER_HEADER = "X-Spanner-Peer"
 ANONYMOUS = "anonymous"
-_CHALLENGE = {"WWW-Authenticate": "Bearer"}
+MISSING_KEY = ("an API key is required: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>' "
+               "(an admin creates keys with `spanner keys create NAME --role query`)")
+UNKNOWN_KEY = "the API key is unknown or revoked; ask an admin for a valid one"
 
 
 def new_key() -> tuple[str, str, str]:
@@ -47,8 +53,11 @@ class Principal:
     """Who is calling: a key's name and role, or ``anonymous`` (with every right) when auth is off."""
 
     name: str
-    role: str
+    role: ApiRole
     authenticated: bool
+
+
+OPEN = Principal(ANONYMOUS, ApiRole.ADMIN, authenticated=False)
 
 
 class KeyCache:
@@ -87,47 +96,55 @@ def presented_key(request: Request) -> str | None:
     return key or None
 
 
+async def principal_of(s: Services, key: str | None) -> Principal:
+    """The principal of a presented key (HTTP header or AMQP message header); raises Unauthenticated."""
+    if not s.settings.auth_enabled:
+        return OPEN
+    if key is None:
+        raise Unauthenticated(MISSING_KEY)
+    key_hash = hash_key(key)
+    hit, found = s.keys.cached(key_hash)
+    if not hit:
+        found = await asyncio.to_thread(s.keys.lookup, key_hash)
+    if found is None:
+        raise Unauthenticated(UNKNOWN_KEY)
+    return Principal(found.name, ApiRole(found.role), authenticated=True)
+
+
 async def authenticate(request: Request, s: Services = Depends(services)) -> Principal:
     """401 without a valid key (unless auth is off); the principal is kept on ``request.state``."""
-    if not s.settings.auth_enabled:
-        principal = Principal(ANONYMOUS, "admin", authenticated=False)
-    else:
-        key = presented_key(request)
-        if key is None:
-            raise HTTPException(401, "an API key is required: send 'Authorization: Bearer <key>' or "
-                                     "'X-API-Key: <key>' (an admin creates keys with `spanner keys create`)",
-                                headers=_CHALLENGE)
-        key_hash = hash_key(key)
-        hit, found = s.keys.cached(key_hash)
-        if not hit:
-            found = await asyncio.to_thread(s.keys.lookup, key_hash)
-        if found is None:
-            raise HTTPException(401, "the API key is unknown or revoked; ask an admin for a valid one",
-                                headers=_CHALLENGE)
-        principal = Principal(found.name, found.role, authenticated=True)
+    principal = await principal_of(s, presented_key(request))
     request.state.principal = principal
     return principal
 
 
 def require_query(principal: Principal = Depends(authenticate)) -> Principal:
-    """Role query or admin: queries, retrievals, reading nodes, spans and records."""
+    """Any role: queries, retrievals, reading nodes, spans and records."""
     return principal
 
 
 def require_admin(principal: Principal = Depends(authenticate)) -> Principal:
     """Role admin: changing nodes and spans, the audit trail."""
-    if principal.role != "admin":
-        raise HTTPException(403, f"API key {principal.name!r} has role {principal.role!r}; this needs an "
-                                 "admin key")
+    if principal.role is not ApiRole.ADMIN:
+        raise Forbidden(f"API key {principal.name!r} has role {principal.role.value!r}; this needs an "
+                        "admin key")
     return principal
 
 
 def audit_of(request: Request, principal: Principal, patient_id: str | None) -> Audit:
-    """Who asked: the DICOM front's caller (trusted only from a key holder, or with auth off) or the
-    HTTP caller itself."""
+    """Who asked: always the key (principal); for the DICOM front's requests also the caller it asserts.
+
+    Only a ``dicom_front`` key (or anyone while authentication is off) may assert a caller: from any
+    other key the headers are refused with 403, so a key holder cannot write another name into the
+    audit trail.
+    """
     client = request.client.host if request.client else None
     calling_ae = request.headers.get(CALLING_AE_HEADER, "").strip()
-    if calling_ae and principal.role in ("query", "admin"):
-        peer = request.headers.get(PEER_HEADER, "").strip() or client
-        return Audit(principal=f"ae:{calling_ae[:16]}", channel="dimse", client=peer, patient_id=patient_id)
-    return Audit(principal=principal.name, channel="http", client=client, patient_id=patient_id)
+    peer = request.headers.get(PEER_HEADER, "").strip()
+    if not calling_ae and not peer:
+        return Audit(principal=principal.name, channel="http", client=client, patient_id=patient_id)
+    if principal.authenticated and principal.role is not ApiRole.DICOM_FRONT:
+        raise Forbidden(f"API key {principal.name!r} has role {principal.role.value!r}: only a key of role "
+                        f"{ApiRole.DICOM_FRONT.value!r} may send {CALLING_AE_HEADER} or {PEER_HEADER}")
+    return Audit(principal=principal.name, channel="dimse", client=client, patient_id=patient_id,
+                 asserted_ae=calling_ae[:16] or None, asserted_peer=peer[:255] or None)

@@ -18,7 +18,18 @@ from spanner.errors import (
     StorageError,
 )
 
+
+class Unauthenticated(SpannerError):
+    """No API key, or one that is unknown or revoked (HTTP 401)."""
+
+
+class Forbidden(SpannerError):
+    """A valid API key whose role does not allow what it asked (HTTP 403)."""
+
+
 STATUS: list[tuple[type[SpannerError], int]] = [
+    (Unauthenticated, 401),
+    (Forbidden, 403),
     (NotFound, 404),
     (Conflict, 409),
     (InvalidQuery, 422),
@@ -36,7 +47,8 @@ def status_for(exc: SpannerError) -> int:
 
 async def _spanner_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, SpannerError)
-    return JSONResponse({"detail": exc.message}, status_code=status_for(exc))
+    headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, Unauthenticated) else None
+    return JSONResponse({"detail": exc.message}, status_code=status_for(exc), headers=headers)
 
 
 def describe_problems(errors: Sequence[Mapping[str, Any]]) -> str:

@@ -12,7 +12,7 @@ from typing import Any
 from fastapi import FastAPI
 from ray import serve
 
-from serve_app import errors, spanning
+from serve_app import amqp_requests, errors
 from serve_app.amqp_requests import AmqpRequest, RequestConsumer
 from serve_app.routes import audit, health, nodes, queries, register, retrievals, spans
 from serve_app.services import Services
@@ -47,9 +47,7 @@ class Ingress:
             self.consumer.start()
 
     async def _amqp_query(self, request: AmqpRequest) -> tuple[dict[str, Any], int]:
-        requester = f"amqp:{request.app_id or 'unknown'}"
-        return await spanning.run_query(self.services, request.query, request.audit(), requester,
-                                        read_cache=not request.no_cache)
+        return await amqp_requests.answer(self.services, request)
 
     def __del__(self) -> None:
         if getattr(self, "consumer", None) is not None:

@@ -97,7 +97,9 @@ def _key_repository() -> Any:
 @keys_app.command("create")
 def keys_create(
     name: Annotated[str, typer.Argument(help="Who holds the key, e.g. ward-ws or dicom-front")],
-    role: Annotated[str, typer.Option(help="admin (may change nodes and spans, read the audit) or query")],
+    role: Annotated[str, typer.Option(help="query (queries, retrievals, reading), admin (also changes nodes "
+                                           "and spans, reads the audit) or dicom_front (a DICOM front: "
+                                           "queries and retrievals naming the DICOM caller)")],
 ) -> None:
     """Create an API key and print it once: only its hash is stored."""
     from serve_app.auth import new_key

@@ -411,11 +411,17 @@ def _too_few(span: _SpanFields) -> PydanticCustomError:
 class _AuditFields(BaseModel):
     """Who asked, over what, from where, about whom: shared by query and retrieval records."""
 
-    principal: str | None = Field(default=None, description="Who asked: an API key's name, ae:<CALLING_AE> "
-                                  "or anonymous (null before the audit trail existed)", examples=["ward-ws"])
-    channel: str | None = Field(default=None, description="http or dimse", examples=["http"])
-    client: str | None = Field(default=None, description="Address of the asking client",
-                               examples=["10.0.0.7"])
+    principal: str | None = Field(default=None, description="Who asked: the name of the API key that made "
+                                  "the request, or anonymous (null before the audit trail existed)",
+                                  examples=["ward-ws"])
+    channel: str | None = Field(default=None, description="http, dimse or amqp", examples=["http"])
+    client: str | None = Field(default=None, description="Network address (HTTP) or broker user (AMQP) of "
+                               "the asking client", examples=["10.0.0.7"])
+    asserted_ae: str | None = Field(default=None, description="DICOM requests: the calling AE title the "
+                                    "DICOM front asserted (only a dicom_front key may)",
+                                    examples=["RADIOLOGY_WS9"])
+    asserted_peer: str | None = Field(default=None, description="DICOM requests: the DICOM client's address "
+                                      "the DICOM front asserted", examples=["10.0.0.9"])
     patient_id: str | None = Field(default=None, description="The PatientID asked about, when one was given")
 
 
@@ -469,9 +475,11 @@ class AuditEntryOut(BaseModel):
     kind: Literal["query", "retrieval"]
     id: str
     created_at: datetime = Field(description="When it started (UTC)")
-    principal: str | None = Field(description="API key name, ae:<CALLING_AE> or anonymous")
-    channel: str | None = Field(description="http or dimse")
-    client: str | None = Field(description="Address of the asking client")
+    principal: str | None = Field(description="Name of the API key that asked, or anonymous")
+    channel: str | None = Field(description="http, dimse or amqp")
+    client: str | None = Field(description="Address (HTTP) or broker user (AMQP) of the asking client")
+    asserted_ae: str | None = Field(default=None, description="DICOM: calling AE title the front asserted")
+    asserted_peer: str | None = Field(default=None, description="DICOM: client address the front asserted")
     patient_id: str | None
     span: str
     level: str
@@ -484,7 +492,14 @@ class AuditEntryOut(BaseModel):
     error: str | None = None
 
 
-ApiRole = Literal["admin", "query"]
+class ApiRole(StrEnum):
+    """What a key may do. ``query``: queries, retrievals, reading nodes, spans and records; ``admin``: also
+    changing nodes and spans and reading the audit trail; ``dicom_front``: what ``query`` may, and it alone
+    may name the DICOM caller (calling AE title and peer address) for the audit trail."""
+
+    ADMIN = "admin"
+    QUERY = "query"
+    DICOM_FRONT = "dicom_front"
 
 
 class ApiKeyOut(BaseModel):

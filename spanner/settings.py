@@ -84,7 +84,9 @@ class Settings(BaseSettings):
         default=5.0, ge=0, description="How long the DICOM front trusts its copy of the span table"
     )
     scp_api_key: str = Field(
-        default="", repr=False, description="API key the DICOM front sends to the API (role query suffices)"
+        default="", repr=False,
+        description="API key the DICOM front sends to the API: role dicom_front, the only role that may "
+        "name the DICOM caller for the audit trail (`spanner run` makes one for its own front when unset)"
     )
 
     cache_prefix: str = Field(

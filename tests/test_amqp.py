@@ -19,10 +19,12 @@ import pika
 import pytest
 
 from serve_app.amqp_requests import AmqpRequest, RequestConsumer
+from serve_app.auth import new_key
 from spanner.errors import StorageError
 from spanner.settings import load_settings
 from spanner.simulator.dataset import generate_fleet
 from spanner.simulator.scp import SimulatedPacs, SimulatorConfig
+from spanner.storage import Repository, make_engine
 from tests.conftest import Api, migrate
 from tests.test_events import Listener
 
@@ -38,6 +40,11 @@ def pacs() -> Iterator[SimulatedPacs]:
     sim.stop()
 
 
+KEYS: dict[str, str] = {}
+"""The amqp app's API keys by name (authentication is on there): ``boss`` (admin, the HTTP client),
+``celery`` (query, the AMQP caller), ``gone`` (revoked)."""
+
+
 @pytest.fixture(scope="module")
 def amqp_api(api: Api, ray_session: str, rabbitmq_url: str, pacs: SimulatedPacs,
              tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
@@ -48,13 +55,22 @@ def amqp_api(api: Api, ray_session: str, rabbitmq_url: str, pacs: SimulatedPacs,
     var_dir = tmp_path_factory.mktemp("amqp")
     url = f"sqlite:///{var_dir}/spanner.db"
     migrate(url)
+    repo = Repository(make_engine(url))
+    for name, role in (("boss", "admin"), ("celery", "query"), ("gone", "query")):
+        key, prefix, key_hash = new_key()
+        repo.create_api_key(name, role, prefix, key_hash)
+        KEYS[name] = key
+    repo.revoke_api_key("gone")
+    repo.engine.dispose()
     namespace = f"{ray_session}-amqp"
     settings = dict(api.settings) | {"namespace": namespace, "var_dir": str(var_dir), "database_url": url,
-                                     "rabbitmq_url": rabbitmq_url, "events_poll_s": 5.0}
+                                     "rabbitmq_url": rabbitmq_url, "events_poll_s": 5.0,
+                                     "auth_enabled": True}
     listener = Listener(rabbitmq_url, "spanner.events")  # the exchange exists before the app
     listener.close()
     serve.run(build_app(AppArgs(settings=settings)), name="spanner-amqp", route_prefix="/amqp")
     client = Api(f"{api.base_url}/amqp", namespace, settings)
+    client.http.headers["Authorization"] = f"Bearer {KEYS['boss']}"
     yield client
     client.http.close()
     serve.delete("spanner-amqp")
@@ -65,6 +81,7 @@ class Rpc:
     """A caller on the broker: an exclusive reply queue, requests to spanner.requests."""
 
     url: str
+    api_key: str | None = None
 
     def __post_init__(self) -> None:
         self.connection = pika.BlockingConnection(pika.URLParameters(self.url))
@@ -72,12 +89,14 @@ class Rpc:
         self.reply_to = self.channel.queue_declare("", exclusive=True).method.queue
 
     def send(self, body: bytes | dict[str, Any], *, queue: str = QUEUE, reply: bool = True,
-             app_id: str = "celery-worker", content_type: str = "application/json") -> str:
+             app_id: str = "celery-worker", content_type: str = "application/json",
+             headers: dict[str, Any] | None = None) -> str:
         correlation_id = uuid.uuid4().hex
         raw = json.dumps(body).encode() if isinstance(body, dict) else body
+        sent = ({"x-api-key": self.api_key} if self.api_key else {}) | (headers or {})
         props = pika.BasicProperties(content_type=content_type, correlation_id=correlation_id,
                                      reply_to=self.reply_to if reply else None, app_id=app_id,
-                                     delivery_mode=2)
+                                     delivery_mode=2, headers=sent)
         self.channel.basic_publish("", queue, raw, properties=props)
         return correlation_id
 
@@ -113,7 +132,7 @@ class Rpc:
 
 @pytest.fixture
 def rpc(rabbitmq_url: str, amqp_api: Api) -> Iterator[Rpc]:
-    caller = Rpc(rabbitmq_url)
+    caller = Rpc(rabbitmq_url, KEYS["celery"])
     yield caller
     caller.close()
 
@@ -155,12 +174,32 @@ def test_a_request_over_amqp_is_answered_to_reply_to_and_audited(amqp_api: Api, 
     assert answer["status"] == "success" and answer["total"] == over_http["total"] > 0
     assert [m["dataset"] for m in answer["matches"]] == [m["dataset"] for m in over_http["matches"]]
     record = amqp_api.http.get(f"/api/v1/queries/{answer['query_id']}").json()
-    assert (record["principal"], record["channel"], record["requester"]) == (
-        "amqp:celery-worker", "amqp", "amqp:celery-worker")
-    audit = amqp_api.http.get("/api/v1/audit", params={"requester": "amqp:celery-worker"}).json()
+    assert (record["principal"], record["channel"], record["client"], record["requester"]) == (
+        "celery", "amqp", None, "amqp:celery (celery-worker)")
+    audit = amqp_api.http.get("/api/v1/audit", params={"requester": "celery"}).json()
     assert answer["query_id"] in {entry["id"] for entry in audit}
     assert events[0][2]["data"]["query_id"] == answer["query_id"]
     assert events[0][2]["data"]["channel"] == "amqp"
+
+
+@pytest.mark.parametrize(("key", "reason"), [
+    (None, "API key is required"),
+    ("spk_forged", "unknown or revoked"),
+    ("gone", "unknown or revoked"),
+])
+def test_a_request_without_a_valid_key_is_refused_and_dead_lettered(
+        amqp_api: Api, rpc: Rpc, key: str | None, reason: str) -> None:
+    """With authentication on, no patient data goes to a publisher without a valid key; the dead-letter
+    copy keeps the reason but not the key."""
+    sent = {"x-api-key": KEYS.get(key, key)} if key else {"x-api-key": ""}
+    correlation_id = rpc.send(QUERY, headers=sent, app_id="mallory")
+    status, detail = rpc.reply(correlation_id)
+    assert status == 401 and reason in detail["detail"] and "matches" not in detail
+    dead = rpc.dead(correlation_id)
+    assert reason in dead.headers["x-spanner-error"] and dead.headers["x-spanner-status"] == 401
+    assert "x-api-key" not in dead.headers
+    audit = amqp_api.http.get("/api/v1/audit", params={"kind": "query"}).json()
+    assert not any("mallory" in str(entry) for entry in audit)
 
 
 def test_requests_use_the_query_cache_unless_told_no_cache(amqp_api: Api, rpc: Rpc) -> None:
@@ -170,7 +209,7 @@ def test_requests_use_the_query_cache_unless_told_no_cache(amqp_api: Api, rpc: R
     correlation_id = uuid.uuid4().hex
     rpc.channel.basic_publish("", QUEUE, json.dumps(QUERY).encode(), properties=pika.BasicProperties(
         content_type="application/json", correlation_id=correlation_id, reply_to=rpc.reply_to,
-        headers={"cache-control": "no-cache"}))
+        headers={"cache-control": "no-cache", "x-api-key": KEYS["celery"]}))
     assert rpc.reply(correlation_id)[1]["cache"] == "miss"
 
 

@@ -66,7 +66,7 @@ def auth(api: Api, ray_session: str, tmp_path_factory: pytest.TempPathFactory,
     migrate(url)
     repo = Repository(make_engine(url))
     keys: dict[str, str] = {}
-    for name, role in (("boss", "admin"), ("ward", "query"), ("gone", "query"), ("front", "query")):
+    for name, role in (("boss", "admin"), ("ward", "query"), ("gone", "query"), ("front", "dicom_front")):
         key, prefix, key_hash = new_key()
         repo.create_api_key(name, role, prefix, key_hash)
         keys[name] = key
@@ -161,8 +161,49 @@ def test_a_dicom_query_is_audited_with_the_calling_ae(auth: AuthApp) -> None:
     assert statuses[-1] == 0x0000
     entries = auth.api.http.get("/api/v1/audit", params={"patient_id": "DIMSE*"}).json()
     assert len(entries) == 1
-    assert (entries[0]["principal"], entries[0]["channel"], entries[0]["client"]) == \
-        ("ae:AUDITWS", "dimse", "127.0.0.1")
+    entry = entries[0]
+    assert (entry["principal"], entry["channel"], entry["client"]) == ("front", "dimse", "127.0.0.1")
+    assert (entry["asserted_ae"], entry["asserted_peer"]) == ("AUDITWS", "127.0.0.1")
+    record = auth.api.http.get(f"/api/v1/queries/{entry['id']}").json()
+    assert (record["principal"], record["asserted_ae"]) == ("front", "AUDITWS")
+
+
+@pytest.mark.parametrize("headers", [
+    {"X-Spanner-Calling-AE": "RADIOLOGY_WS9", "X-Spanner-Peer": "10.9.9.9"},
+    {"X-Spanner-Calling-AE": "RADIOLOGY_WS9"},
+    {"X-Spanner-Peer": "10.9.9.9"},
+])
+@pytest.mark.parametrize("holder", ["ward", "boss"])
+def test_only_the_dicom_front_role_may_assert_a_caller(auth: AuthApp, holder: str,
+                                                       headers: dict[str, str]) -> None:
+    """A query or admin key that names a DICOM caller is refused: it cannot write another identity into
+    the audit trail, and nothing is recorded under the forged name."""
+    with anonymous(auth) as http:
+        query = http.post("/api/v1/queries", json={"level": "PATIENT", "filters": {"PatientID": "FORGED*"}},
+                          headers={"X-API-Key": auth.keys[holder], **headers})
+        retrieval = http.post("/api/v1/retrievals", json={"level": "STUDY", "destination_ae": "ANY",
+                                                          "uids": {"StudyInstanceUID": "1.2.3"}},
+                              headers={"X-API-Key": auth.keys[holder], **headers})
+    for refused in (query, retrieval):
+        assert refused.status_code == 403, refused.text
+        assert "dicom_front" in refused.json()["detail"] and holder in refused.json()["detail"]
+    entries = auth.api.http.get("/api/v1/audit", params={"patient_id": "FORGED*"}).json()
+    assert entries == []
+
+
+def test_the_dicom_front_key_asks_but_administers_nothing(auth: AuthApp) -> None:
+    front = {"X-API-Key": auth.keys["front"]}
+    with anonymous(auth) as http:
+        assert http.get("/api/v1/spans", headers=front).status_code == 200
+        body = {"name": "nope", "ae_title": "NOPE", "host": "127.0.0.1", "port": 104}
+        assert http.post("/api/v1/nodes", json=body, headers=front).status_code == 403
+        assert http.get("/api/v1/audit", headers=front).status_code == 403
+        asked = http.post("/api/v1/queries", json={"level": "PATIENT", "filters": {"PatientID": "FRONT*"}},
+                          headers={**front, "X-Spanner-Calling-AE": "WS7", "X-Spanner-Peer": "10.1.1.7"})
+    assert asked.status_code == 200, asked.text
+    entry = auth.api.http.get("/api/v1/audit", params={"patient_id": "FRONT*"}).json()[0]
+    assert (entry["principal"], entry["channel"], entry["asserted_ae"], entry["asserted_peer"]) == \
+        ("front", "dimse", "WS7", "10.1.1.7")
 
 
 def test_without_a_key_the_dicom_headers_are_not_believed(auth: AuthApp) -> None:
@@ -223,13 +264,15 @@ def test_keys_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         assert key.startswith("spk_") and len(key) > 40
         assert runner.invoke(cli, ["keys", "create", "ward", "--role", "query"]).exit_code == 1
         bad = runner.invoke(cli, ["keys", "create", "x", "--role", "root"], terminal_width=200)
-        assert bad.exit_code == 1 and "admin, query" in bad.output
+        assert bad.exit_code == 1 and "admin, query, dicom_front" in bad.output
+        front = runner.invoke(cli, ["keys", "create", "front", "--role", "dicom_front"], terminal_width=200)
+        assert front.exit_code == 0, front.output
         listed = runner.invoke(cli, ["keys", "list"], terminal_width=200)
         assert "ward" in listed.output and key[:12] in listed.output and key not in listed.output
         assert runner.invoke(cli, ["keys", "revoke", "ward"]).exit_code == 0
         assert runner.invoke(cli, ["keys", "revoke", "nobody"]).exit_code == 1
         repo = Repository(make_engine(f"sqlite:///{tmp_path / 'keys.db'}"))
-        assert repo.list_api_keys()[0].revoked_at is not None and repo.count_active_api_keys() == 0
+        assert repo.list_api_keys()[1].revoked_at is not None and repo.count_active_api_keys() == 1
         repo.engine.dispose()
     finally:
         get_settings.cache_clear()

@@ -20,7 +20,14 @@ from spanner.cli import app
 from spanner.errors import ConfigError
 from spanner.schemas import NodeIn
 from spanner.settings import get_settings, load_settings
-from spanner.storage import Repository, create_schema, make_engine, require_current_schema, upgrade_database
+from spanner.storage import (
+    Audit,
+    Repository,
+    create_schema,
+    make_engine,
+    require_current_schema,
+    upgrade_database,
+)
 from spanner.storage.schema import (
     FIRST_REVISION,
     MIGRATIONS_DIR,
@@ -31,8 +38,9 @@ from spanner.storage.schema import (
 )
 from spanner.storage.tables import metadata
 
-HEAD = "0004"
-PREVIOUS = "0003"
+HEAD = "0005"
+PREVIOUS = "0004"
+BEFORE_OUTBOX = "0003"
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -84,7 +92,7 @@ def test_the_head_is_the_last_revision_and_ships_in_the_package() -> None:
     assert head_revision() == HEAD
     assert (MIGRATIONS_DIR / "env.py").is_file() and (MIGRATIONS_DIR / "script.py.mako").is_file()
     versions = sorted(p.name[:4] for p in (MIGRATIONS_DIR / "versions").glob("0*.py"))
-    assert versions == ["0001", "0002", "0003", "0004"]
+    assert versions == ["0001", "0002", "0003", "0004", "0005"]
 
 
 def test_upgrade_from_empty_builds_exactly_the_code_tables(engine: Engine) -> None:
@@ -117,20 +125,50 @@ def test_upgrade_from_the_previous_revision_keeps_the_data(engine: Engine) -> No
     assert (old.requester, old.total, old.cache) == ("old", 3, None)
 
 
-def test_upgrade_from_the_revision_before_head_adds_the_outbox_and_keeps_records(engine: Engine) -> None:
+def test_upgrade_from_the_revision_before_head_adds_the_asserted_caller_and_keeps_records(
+        engine: Engine) -> None:
     assert upgrade_database(engine, PREVIOUS).after == PREVIOUS
-    assert "event_outbox" not in tables(engine) and "node_health" not in tables(engine)
-    Repository(engine).record_query(query_id="q3", span="all", level="STUDY", filters={}, requester="r",
-                                    status="success", total=1, outcomes=[], elapsed_ms=2.0, cache="miss")
+    assert "asserted_ae" not in columns(engine, "query_records")
+    with engine.begin() as conn:  # the code's tables are ahead of this schema: raw SQL, as 0004 wrote it
+        conn.execute(text(
+            "INSERT INTO query_records (id, created_at, span, level, filters, requester, status, total, "
+            "outcomes, elapsed_ms, principal, channel, client) VALUES ('q4', :at, 'all', 'STUDY', '{}', "
+            "'r', 'success', 2, '[]', 2.0, 'ae:OLDWS', 'dimse', '10.0.0.1')"
+        ), {"at": "2026-01-02 03:04:05"})
     result = upgrade_database(engine)
     assert (result.before, result.after) == (PREVIOUS, HEAD)
+    assert schema_diff(engine) == []
+    repo = Repository(engine)
+    old = repo.get_query("q4")
+    assert (old.principal, old.total, old.asserted_ae, old.asserted_peer) == ("ae:OLDWS", 2, None, None)
+    repo.record_query(query_id="q5", span="all", level="STUDY", filters={}, requester="r", status="success",
+                      total=0, outcomes=[], elapsed_ms=1.0,
+                      audit=Audit(principal="front", channel="dimse", client="127.0.0.1",
+                                  asserted_ae="WS1", asserted_peer="10.1.2.3"))
+    new = repo.get_query("q5")
+    assert (new.principal, new.asserted_ae, new.asserted_peer) == ("front", "WS1", "10.1.2.3")
+    assert downgrade_database(engine, PREVIOUS).after == PREVIOUS
+    assert "asserted_ae" not in columns(engine, "retrieval_records")
+
+
+def test_upgrade_from_before_the_outbox_adds_it_and_keeps_records(engine: Engine) -> None:
+    assert upgrade_database(engine, BEFORE_OUTBOX).after == BEFORE_OUTBOX
+    assert "event_outbox" not in tables(engine) and "node_health" not in tables(engine)
+    with engine.begin() as conn:
+        conn.execute(text(
+            "INSERT INTO query_records (id, created_at, span, level, filters, requester, status, total, "
+            "outcomes, elapsed_ms, cache) VALUES ('q3', :at, 'all', 'STUDY', '{}', 'r', 'success', 1, '[]', "
+            "2.0, 'miss')"
+        ), {"at": "2026-01-02 03:04:05"})
+    result = upgrade_database(engine)
+    assert (result.before, result.after) == (BEFORE_OUTBOX, HEAD)
     assert schema_diff(engine) == []
     repo = Repository(engine)
     assert repo.get_query("q3").total == 1
     repo.record_query(span="all", level="STUDY", filters={}, requester="r", status="success", total=0,
                       outcomes=[{"node": "n1", "status": "ok"}], elapsed_ms=1.0, emit=True)
     assert [e.routing_key for e in repo.pending_events()] == ["query.completed", "node.health"]
-    assert downgrade_database(engine, PREVIOUS).after == PREVIOUS
+    assert downgrade_database(engine, BEFORE_OUTBOX).after == BEFORE_OUTBOX
     assert "event_outbox" not in tables(engine)
 
 

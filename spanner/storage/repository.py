@@ -28,6 +28,7 @@ from spanner.outcome import NodeOutcome
 from spanner.schemas import (
     ALL_SPAN,
     ApiKeyOut,
+    ApiRole,
     AuditEntryOut,
     NodeIn,
     NodeOut,
@@ -458,8 +459,8 @@ class Repository:
     # --- API keys ------------------------------------------------------------------------------------
 
     def create_api_key(self, name: str, role: str, prefix: str, key_hash: str) -> ApiKeyOut:
-        if role not in ("admin", "query"):
-            raise InvalidConfig(f"role {role!r} is not one of admin, query")
+        if role not in set(ApiRole):
+            raise InvalidConfig(f"role {role!r} is not one of {', '.join(ApiRole)}")
         if not name or len(name) > 64:
             raise InvalidConfig("an API key's name needs 1 to 64 characters")
         with self._session(write=True) as session:
@@ -500,12 +501,15 @@ class Repository:
 
 @dataclass(frozen=True, slots=True)
 class Audit:
-    """Who asked for a query or retrieval, over which channel, from where, and about which patient."""
+    """Who asked for a query or retrieval (the key), over which channel, from where, about which patient,
+    and, for DICOM requests, the caller the DICOM front asserted."""
 
     principal: str | None = None
     channel: str | None = None
     client: str | None = None
     patient_id: str | None = None
+    asserted_ae: str | None = None
+    asserted_peer: str | None = None
 
     def columns(self) -> dict[str, str | None]:
         return {
@@ -513,6 +517,8 @@ class Audit:
             "channel": None if self.channel is None else self.channel[:8],
             "client": None if self.client is None else self.client[:255],
             "patient_id": None if self.patient_id is None else self.patient_id[:64],
+            "asserted_ae": None if self.asserted_ae is None else self.asserted_ae[:16],
+            "asserted_peer": None if self.asserted_peer is None else self.asserted_peer[:255],
         }
 
 
@@ -567,7 +573,8 @@ def _audit_entry(row: object) -> AuditEntryOut:
     assert isinstance(row, (QueryRecordRow, RetrievalRecordRow))
     common: dict[str, Any] = {
         "id": row.id, "created_at": row.created_at, "principal": row.principal, "channel": row.channel,
-        "client": row.client, "patient_id": row.patient_id, "span": row.span, "level": row.level,
+        "client": row.client, "patient_id": row.patient_id, "asserted_ae": row.asserted_ae,
+        "asserted_peer": row.asserted_peer, "span": row.span, "level": row.level,
         "status": row.status, "elapsed_ms": row.elapsed_ms, "error": row.error,
     }
     if isinstance(row, QueryRecordRow):

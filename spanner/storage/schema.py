@@ -38,7 +38,8 @@ FIRST_TABLES = frozenset({"nodes", "spans", "span_nodes", "query_records", "retr
 """The tables of the first revision, i.e. what ``create_all`` made before migrations existed."""
 LATE_LEGACY_TABLES = frozenset({"retrieval_records"})
 """Added while create_all still ruled: a file from before it gets the table as create_all would have."""
-LATER_COLUMNS = {"retrieval_records": frozenset({"principal", "channel", "client", "patient_id"})}
+LATER_COLUMNS = {"retrieval_records": frozenset({"principal", "channel", "client", "patient_id",
+                                                 "asserted_ae", "asserted_peer"})}
 """Columns later revisions add to a late legacy table: left out when it is made at the first revision."""
 _PG_LOCK_KEY = 0x5350414E  # "SPAN": two upgrades of one PostgreSQL database run one after the other
 

@@ -138,11 +138,14 @@ class QueryRecordRow(Base):
     elapsed_ms: Mapped[float]
     error: Mapped[str | None] = mapped_column(Text)
     cache: Mapped[str | None] = mapped_column(String(8))  # hit | miss; null before revision 0002
-    # Audit (revision 0003; null on older rows): who asked, over which channel, from where, about whom.
+    # Audit (revision 0003; null on older rows): which key asked, over which channel, from where, about whom.
     principal: Mapped[str | None] = mapped_column(String(255), index=True)
     channel: Mapped[str | None] = mapped_column(String(8))
     client: Mapped[str | None] = mapped_column(String(255))
     patient_id: Mapped[str | None] = mapped_column(String(64), index=True)
+    # Revision 0005: the DICOM caller as the front asserted it, apart from the key that asked.
+    asserted_ae: Mapped[str | None] = mapped_column(String(16), index=True)
+    asserted_peer: Mapped[str | None] = mapped_column(String(255))
 
 
 class RetrievalRecordRow(Base):
@@ -167,6 +170,9 @@ class RetrievalRecordRow(Base):
     channel: Mapped[str | None] = mapped_column(String(8))
     client: Mapped[str | None] = mapped_column(String(255))
     patient_id: Mapped[str | None] = mapped_column(String(64), index=True)
+    # Revision 0005: the DICOM caller as the front asserted it, apart from the key that asked.
+    asserted_ae: Mapped[str | None] = mapped_column(String(16), index=True)
+    asserted_peer: Mapped[str | None] = mapped_column(String(255))
 
 
 class ApiKeyRow(Base):

@@ -69,29 +69,60 @@ def prepare_demo_fleet(settings: Settings, say: Callable[[str], None]) -> list[A
     return fleet
 
 
-def decide_auth(settings: Settings, say: Callable[[str], None]) -> Settings:
-    """In development with no API key configured, authentication goes off (and the banner says so);
-    otherwise it stays as set (production cannot turn it off: the settings refuse it)."""
-    if not settings.auth_enabled or settings.environment != "development":
-        return settings
+RUN_FRONT_KEY = "spanner-run-dicom-front"
+"""The key `spanner run` gives its own DICOM front when SPANNER_SCP_API_KEY is unset (a new secret each
+run, revoked when the run stops)."""
+
+
+def keys_required(settings: Settings) -> bool:
+    """Whether the API asks for keys now (serve_app.auth decides per request the same way): always in
+    production; in development once an admin or query key exists, unless auth is turned off."""
+    from spanner.schemas import CLOSING_ROLES
+
+    if not settings.auth_enabled:
+        return False
+    if settings.environment != "development":
+        return True
     engine = make_engine(settings.effective_database_url)
     try:
-        keys = Repository(engine).count_active_api_keys()
+        return Repository(engine).count_active_api_keys(CLOSING_ROLES) > 0
     finally:
         engine.dispose()
-    if keys:
-        if not settings.scp_api_key:
-            say("[yellow]API keys are configured but SPANNER_SCP_API_KEY is not: the DICOM front will be "
-                "refused by the API (`spanner keys create dicom-front --role dicom_front`)[/yellow]")
-        return settings
-    return settings.model_copy(update={"auth_enabled": False})
 
 
-def auth_line(settings: Settings) -> str:
-    if settings.auth_enabled:
-        return "Authentication ON: send 'Authorization: Bearer <key>' (spanner keys create NAME --role ...)"
-    return ("[bold yellow]Authentication OFF[/bold yellow] (development, no API key configured): anyone who "
-            "reaches the API may use it; `spanner keys create NAME --role admin` and restart to turn it on")
+def give_front_a_key(settings: Settings) -> Settings:
+    """The run's DICOM front gets a dicom_front key of its own (when SPANNER_SCP_API_KEY is unset), so it
+    keeps working when keys are, or become, required."""
+    from serve_app.auth import new_key
+    from spanner.schemas import ApiRole
+
+    key, prefix, key_hash = new_key()
+    engine = make_engine(settings.effective_database_url)
+    try:
+        Repository(engine).put_api_key(RUN_FRONT_KEY, ApiRole.DICOM_FRONT, prefix, key_hash)
+    finally:
+        engine.dispose()
+    return settings.model_copy(update={"scp_api_key": key})
+
+
+def revoke_front_key(settings: Settings) -> None:
+    engine = make_engine(settings.effective_database_url)
+    try:
+        Repository(engine).revoke_api_key(RUN_FRONT_KEY)
+    finally:
+        engine.dispose()
+
+
+def auth_line(settings: Settings, required: bool) -> str:
+    if required:
+        return ("Authentication ON: send 'Authorization: Bearer <key>' (an admin makes keys with "
+                "`spanner keys create NAME --role query`); the examples read the key from $SPANNER_API_KEY")
+    if not settings.auth_enabled:
+        return ("[bold yellow]Authentication OFF[/bold yellow] (SPANNER_AUTH_ENABLED=false): anyone who "
+                "reaches the API may use it")
+    return ("[bold yellow]Authentication OFF until the first key[/bold yellow] (development, no admin or "
+            "query key yet): anyone who reaches the API may use it; `spanner keys create NAME --role admin` "
+            "turns it on at once, no restart needed")
 
 
 def services_line(settings: Settings) -> str:
@@ -111,15 +142,17 @@ def services_line(settings: Settings) -> str:
     return f"Database {database} | cache {cache} | events {events}"
 
 
-def example(settings: Settings) -> str:
+def example(settings: Settings, required: bool) -> str:
     url = f"http://{settings.http_host}:{settings.http_port}"
     dicom = f"{settings.scp_host} {settings.scp_port}"
     body = '{"level": "STUDY", "filters": {"PatientName": "*", "StudyDate": "20100101-"}, "limit": 5}'
+    export = "  export SPANNER_API_KEY=<your key>   # the CLI reads it (or --api-key)\n" if required else ""
+    header = ' -H "Authorization: Bearer $SPANNER_API_KEY"' if required else ""
     return (
         f"\nReady. API {url}  (OpenAPI: {url}/docs)   Ray dashboard: "
         f"http://{settings.dashboard_host}:{settings.dashboard_port}\n{services_line(settings)}\n"
-        f"{auth_line(settings)}\n\n"
-        f"  curl -s -X POST {url}/api/v1/queries -H 'Content-Type: application/json' \\\n"
+        f"{auth_line(settings, required)}\n\n{export}"
+        f"  curl -s -X POST {url}/api/v1/queries -H 'Content-Type: application/json'{header} \\\n"
         f"       -d '{body}'\n\n"
         f"  .venv/bin/spanner query STUDY -f 'StudyDate=20100101-' --limit 5\n\n"
         f"DICOM front {settings.scp_host}:{settings.scp_port} (called AE title SPANNER = span 'all'):\n"
@@ -161,11 +194,15 @@ def run(settings: Settings, say: Callable[[str], None] = print) -> None:
         signal.signal(sig, lambda *_: stop.set())
     fleet: list[Any] = []
     front: SpannerScp | None = None
+    own_front_key = False
     try:
         fleet = prepare_demo_fleet(settings, say)
-        settings = decide_auth(settings, say)
-        if not settings.auth_enabled:
-            say(auth_line(settings))
+        if not settings.scp_api_key:
+            settings = give_front_a_key(settings)
+            own_front_key = True
+        required = keys_required(settings)
+        if not required:
+            say(auth_line(settings, required))
         say("starting Ray" + (f" (joining {settings.ray_address})" if settings.ray_address else " (local)"))
         connect(settings)
         serve.start(
@@ -179,12 +216,14 @@ def run(settings: Settings, say: Callable[[str], None] = print) -> None:
             blocking=False,
         )
         front = start_scp(settings, say)
-        say(example(settings))
+        say(example(settings, required))
         stop.wait()
         say("stopping")
     finally:
         if front is not None:
             front.stop()
+        if own_front_key:
+            revoke_front_key(settings)
         if ray.is_initialized():
             try:
                 # On a shared cluster only our app goes; a local instance goes whole.

@@ -12,6 +12,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import json
+import logging
 import queue
 import threading
 from collections.abc import Callable, Coroutine
@@ -19,8 +20,9 @@ from typing import Any, Generic, TypeVar
 
 import httpx
 
-from scp.errors import Abandoned, ApiError, ApiFailed, ApiRejected, ApiUnreachable
+from scp.errors import Abandoned, ApiError, ApiFailed, ApiRejected, ApiUnreachable, FrontKeyRefused
 
+LOG = logging.getLogger(__name__)
 T = TypeVar("T")
 Json = dict[str, Any]
 StopCheck = Callable[[], bool]
@@ -49,6 +51,12 @@ def http_error(response: httpx.Response) -> ApiError:
     """An HTTP error answer as the front's error: 4xx rejected, everything else failed."""
     detail = _detail(response)
     code = response.status_code
+    if code in (401, 403):
+        refused = FrontKeyRefused(f"the spanner API refused the DICOM front's API key ({code}: {detail}); "
+                                  "set SPANNER_SCP_API_KEY to a key of role dicom_front "
+                                  "(`spanner keys create dicom-front --role dicom_front`)", code)
+        LOG.error("%s", refused, extra={"event": "scp.api_key_refused", "status": code})
+        return refused
     if 400 <= code < 500:
         return ApiRejected(detail, code)
     if code == 502:

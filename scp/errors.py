@@ -38,6 +38,11 @@ class ApiRejected(ApiError):
     """HTTP 4xx: the API refused the request as it was asked (a bad key, value or level)."""
 
 
+class FrontKeyRefused(ApiRejected):
+    """HTTP 401/403: the API refused the front's own key (SPANNER_SCP_API_KEY missing, unknown, revoked or
+    not of role dicom_front); no DICOM request can be served until an operator fixes it."""
+
+
 class ApiFailed(ApiError):
     """HTTP 5xx, a failed spanning query (502) or an answer that cannot be read."""
 

@@ -8,6 +8,12 @@ nodes, spans and records; ``admin`` may also change nodes and spans and read the
 ``dicom_front`` may do what ``query`` may and is the only role whose requests may name a DICOM caller
 (``X-Spanner-Calling-AE`` / ``X-Spanner-Peer``): the audit records the key that asked and, apart from it,
 the caller the front asserted.
+
+When authentication is on (``auth_enabled``, the default) keys are required, with one exception: in
+development, while no key of role ``admin`` or ``query`` exists, the API stays open (``anonymous``). The
+first such key closes it on every replica within ``auth_cache_ttl_s`` seconds, without a restart. A
+``dicom_front`` key alone does not close it: ``spanner run`` makes one for its own DICOM front. Production
+always requires keys.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from fastapi import Depends, Request
 from serve_app.errors import Forbidden, Unauthenticated
 from serve_app.routes import services
 from serve_app.services import Services
-from spanner.schemas import ApiKeyOut, ApiRole
+from spanner.schemas import CLOSING_ROLES, ApiKeyOut, ApiRole
 from spanner.storage import Audit, Repository
 
 KEY_PREFIX = "spk_"
@@ -67,6 +73,7 @@ class KeyCache:
         self._repo = repo
         self._ttl_s = ttl_s
         self._entries: dict[str, tuple[float, ApiKeyOut | None]] = {}
+        self._closing: tuple[float, bool] = (0.0, False)
         self._lock = threading.Lock()
 
     def cached(self, key_hash: str) -> tuple[bool, ApiKeyOut | None]:
@@ -85,6 +92,17 @@ class KeyCache:
             self._entries[key_hash] = (time.monotonic() + self._ttl_s, found)
         return found
 
+    async def closing_keys_exist(self) -> bool:
+        """Whether an active admin or query key exists, looked up at most once per ``ttl_s``."""
+        with self._lock:
+            expires, exist = self._closing
+        if expires > time.monotonic():
+            return exist
+        exist = await asyncio.to_thread(self._repo.count_active_api_keys, CLOSING_ROLES) > 0
+        with self._lock:
+            self._closing = (time.monotonic() + self._ttl_s, exist)
+        return exist
+
 
 def presented_key(request: Request) -> str | None:
     """The key of ``Authorization: Bearer <key>`` or ``X-API-Key: <key>``."""
@@ -96,19 +114,28 @@ def presented_key(request: Request) -> str | None:
     return key or None
 
 
-async def principal_of(s: Services, key: str | None) -> Principal:
-    """The principal of a presented key (HTTP header or AMQP message header); raises Unauthenticated."""
+async def is_open(s: Services) -> bool:
+    """True when requests without a key are served: auth turned off, or development with no admin or
+    query key yet."""
     if not s.settings.auth_enabled:
+        return True
+    return s.settings.environment == "development" and not await s.keys.closing_keys_exist()
+
+
+async def principal_of(s: Services, key: str | None) -> Principal:
+    """The principal of a presented key (HTTP header or AMQP message header); raises Unauthenticated.
+
+    A valid key is its principal even while the API is open, so the audit names it."""
+    if key is not None:
+        key_hash = hash_key(key)
+        hit, found = s.keys.cached(key_hash)
+        if not hit:
+            found = await asyncio.to_thread(s.keys.lookup, key_hash)
+        if found is not None:
+            return Principal(found.name, ApiRole(found.role), authenticated=True)
+    if await is_open(s):
         return OPEN
-    if key is None:
-        raise Unauthenticated(MISSING_KEY)
-    key_hash = hash_key(key)
-    hit, found = s.keys.cached(key_hash)
-    if not hit:
-        found = await asyncio.to_thread(s.keys.lookup, key_hash)
-    if found is None:
-        raise Unauthenticated(UNKNOWN_KEY)
-    return Principal(found.name, ApiRole(found.role), authenticated=True)
+    raise Unauthenticated(MISSING_KEY if key is None else UNKNOWN_KEY)
 
 
 async def authenticate(request: Request, s: Services = Depends(services)) -> Principal:

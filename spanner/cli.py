@@ -23,18 +23,24 @@ console = Console()
 
 UrlOption = Annotated[str, typer.Option(envvar="SPANNER_URL", help="Base URL of the spanner HTTP API")]
 DEFAULT_URL = "http://127.0.0.1:8000"
+ApiKeyOption = Annotated[str, typer.Option(
+    "--api-key", envvar="SPANNER_API_KEY", show_default=False,
+    help="API key sent as 'Authorization: Bearer <key>' (needed once keys exist)")]
 
 
-def _call(method: str, url: str, **kwargs: Any) -> Any:
+def _call(method: str, url: str, api_key: str = "", **kwargs: Any) -> Any:
     """One HTTP call; a refused connection or a 4xx/5xx becomes a readable message and exit code 1."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     try:
-        response = httpx.request(method, url, timeout=kwargs.pop("timeout", 60.0), **kwargs)
+        response = httpx.request(method, url, timeout=kwargs.pop("timeout", 60.0), headers=headers, **kwargs)
     except httpx.HTTPError as exc:
         console.print(f"[red]cannot reach {url}: {exc}[/red] (is `make run` running? set SPANNER_URL)")
         raise typer.Exit(1) from exc
     if response.status_code >= 400 and response.status_code != 502:
         detail = response.json().get("detail", response.text) if response.content else response.reason_phrase
         console.print(f"[red]{response.status_code}: {detail}[/red]")
+        if response.status_code == 401 and not api_key:
+            console.print("send a key with --api-key or SPANNER_API_KEY")
         raise typer.Exit(1)
     return response.json() if response.content else None
 
@@ -47,7 +53,8 @@ def run() -> None:
 
     try:
         settings = get_settings()
-        launch(settings, say=console.print)
+        # soft_wrap: in a log (no terminal) rich would wrap at 80 columns and break the pasted curl line
+        launch(settings, say=lambda text: console.print(text, soft_wrap=True))
     except ConfigError as exc:
         console.print(f"[red]{exc}[/red]")
         raise typer.Exit(2) from exc
@@ -103,16 +110,24 @@ def keys_create(
 ) -> None:
     """Create an API key and print it once: only its hash is stored."""
     from serve_app.auth import new_key
+    from spanner.schemas import CLOSING_ROLES
+    from spanner.settings import get_settings
 
     repo = _key_repository()
     key, prefix, key_hash = new_key()
     try:
+        closing_before = repo.count_active_api_keys(CLOSING_ROLES)
         repo.create_api_key(name, role, prefix, key_hash)
     except SpannerError as exc:
         console.print(f"[red]{exc}[/red]")
         raise typer.Exit(1) from exc
     finally:
         repo.engine.dispose()
+    settings = get_settings()
+    if closing_before == 0 and role in CLOSING_ROLES and settings.auth_enabled:
+        console.print(f"[bold]Authentication is now ON[/bold]: this is the first admin or query key, so "
+                      f"every /api request needs a key from now on (a running spanner notices within "
+                      f"{settings.auth_cache_ttl_s:g} s, no restart needed)", soft_wrap=True)
     console.print(f"API key {name!r} (role {role}); shown only now, keep it safe:")
     print(key)  # plain, so that `spanner keys create ... | tail -1` gets exactly the key
 
@@ -220,6 +235,7 @@ def query(
     limit: Annotated[int | None, typer.Option(help="Page size")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the raw JSON answer")] = False,
     url: UrlOption = DEFAULT_URL,
+    api_key: ApiKeyOption = "",
 ) -> None:
     """Run a spanning C-FIND and print the merged matches and every node's outcome."""
     body: dict[str, Any] = {
@@ -233,7 +249,7 @@ def query(
         body["timeout_s"] = timeout_s
     if limit is not None:
         body["limit"] = limit
-    answer = _call("POST", f"{url}/api/v1/queries", json=body)
+    answer = _call("POST", f"{url}/api/v1/queries", api_key, json=body)
     if as_json:
         console.print_json(json.dumps(answer))
         return
@@ -287,12 +303,12 @@ def _print_answer(answer: dict[str, Any]) -> None:
 
 
 @nodes_app.command("list")
-def nodes_list(url: UrlOption = DEFAULT_URL) -> None:
+def nodes_list(url: UrlOption = DEFAULT_URL, api_key: ApiKeyOption = "") -> None:
     """List the configured nodes."""
     table = Table()
     for col in ("name", "ae_title", "host", "port", "enabled", "priority"):
         table.add_column(col)
-    for n in _call("GET", f"{url}/api/v1/nodes"):
+    for n in _call("GET", f"{url}/api/v1/nodes", api_key):
         table.add_row(
             n["name"], n["ae_title"], n["host"], str(n["port"]), str(n["enabled"]), str(n["priority"])
         )
@@ -308,6 +324,7 @@ def nodes_add(
     priority: Annotated[int, typer.Option(help="Lower wins ties")] = 100,
     max_associations: Annotated[int, typer.Option(help="Pool size")] = 4,
     url: UrlOption = DEFAULT_URL,
+    api_key: ApiKeyOption = "",
 ) -> None:
     """Add a node: NAME AE_TITLE HOST PORT."""
     body = {
@@ -318,21 +335,21 @@ def nodes_add(
         "priority": priority,
         "max_associations": max_associations,
     }
-    node = _call("POST", f"{url}/api/v1/nodes", json=body)
+    node = _call("POST", f"{url}/api/v1/nodes", api_key, json=body)
     console.print(f"added {node['name']} ({node['ae_title']}@{node['host']}:{node['port']})")
 
 
 @nodes_app.command("remove")
-def nodes_remove(name: str, url: UrlOption = DEFAULT_URL) -> None:
+def nodes_remove(name: str, url: UrlOption = DEFAULT_URL, api_key: ApiKeyOption = "") -> None:
     """Remove a node and stop its actor."""
-    _call("DELETE", f"{url}/api/v1/nodes/{name}")
+    _call("DELETE", f"{url}/api/v1/nodes/{name}", api_key)
     console.print(f"removed {name}")
 
 
 @nodes_app.command("echo")
-def nodes_echo(name: str, url: UrlOption = DEFAULT_URL) -> None:
+def nodes_echo(name: str, url: UrlOption = DEFAULT_URL, api_key: ApiKeyOption = "") -> None:
     """C-ECHO a node through its actor."""
-    answer = _call("POST", f"{url}/api/v1/nodes/{name}/echo")
+    answer = _call("POST", f"{url}/api/v1/nodes/{name}/echo", api_key)
     console.print(f"{name}: {answer['status']} in {answer['elapsed_ms']} ms {answer.get('error') or ''}")
     if answer["status"] != "ok":
         raise typer.Exit(1)

@@ -502,6 +502,11 @@ class ApiRole(StrEnum):
     DICOM_FRONT = "dicom_front"
 
 
+CLOSING_ROLES = (ApiRole.ADMIN, ApiRole.QUERY)
+"""In development the API is open until an active key of one of these roles exists (a dicom_front key,
+which `spanner run` makes for its own front, does not close it)."""
+
+
 class ApiKeyOut(BaseModel):
     """An API key as listed: never the key itself, only its public prefix."""
 

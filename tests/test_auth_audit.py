@@ -276,3 +276,77 @@ def test_keys_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         repo.engine.dispose()
     finally:
         get_settings.cache_clear()
+
+
+def test_development_turns_authentication_on_with_the_first_key(
+        api: Api, ray_session: str, tmp_path_factory: pytest.TempPathFactory, pacs: SimulatedPacs) -> None:
+    """Development without an admin or query key is open (a dicom_front key alone keeps it so); the first
+    such key closes every route within the cache TTL, no restart; a valid key is named even while open."""
+    from ray import serve
+
+    from serve_app.app import AppArgs, build_app
+
+    var_dir = tmp_path_factory.mktemp("dev")
+    url = f"sqlite:///{var_dir}/spanner.db"
+    migrate(url)
+    repo = Repository(make_engine(url))
+    front, prefix, key_hash = new_key()
+    repo.create_api_key("front", "dicom_front", prefix, key_hash)
+    namespace = f"{ray_session}-dev"
+    settings = dict(api.settings) | {"namespace": namespace, "var_dir": str(var_dir), "database_url": url,
+                                     "environment": "development", "auth_enabled": True,
+                                     "auth_cache_ttl_s": TTL_S}
+    serve.run(build_app(AppArgs(settings=settings)), name="spanner-dev", route_prefix="/dev")
+    try:
+        with httpx.Client(base_url=f"{api.base_url}/dev", timeout=60.0) as http:
+            assert http.get("/api/v1/spans").status_code == 200  # open: no admin or query key yet
+            node = {"name": "dev-sim", "ae_title": "AUDITPACS", "host": "127.0.0.1", "port": pacs.port}
+            assert http.post("/api/v1/nodes", json=node).status_code == 201
+            asked = http.post("/api/v1/queries", json={"level": "PATIENT"},
+                              headers={"X-API-Key": front, "X-Spanner-Calling-AE": "WS1"})
+            record = repo.get_query(asked.json()["query_id"])
+            assert (record.principal, record.asserted_ae) == ("front", "WS1"), asked.text
+            ward, prefix, key_hash = new_key()
+            repo.create_api_key("ward", "query", prefix, key_hash)
+            deadline = time.monotonic() + TTL_S + 5
+            refused = http.get("/api/v1/spans")
+            while refused.status_code == 200 and time.monotonic() < deadline:
+                time.sleep(0.1)
+                refused = http.get("/api/v1/spans")
+            assert refused.status_code == 401 and "API key is required" in refused.json()["detail"]
+            assert http.get("/api/v1/spans", headers={"X-API-Key": ward}).status_code == 200
+            assert http.get("/api/v1/spans", headers={"X-API-Key": front}).status_code == 200
+            assert http.get("/api/v1/audit", headers={"X-API-Key": ward}).status_code == 403
+    finally:
+        serve.delete("spanner-dev")
+        repo.engine.dispose()
+
+
+def test_keys_create_says_when_authentication_turns_on(tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DATABASE_URL", f"sqlite:///{tmp_path / 'keys.db'}")
+    get_settings.cache_clear()
+    runner = CliRunner()
+    try:
+        assert runner.invoke(cli, ["db", "upgrade"]).exit_code == 0
+        front = runner.invoke(cli, ["keys", "create", "front", "--role", "dicom_front"], terminal_width=300)
+        assert front.exit_code == 0 and "Authentication is now ON" not in front.output
+        first = runner.invoke(cli, ["keys", "create", "boss", "--role", "admin"], terminal_width=300)
+        assert first.exit_code == 0 and "Authentication is now ON" in first.output
+        assert "no restart needed" in first.output
+        second = runner.invoke(cli, ["keys", "create", "ward", "--role", "query"], terminal_width=300)
+        assert second.exit_code == 0 and "Authentication is now ON" not in second.output
+    finally:
+        get_settings.cache_clear()
+
+
+def test_the_cli_sends_its_key(auth: AuthApp) -> None:
+    runner = CliRunner()
+    url = ["--url", auth.api.base_url]
+    refused = runner.invoke(cli, ["nodes", "list", *url], terminal_width=200, env={"SPANNER_API_KEY": ""})
+    assert refused.exit_code == 1 and "401" in refused.output and "--api-key" in refused.output
+    flagged = runner.invoke(cli, ["nodes", "list", *url, "--api-key", auth.keys["ward"]], terminal_width=200)
+    assert flagged.exit_code == 0 and "audit-sim" in flagged.output
+    queried = runner.invoke(cli, ["query", "PATIENT", "-f", "PatientID=PAT*", *url], terminal_width=200,
+                            env={"SPANNER_API_KEY": auth.keys["ward"]})
+    assert queried.exit_code == 0, queried.output

@@ -56,15 +56,39 @@ def alive(pid: int) -> bool:
     return state != "Z"
 
 
+def c_find_through_front(port: int) -> int:
+    """The final status of a STUDY C-FIND through the run's DICOM front."""
+    from pydicom.dataset import Dataset
+    from pynetdicom import AE
+
+    from scp import translate
+
+    ae = AE(ae_title="LAUNCHTEST")
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 30
+    ae.add_requested_context(translate.STUDY_ROOT_FIND)
+    assoc = ae.associate("127.0.0.1", port, ae_title="SPANNER")
+    assert assoc.is_established
+    ds = Dataset()
+    ds.QueryRetrieveLevel = "STUDY"
+    ds.StudyInstanceUID = ""
+    try:
+        statuses = [int(st.Status) for st, _ in assoc.send_c_find(ds, translate.STUDY_ROOT_FIND)]
+    finally:
+        assoc.release()
+    return statuses[-1]
+
+
 @pytest.mark.timeout(240)
 def test_spanner_run_serves_the_demo_fleet_and_ctrl_c_leaves_nothing(tmp_path: Path) -> None:
-    http, dashboard, base = free_port(), free_port(), free_port()
+    http, dashboard, base, dicom = free_port(), free_port(), free_port(), free_port()
     ray_tmp = tempfile.mkdtemp(prefix="sr-")  # Ray's socket paths must stay under 108 bytes
     env = os.environ | {
         "SPANNER_VAR_DIR": str(tmp_path / "var"),
         "SPANNER_HTTP_PORT": str(http),
         "SPANNER_DASHBOARD_PORT": str(dashboard),
         "SPANNER_DEMO_BASE_PORT": str(base),
+        "SPANNER_SCP_PORT": str(dicom),
+        "SPANNER_AUTH_CACHE_TTL_S": "1",
         "SPANNER_NAMESPACE": "launcher-test",
         "RAY_TMPDIR": ray_tmp,
         "RAY_AUTH_MODE": "disabled",
@@ -99,7 +123,28 @@ def test_spanner_run_serves_the_demo_fleet_and_ctrl_c_leaves_nothing(tmp_path: P
         ready_by = time.monotonic() + 20  # the banner is printed right after serve.run returns
         while "Ready." not in (tmp_path / "run.log").read_text() and time.monotonic() < ready_by:
             time.sleep(0.2)
-        assert "Ready." in (tmp_path / "run.log").read_text()
+        banner = (tmp_path / "run.log").read_text()
+        assert "Ready." in banner
+        # not wrapped at 80 columns in a log: the curl line and the auth note stay whole
+        lines = banner.splitlines()
+        assert any(line.startswith("  curl -s -X POST") and line.endswith("\\") for line in lines), banner
+        assert any("Authentication OFF until the first key" in line and "no restart needed" in line
+                   for line in lines), banner
+        assert c_find_through_front(dicom) == 0x0000
+        create = [sys.executable, "-m", "spanner.cli", "keys", "create", "ward", "--role", "query"]
+        made = subprocess.run(create, env=env, capture_output=True, text=True, timeout=60)
+        assert made.returncode == 0 and "Authentication is now ON" in made.stdout, made.stdout + made.stderr
+        key = made.stdout.strip().splitlines()[-1]
+        refused_by = time.monotonic() + 10  # the replica's cache TTL is 1 s here
+        status = 200
+        while status == 200 and time.monotonic() < refused_by:
+            status = httpx.get(f"{url}/api/v1/spans", timeout=10).status_code
+            time.sleep(0.2)
+        assert status == 401, "the first key must turn authentication on without a restart"
+        keyed = httpx.post(f"{url}/api/v1/queries", json={"level": "STUDY", "limit": 3}, timeout=30,
+                           headers={"Authorization": f"Bearer {key}"})
+        assert keyed.status_code == 200
+        assert c_find_through_front(dicom) == 0x0000, "the run's DICOM front has a dicom_front key of its own"
         started = descendants(proc.pid)
         assert started, "spanner run should have started Ray's processes"
         assert off_loopback(started | {proc.pid}) == [], "traffic must stay on loopback"

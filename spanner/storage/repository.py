@@ -8,7 +8,7 @@ is one short transaction; rows never leave it, so nothing lazy-loads after the s
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Collection, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -459,8 +459,7 @@ class Repository:
     # --- API keys ------------------------------------------------------------------------------------
 
     def create_api_key(self, name: str, role: str, prefix: str, key_hash: str) -> ApiKeyOut:
-        if role not in set(ApiRole):
-            raise InvalidConfig(f"role {role!r} is not one of {', '.join(ApiRole)}")
+        _check_role(role)
         if not name or len(name) > 64:
             raise InvalidConfig("an API key's name needs 1 to 64 characters")
         with self._session(write=True) as session:
@@ -484,9 +483,27 @@ class Repository:
                                                          ApiKeyRow.revoked_at.is_(None)))
             return None if row is None else ApiKeyOut.model_validate(row)
 
-    def count_active_api_keys(self) -> int:
+    def put_api_key(self, name: str, role: str, prefix: str, key_hash: str) -> ApiKeyOut:
+        """Create the key ``name`` or give it a new secret (active again if it was revoked): for keys a
+        program holds for itself, such as the one `spanner run` gives its own DICOM front."""
+        _check_role(role)
+        with self._session(write=True) as session:
+            row = session.get(ApiKeyRow, name)
+            if row is None:
+                row = ApiKeyRow(name=name)
+                session.add(row)
+            row.role, row.prefix, row.hash = role, prefix, key_hash
+            row.created_at, row.revoked_at = _now(), None
+            session.flush()
+            return ApiKeyOut.model_validate(row)
+
+    def count_active_api_keys(self, roles: Collection[ApiRole] | None = None) -> int:
+        """Keys not revoked, of ``roles`` only when given."""
+        query = select(func.count()).select_from(ApiKeyRow).where(ApiKeyRow.revoked_at.is_(None))
+        if roles is not None:
+            query = query.where(ApiKeyRow.role.in_([role.value for role in roles]))
         with self._session() as session:
-            return len(session.scalars(select(ApiKeyRow.name).where(ApiKeyRow.revoked_at.is_(None))).all())
+            return int(session.scalar(query) or 0)
 
     def revoke_api_key(self, name: str) -> ApiKeyOut:
         with self._session(write=True) as session:
@@ -582,6 +599,11 @@ def _audit_entry(row: object) -> AuditEntryOut:
                              **common)
     return AuditEntryOut(kind="retrieval", what=dict(row.uids), total=row.completed, nodes=list(row.parts),
                          destination_ae=row.destination_ae, **common)
+
+
+def _check_role(role: str) -> None:
+    if role not in set(ApiRole):
+        raise InvalidConfig(f"role {role!r} is not one of {', '.join(ApiRole)}")
 
 
 # --- helpers (all run inside a session) --------------------------------------------------------------

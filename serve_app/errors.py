@@ -9,6 +9,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
+from serve_app.admission import Overloaded
 from spanner.errors import (
     Conflict,
     InvalidConfig,
@@ -35,6 +36,7 @@ STATUS: list[tuple[type[SpannerError], int]] = [
     (InvalidQuery, 422),
     (InvalidConfig, 422),
     (StorageError, 503),
+    (Overloaded, 503),
 ]
 
 
@@ -47,7 +49,11 @@ def status_for(exc: SpannerError) -> int:
 
 async def _spanner_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, SpannerError)
-    headers = {"WWW-Authenticate": "Bearer"} if isinstance(exc, Unauthenticated) else None
+    headers: dict[str, str] | None = None
+    if isinstance(exc, Unauthenticated):
+        headers = {"WWW-Authenticate": "Bearer"}
+    elif isinstance(exc, Overloaded):
+        headers = {"Retry-After": str(exc.retry_after_s)}
     return JSONResponse({"detail": exc.message}, status_code=status_for(exc), headers=headers)
 
 

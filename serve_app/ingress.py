@@ -31,7 +31,7 @@ for module in (queries, retrievals, nodes, spans, audit, health):
     app.include_router(module.router)
 
 
-@serve.deployment(name="Ingress", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=200)
+@serve.deployment(name="Ingress", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=1000)
 @serve.ingress(app)
 class Ingress:
     def __init__(self, settings: dict[str, Any]) -> None:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from actors import event_relay, registry
+from serve_app.admission import Admission
 from serve_app.api_models import QueryIn
 from serve_app.coordinator import Coordinator
 from serve_app.plan import QueryPlan
@@ -119,6 +120,7 @@ class Services:
         from serve_app.auth import KeyCache  # auth depends on this module for its dependency
 
         self.keys = KeyCache(self.repo, settings.auth_cache_ttl_s)
+        self.admission = Admission(settings.admission_max_active, settings.admission_max_waiting)
         self.janitor = AuditJanitor(self.repo, settings.audit_retention_days)
         self.janitor.purge()  # at start, then at most hourly from the request paths
         self.relay = self._start_relay()

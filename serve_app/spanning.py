@@ -33,7 +33,8 @@ async def run_query(
     if prepared.lookup.answer is not None:
         return await _answer_hit(s, plan, prepared.lookup.answer, requester, audit, started)
 
-    result = await s.coordinator.run(plan)
+    async with s.admission.slot(plan.timeout_s, started) as remaining_s:  # or Overloaded (503)
+        result = await s.coordinator.run(dataclasses.replace(plan, timeout_s=remaining_s))
     query_id = uuid.uuid4().hex
     outcomes = [o.to_json() for o in result.outcomes]
     answer = {

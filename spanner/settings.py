@@ -47,12 +47,25 @@ class Settings(BaseSettings):
     dashboard_host: str = "127.0.0.1"
     dashboard_port: int = Field(default=8265, ge=1, le=65535)
     replicas: int = Field(default=1, ge=1, description="Serve replicas of the HTTP ingress")
-    max_ongoing_requests: int = Field(default=200, ge=1)
+    max_ongoing_requests: int = Field(
+        default=1000, ge=1,
+        description="Requests Serve hands one replica at once; above the admission bounds, so that admission "
+        "(which knows deadlines) decides, not Serve's queue",
+    )
+    admission_max_active: int = Field(
+        default=64, ge=1, le=10000, description="Spanning queries one replica runs at once"
+    )
+    admission_max_waiting: int = Field(
+        default=512, ge=0, le=100000,
+        description="Spanning queries that may wait for a slot per replica; beyond it 503 with Retry-After",
+    )
 
     default_timeout_s: float = Field(default=10.0, gt=0, le=600)
     max_timeout_s: float = Field(default=300.0, gt=0)
     node_grace_s: float = Field(
-        default=2.0, ge=0, description="How long past its deadline a node actor may be silent"
+        default=0.5, ge=0, le=5,
+        description="How long past its deadline a node actor may be silent before it counts as timed out "
+        "(the answer must come within deadline + 1 s, merge and record included)",
     )
     cancel_grace_s: float = Field(
         default=1.0, ge=0, description="After C-CANCEL, wait this long before aborting"

@@ -1,0 +1,140 @@
+"""Admission control: a spanning query is answered by its deadline (+1 s) or refused at once with 503 and
+Retry-After. The slot logic in this process (no Ray), then a Serve app with one slot and a hanging archive."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+
+from serve_app.admission import MIN_RUN_S, Admission, Overloaded
+from spanner.simulator.dataset import generate_fleet
+from spanner.simulator.scp import SimulatedPacs, SimulatorConfig
+from tests.conftest import Api, migrate
+
+
+def test_slots_are_handed_on_in_order_and_the_full_waiting_room_refuses_at_once() -> None:
+    async def scenario() -> list[str]:
+        admission = Admission(max_active=1, max_waiting=1)
+        said: list[str] = []
+
+        async def query(name: str, hold_s: float, timeout_s: float) -> None:
+            arrived = time.monotonic()
+            try:
+                async with admission.slot(timeout_s, arrived) as left:
+                    said.append(f"{name} in with {left:.1f}")
+                    await asyncio.sleep(hold_s)
+            except Overloaded as exc:
+                waited = time.monotonic() - arrived
+                said.append(f"{name} refused after {waited:.1f} retry {exc.retry_after_s}")
+
+        first = asyncio.create_task(query("a", 0.3, 5.0))
+        await asyncio.sleep(0.01)
+        second = asyncio.create_task(query("b", 0.0, 5.0))
+        await asyncio.sleep(0.01)
+        await query("c", 0.0, 5.0)  # the waiting room (1) is taken by b
+        await asyncio.gather(first, second)
+        assert (admission.active, admission.waiting) == (0, 0)
+        return said
+
+    said = asyncio.run(scenario())
+    assert said[0] == "a in with 5.0"
+    assert said[1].startswith("c refused after 0.0 retry 1")
+    assert said[2] == "b in with 4.7"
+
+
+def test_a_waiter_whose_deadline_nears_is_refused_before_it() -> None:
+    async def scenario() -> tuple[float, int]:
+        admission = Admission(max_active=1, max_waiting=4)
+        holder = asyncio.create_task(_hold(admission, 2.0))
+        await asyncio.sleep(0.01)
+        arrived = time.monotonic()
+        with pytest.raises(Overloaded, match="before this query's deadline") as refused:
+            async with admission.slot(1.0, arrived):
+                raise AssertionError("must not run")
+        waited = time.monotonic() - arrived
+        holder.cancel()
+        await asyncio.gather(holder, return_exceptions=True)
+        assert (admission.active, admission.waiting) == (0, 0)
+        return waited, refused.value.retry_after_s
+
+    waited, retry = asyncio.run(scenario())
+    assert 1.0 - MIN_RUN_S - 0.1 <= waited <= 1.0
+    assert retry >= 1
+
+
+async def _hold(admission: Admission, hold_s: float) -> None:
+    async with admission.slot(10.0, time.monotonic()):
+        await asyncio.sleep(hold_s)
+
+
+@pytest.fixture(scope="module")
+def hanging() -> Iterator[SimulatedPacs]:
+    sim = SimulatedPacs(SimulatorConfig(ae_title="HANGPACS", fault="hang"), generate_fleet(8, 1, 3)[0])
+    sim.start()
+    yield sim
+    sim.stop()
+
+
+@pytest.fixture(scope="module")
+def quick() -> Iterator[SimulatedPacs]:
+    sim = SimulatedPacs(SimulatorConfig(ae_title="QUICKPACS"), generate_fleet(9, 1, 3)[0])
+    sim.start()
+    yield sim
+    sim.stop()
+
+
+@pytest.fixture(scope="module")
+def narrow(api: Api, ray_session: str, tmp_path_factory: pytest.TempPathFactory, hanging: SimulatedPacs,
+           quick: SimulatedPacs) -> Iterator[Api]:
+    """An app that runs one spanning query at once and lets one wait."""
+    from ray import serve
+
+    from serve_app.app import AppArgs, build_app
+
+    var_dir = tmp_path_factory.mktemp("admission")
+    url = f"sqlite:///{var_dir}/spanner.db"
+    migrate(url)
+    namespace = f"{ray_session}-admission"
+    settings = dict(api.settings) | {"namespace": namespace, "var_dir": str(var_dir), "database_url": url,
+                                     "admission_max_active": 1, "admission_max_waiting": 1,
+                                     "node_grace_s": 0.5}
+    serve.run(build_app(AppArgs(settings=settings)), name="spanner-admission", route_prefix="/admission")
+    client = Api(f"{api.base_url}/admission", namespace, settings)
+    client.add_node("hang", hanging.port, ae_title="HANGPACS")
+    client.add_node("quick", quick.port, ae_title="QUICKPACS")
+    yield client
+    client.http.close()
+    serve.delete("spanner-admission")
+
+
+def test_under_overload_every_query_is_answered_by_its_deadline_or_refused_at_once(narrow: Api) -> None:
+    timeout_s = 2.0
+    body = {"level": "PATIENT", "filters": {"PatientID": "*"}, "timeout_s": timeout_s}
+
+    def ask(_: int) -> tuple[int, float, dict[str, str], dict[str, object]]:
+        started = time.monotonic()
+        with httpx.Client(base_url=narrow.base_url, timeout=30) as http:
+            response = http.post("/api/v1/queries", json=body, headers={"Cache-Control": "no-cache"})
+        return response.status_code, time.monotonic() - started, dict(response.headers), response.json()
+
+    with ThreadPoolExecutor(6) as pool:
+        answers = list(pool.map(ask, range(6)))
+    statuses = sorted(status for status, *_ in answers)
+    assert all(elapsed <= timeout_s + 1.0 for _, elapsed, _, _ in answers), answers
+    answered = [a for a in answers if a[0] == 200]
+    refused = [a for a in answers if a[0] == 503]
+    assert len(answered) + len(refused) == 6, statuses
+    assert answered, statuses
+    for _, _, _, answer in answered:
+        assert answer["status"] == "partial"
+        by_node = {o["node"]: o["status"] for o in answer["nodes"]}  # type: ignore[union-attr]
+        assert by_node["quick"] == "ok" and by_node["hang"] in ("timeout", "throttled")
+    at_once = [a for a in refused if a[1] < 1.0]
+    assert at_once, "with one slot and one waiting place, some of 6 must be refused at once"
+    for _, _, headers, answer in refused:
+        assert int(headers["retry-after"]) >= 1 and "capacity" in str(answer["detail"])

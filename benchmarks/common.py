@@ -385,7 +385,7 @@ def migrate(url: str) -> None:
 
 
 def _admin_key(url: str) -> str:
-    from serve_app.auth import new_key
+    from spanner.keys import new_key
     from spanner.storage import Repository, make_engine
 
     key, prefix, key_hash = new_key()

@@ -10,8 +10,6 @@ had just seen it. Roles: ``query`` runs queries and retrievals and reads nodes, 
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import secrets
 import threading
 import time
 from dataclasses import dataclass
@@ -20,26 +18,15 @@ from fastapi import Depends, HTTPException, Request
 
 from serve_app.routes import services
 from serve_app.services import Services
+from spanner.keys import hash_key
 from spanner.schemas import ApiKeyOut
 from spanner.storage import Audit, Repository
 
-KEY_PREFIX = "spk_"
-PUBLIC_CHARS = 12  # "spk_" and 8 characters: enough to tell keys apart, useless for guessing
 CACHE_MAX_ENTRIES = 10_000  # wrong keys are cached too; a flood of them must not grow memory unbounded
 CALLING_AE_HEADER = "X-Spanner-Calling-AE"
 PEER_HEADER = "X-Spanner-Peer"
 ANONYMOUS = "anonymous"
 _CHALLENGE = {"WWW-Authenticate": "Bearer"}
-
-
-def new_key() -> tuple[str, str, str]:
-    """A fresh key, its public prefix and its hash (only the last two are stored)."""
-    key = KEY_PREFIX + secrets.token_urlsafe(32)
-    return key, key[:PUBLIC_CHARS], hash_key(key)
-
-
-def hash_key(key: str) -> str:
-    return hashlib.sha256(key.encode()).hexdigest()
 
 
 @dataclass(frozen=True, slots=True)

@@ -100,7 +100,7 @@ def keys_create(
     role: Annotated[str, typer.Option(help="admin (may change nodes and spans, read the audit) or query")],
 ) -> None:
     """Create an API key and print it once: only its hash is stored."""
-    from serve_app.auth import new_key
+    from spanner.keys import new_key
 
     repo = _key_repository()
     key, prefix, key_hash = new_key()

@@ -112,7 +112,7 @@ def timed_runs(call: Callable[[], float | None], runs: int, budget_s: float, min
 
 @dataclass(frozen=True, slots=True)
 class Target:
-    """One target of the issue: ``measured`` against ``limit`` with ``op`` ('<=' or '>=')."""
+    """One benchmark target: ``measured`` against ``limit`` with ``op`` ('<=' or '>=')."""
 
     name: str
     measured: float

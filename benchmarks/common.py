@@ -112,7 +112,7 @@ def timed_runs(call: Callable[[], float | None], runs: int, budget_s: float, min
 
 @dataclass(frozen=True, slots=True)
 class Target:
-    """One target of the issue: ``measured`` against ``limit`` with ``op`` ('<=' or '>=')."""
+    """One benchmark target: ``measured`` against ``limit`` with ``op`` ('<=' or '>=')."""
 
     name: str
     measured: float
@@ -385,7 +385,7 @@ def migrate(url: str) -> None:
 
 
 def _new_key(url: str, name: str, role: str) -> str:
-    from serve_app.auth import new_key
+    from spanner.keys import new_key
     from spanner.storage import Repository, make_engine
 
     key, prefix, key_hash = new_key()
@@ -424,7 +424,7 @@ class SpannerApp:
         from ray import serve
         from ray.serve.config import HTTPOptions
 
-        from cluster.ray_runtime import stay_on_loopback
+        from cluster.ray_internals import local_init_options, stay_on_loopback
         from serve_app.app import AppArgs, build_app
 
         started = time.monotonic()
@@ -436,8 +436,7 @@ class SpannerApp:
         self.headers = {**NO_CACHE, "Authorization": f"Bearer {self.api_key}"}
         stay_on_loopback()
         ray.init(address="local", num_cpus=self.num_cpus, include_dashboard=False, namespace=self.namespace,
-                 log_to_driver=False, _temp_dir=str(self.tmp), logging_level="WARNING",
-                 _node_ip_address="127.0.0.1")
+                 log_to_driver=False, logging_level="WARNING", **local_init_options(temp_dir=str(self.tmp)))
         try:
             serve.start(http_options=HTTPOptions(host="127.0.0.1", port=self.port),
                         logging_config={"enable_access_log": False, "log_level": "WARNING"})
@@ -514,10 +513,10 @@ class SpannerApp:
     # -- processes --------------------------------------------------------------------------------------
     def pids(self) -> dict[str, list[int]]:
         """PIDs by role: node actors, the ingress replica, the HTTP proxy, the rest of Ray's own processes."""
-        import ray
+        from cluster.ray_internals import actor_table, ray_system_pids
 
         groups: dict[str, list[int]] = {"node_actors": [], "ingress": [], "proxy": [], "ray_system": []}
-        for info in ray._private.state.actors().values():
+        for info in actor_table().values():
             if info.get("State") != "ALIVE" or not info.get("Pid"):
                 continue
             cls = str(info.get("ActorClassName", ""))
@@ -529,11 +528,5 @@ class SpannerApp:
                 groups["proxy"].append(int(info["Pid"]))
             else:
                 groups["ray_system"].append(int(info["Pid"]))
-        try:
-            node = ray._private.worker._global_node
-            for infos in node.all_processes.values():
-                for proc_info in infos:
-                    groups["ray_system"].append(int(proc_info.process.pid))
-        except Exception:  # private API: accounting is best effort
-            pass
+        groups["ray_system"] += ray_system_pids()
         return groups

@@ -32,7 +32,7 @@ from benchmarks.common import (
     targets_markdown,
     write_outputs,
 )
-from cluster.ray_runtime import stay_on_loopback
+from cluster.ray_internals import local_init_options, stay_on_loopback
 
 NODES = 16
 PAGE_LIMIT = 1000  # what the API asks for by default (a span's max_results)
@@ -117,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
     results: list[dict[str, Any]] = []
     stay_on_loopback()
     ray.init(address="local", num_cpus=os.cpu_count() or 2, include_dashboard=False, log_to_driver=False,
-             _temp_dir=tmp, logging_level="WARNING", _node_ip_address="127.0.0.1")
+             logging_level="WARNING", **local_init_options(temp_dir=tmp))
     try:
         meta = [(f"node-{i:02d}", 100 + i) for i in range(NODES)]
         warm = generate(2000)

@@ -6,22 +6,8 @@ import os
 
 import ray
 
+from cluster.ray_internals import local_init_options, stay_on_loopback
 from spanner.settings import Settings
-
-LOOPBACK_NODE = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-"""Without this a local Ray's processes still report the machine's interface address as their node IP
-(``_node_ip_address`` reaches only the driver) and connect to one another over it: raylet to GCS, workers
-to the object store. Ray's switch for single-machine platforms makes each of them use 127.0.0.1. Only for
-a local instance: a node of a real cluster must use its own address."""
-
-
-def stay_on_loopback() -> None:
-    """Call before starting a local Ray: the processes it starts inherit the environment, and this
-    process, which read the switch when it imported Ray, gets it set too."""
-    os.environ.update(LOOPBACK_NODE)
-    from ray._private import ray_constants
-
-    ray_constants.ENABLE_RAY_CLUSTER = False
 
 
 def connect(settings: Settings, dashboard: bool = True) -> None:
@@ -42,5 +28,5 @@ def connect(settings: Settings, dashboard: bool = True) -> None:
         dashboard_host=settings.dashboard_host,
         dashboard_port=settings.dashboard_port,
         log_to_driver=False,
-        _node_ip_address="127.0.0.1",
+        **local_init_options(),
     )

@@ -19,8 +19,6 @@ always requires keys.
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import secrets
 import threading
 import time
 from dataclasses import dataclass
@@ -30,11 +28,10 @@ from fastapi import Depends, Request
 from serve_app.errors import Forbidden, Unauthenticated
 from serve_app.routes import services
 from serve_app.services import Services
+from spanner.keys import hash_key
 from spanner.schemas import CLOSING_ROLES, ApiKeyOut, ApiRole
 from spanner.storage import Audit, Repository
 
-KEY_PREFIX = "spk_"
-PUBLIC_CHARS = 12  # "spk_" and 8 characters: enough to tell keys apart, useless for guessing
 CACHE_MAX_ENTRIES = 10_000  # wrong keys are cached too; a flood of them must not grow memory unbounded
 CALLING_AE_HEADER = "X-Spanner-Calling-AE"
 PEER_HEADER = "X-Spanner-Peer"
@@ -42,16 +39,6 @@ ANONYMOUS = "anonymous"
 MISSING_KEY = ("an API key is required: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>' "
                "(an admin creates keys with `spanner keys create NAME --role query`)")
 UNKNOWN_KEY = "the API key is unknown or revoked; ask an admin for a valid one"
-
-
-def new_key() -> tuple[str, str, str]:
-    """A fresh key, its public prefix and its hash (only the last two are stored)."""
-    key = KEY_PREFIX + secrets.token_urlsafe(32)
-    return key, key[:PUBLIC_CHARS], hash_key(key)
-
-
-def hash_key(key: str) -> str:
-    return hashlib.sha256(key.encode()).hexdigest()
 
 
 @dataclass(frozen=True, slots=True)

@@ -15,7 +15,7 @@ spans that the file does not mention are left alone.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +29,8 @@ from spanner.schemas import ALL_SPAN, NodeIn, NodePut, SpanIn, SpanPut, describe
 from spanner.storage.repository import Repository
 
 M = TypeVar("M", bound=BaseModel)
+E = TypeVar("E", NodeIn, SpanIn)
+P = TypeVar("P", NodePut, SpanPut)
 _SECTIONS = ("nodes", "spans")
 
 
@@ -93,26 +95,8 @@ def apply_config(repo: Repository, path: str | os.PathLike[str]) -> ConfigReport
                               f"first")
 
     report = ConfigReport()
-    for index, node in enumerate(config.nodes):
-        where = _where("nodes", index, node.name)
-        put = NodePut.model_validate(node.model_dump(exclude={"name"}))
-        with _blame(config.path, where):
-            try:
-                repo.replace_node(node.name, put)
-                report.replaced.append(f"node {node.name!r}")
-            except NotFound:
-                repo.create_node(node)
-                report.created.append(f"node {node.name!r}")
-    for index, span in enumerate(config.spans):
-        where = _where("spans", index, span.name)
-        span_put = SpanPut.model_validate(span.model_dump(exclude={"name"}))
-        with _blame(config.path, where):
-            try:
-                repo.replace_span(span.name, span_put)
-                report.replaced.append(f"span {span.name!r}")
-            except NotFound:
-                repo.create_span(span)
-                report.created.append(f"span {span.name!r}")
+    _upsert(config.path, "nodes", config.nodes, NodePut, repo.replace_node, repo.create_node, report)
+    _upsert(config.path, "spans", config.spans, SpanPut, repo.replace_span, repo.create_span, report)
     return report
 
 
@@ -123,6 +107,28 @@ def _items(source: Path, document: dict[Any, Any], name: str) -> list[tuple[int,
     if not isinstance(value, list):
         raise ConfigError(f"{source}: '{name}' must be a list of entries, not {type(value).__name__}")
     return list(enumerate(value))
+
+
+def _upsert(
+    path: Path,
+    section: str,
+    entries: Sequence[E],
+    put_model: type[P],
+    replace: Callable[[str, P], object],
+    create: Callable[[E], object],
+    report: ConfigReport,
+) -> None:
+    """Replace each entry of one section, or create it where the database has none of that name."""
+    kind = section.removesuffix("s")
+    for index, entry in enumerate(entries):
+        put = put_model.model_validate(entry.model_dump(exclude={"name"}))
+        with _blame(path, _where(section, index, entry.name)):
+            try:
+                replace(entry.name, put)
+                report.replaced.append(f"{kind} {entry.name!r}")
+            except NotFound:
+                create(entry)
+                report.created.append(f"{kind} {entry.name!r}")
 
 
 def _where(section: str, index: int, name: object) -> str:

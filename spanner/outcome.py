@@ -1,4 +1,5 @@
-"""One node's answer to one query: a value, never an exception (shared/GUIDE.md: outcome)."""
+"""One node's answer to one query: a value, never an exception, so that one failing archive cannot fail
+the spanning query it is part of."""
 
 from __future__ import annotations
 

@@ -30,7 +30,8 @@ class InformationModel(StrEnum):
     STUDY_ROOT = "study_root"
 
 
-# The attributes that identify one entity at each level (shared/GUIDE.md: identity key).
+# The identity key: the attributes that identify one entity at each level, so that copies of it held by
+# several archives merge into one match.
 IDENTITY_KEYS: dict[Level, tuple[str, ...]] = {
     Level.PATIENT: ("PatientID", "IssuerOfPatientID"),
     Level.STUDY: ("StudyInstanceUID",),

@@ -28,7 +28,7 @@ def ray_session() -> Iterator[str]:
     """One local Ray instance for the whole session (never joins a running cluster); yields its namespace."""
     import ray
 
-    from cluster.ray_runtime import stay_on_loopback
+    from cluster.ray_internals import local_init_options, stay_on_loopback
 
     stay_on_loopback()
     tmp = tempfile.mkdtemp(prefix="spanner-ray-")
@@ -40,8 +40,7 @@ def ray_session() -> Iterator[str]:
         include_dashboard=False,
         namespace=namespace,
         log_to_driver=False,
-        _temp_dir=tmp,
-        _node_ip_address="127.0.0.1",  # Ray would pick the machine's interface address; stay on loopback
+        **local_init_options(temp_dir=tmp),
     )
     yield namespace
     ray.shutdown()

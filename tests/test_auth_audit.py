@@ -15,11 +15,11 @@ from pydicom.dataset import Dataset
 from pynetdicom import AE
 from typer.testing import CliRunner
 
+from cli.main import app as cli
 from scp import translate
 from scp.server import SpannerScp
-from serve_app.auth import new_key
 from serve_app.services import AuditJanitor
-from spanner.cli import app as cli
+from spanner.keys import new_key
 from spanner.settings import get_settings, load_settings
 from spanner.simulator.dataset import generate_fleet
 from spanner.simulator.scp import SimulatedPacs, SimulatorConfig

@@ -7,7 +7,7 @@ from collections.abc import Iterator
 import pytest
 from typer.testing import CliRunner
 
-from spanner.cli import app
+from cli.main import app
 from spanner.simulator.dataset import generate_fleet
 from spanner.simulator.scp import SimulatedPacs, SimulatorConfig
 from tests.conftest import Api

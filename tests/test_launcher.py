@@ -96,7 +96,7 @@ def test_spanner_run_serves_the_demo_fleet_and_ctrl_c_leaves_nothing(tmp_path: P
     env.pop("RAY_ADDRESS", None)
     log = (tmp_path / "run.log").open("w")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "spanner.cli", "run"],
+        [sys.executable, "-m", "cli.main", "run"],
         env=env,
         stdout=log,
         stderr=subprocess.STDOUT,

@@ -14,9 +14,9 @@ import pytest
 from sqlalchemy import Engine, inspect, text
 from typer.testing import CliRunner
 
+from cli.main import app
 from cluster.launcher import prepare_database
 from serve_app.services import Services
-from spanner.cli import app
 from spanner.errors import ConfigError
 from spanner.schemas import NodeIn
 from spanner.settings import get_settings, load_settings

@@ -173,8 +173,8 @@ def test_a_dul_waiting_on_a_slow_archive_sleeps_on_its_socket(monkeypatch: pytes
 def test_an_association_the_archive_aborts_is_not_released_but_dropped_at_once() -> None:
     """Against an archive that aborts after its first match, every query ends ``aborted`` at once.
 
-    Releasing such an association waited the whole ACSE timeout for an answer that cannot come, and
-    the node answered ``timeout`` at its deadline instead (5 queries in 25 before the fix).
+    Releasing such an association would wait the whole ACSE timeout for an answer that cannot come, and
+    the node would answer ``timeout`` at its deadline instead of ``aborted``.
     """
     import asyncio
 

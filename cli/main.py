@@ -109,7 +109,7 @@ def keys_create(
                                            "queries and retrievals naming the DICOM caller)")],
 ) -> None:
     """Create an API key and print it once: only its hash is stored."""
-    from serve_app.auth import new_key
+    from spanner.keys import new_key
     from spanner.schemas import CLOSING_ROLES
     from spanner.settings import get_settings
 

@@ -1,0 +1,1 @@
+"""The `spanner` command line: sits on top of every other package and is imported by none."""

@@ -1,10 +1,8 @@
 """API keys and roles as FastAPI dependencies, attached per router or route.
 
-A key is ``spk_`` + 43 URL-safe characters (32 random bytes); only its SHA-256 is stored. Each replica
-keeps what it looked up (found or not) for ``auth_cache_ttl_s`` seconds, so a query pays no database
-round trip for its key; a revoked key therefore keeps working for at most that long on a replica that
-had just seen it. Roles: ``query`` runs queries and retrievals and reads nodes, spans and records;
-``admin`` may also change nodes and spans and read the audit trail.
+A key is ``spk_`` + 43 URL-safe characters (32 random bytes); only its SHA-256 is stored; lookups are
+cached per replica (serve_app.keys). Roles: ``query`` runs queries and retrievals and reads nodes,
+spans and records; ``admin`` may also change nodes and spans and read the audit trail.
 """
 
 from __future__ import annotations
@@ -12,20 +10,16 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import secrets
-import threading
-import time
 from dataclasses import dataclass
 
 from fastapi import Depends, HTTPException, Request
 
-from serve_app.routes import services
+from serve_app.deps import services
 from serve_app.services import Services
-from spanner.schemas import ApiKeyOut
-from spanner.storage import Audit, Repository
+from spanner.storage import Audit
 
 KEY_PREFIX = "spk_"
 PUBLIC_CHARS = 12  # "spk_" and 8 characters: enough to tell keys apart, useless for guessing
-CACHE_MAX_ENTRIES = 10_000  # wrong keys are cached too; a flood of them must not grow memory unbounded
 CALLING_AE_HEADER = "X-Spanner-Calling-AE"
 PEER_HEADER = "X-Spanner-Peer"
 ANONYMOUS = "anonymous"
@@ -49,32 +43,6 @@ class Principal:
     name: str
     role: str
     authenticated: bool
-
-
-class KeyCache:
-    """Key lookups by hash, kept ``ttl_s`` seconds per replica (misses too)."""
-
-    def __init__(self, repo: Repository, ttl_s: float) -> None:
-        self._repo = repo
-        self._ttl_s = ttl_s
-        self._entries: dict[str, tuple[float, ApiKeyOut | None]] = {}
-        self._lock = threading.Lock()
-
-    def cached(self, key_hash: str) -> tuple[bool, ApiKeyOut | None]:
-        with self._lock:
-            entry = self._entries.get(key_hash)
-        if entry is None or entry[0] <= time.monotonic():
-            return False, None
-        return True, entry[1]
-
-    def lookup(self, key_hash: str) -> ApiKeyOut | None:
-        """From the database (call in a thread), then cached."""
-        found = self._repo.active_api_key(key_hash)
-        with self._lock:
-            if len(self._entries) >= CACHE_MAX_ENTRIES:
-                self._entries.clear()
-            self._entries[key_hash] = (time.monotonic() + self._ttl_s, found)
-        return found
 
 
 def presented_key(request: Request) -> str | None:

@@ -15,7 +15,7 @@ from typing import Any, cast
 
 import ray
 
-from spanner.merge import Dedup, MergedMatch, merge_top, page, page_heads, page_stop, split
+from spanner.merge import MergedMatch, MergeSpec, merge_top, page, page_heads, split
 from spanner.packed import Packed
 from spanner.query import Level
 
@@ -32,28 +32,24 @@ def _copies(
 
 
 @ray.remote(num_cpus=1)
-def merge_task(
-    level: Level, dedup: Dedup, nodes_meta: list[NodeMeta], *matches_lists: Packed
-) -> list[MergedMatch]:
-    """Merged matches of one partition, sorted; the i-th matches list belongs to nodes_meta[i]."""
-    return merge_top(level, dedup, _copies(nodes_meta, matches_lists))[1]
+def merge_task(spec: MergeSpec, nodes_meta: list[NodeMeta], *matches_lists: Packed) -> list[MergedMatch]:
+    """Every merged match of one partition, sorted (the page is not applied); the i-th matches list
+    belongs to nodes_meta[i]."""
+    return merge_top(spec.level, spec.dedup, _copies(nodes_meta, matches_lists))[1]
 
 
 @ray.remote(num_cpus=1)
 def merge_head_task(
-    level: Level, dedup: Dedup, nodes_meta: list[NodeMeta], offset: int, limit: int | None,
-    *matches_lists: Packed,
+    spec: MergeSpec, nodes_meta: list[NodeMeta], *matches_lists: Packed
 ) -> tuple[int, list[MergedMatch]]:
     """Like merge_task, but returns (size, first offset+limit matches): a page never needs more."""
-    return merge_top(level, dedup, _copies(nodes_meta, matches_lists), page_stop(offset, limit))
+    return merge_top(spec.level, spec.dedup, _copies(nodes_meta, matches_lists), spec.stop)
 
 
 @ray.remote(num_cpus=1)
-def page_heads_task(
-    level: Level, offset: int, limit: int | None, *heads: tuple[int, list[MergedMatch]]
-) -> tuple[int, list[MergedMatch]]:
+def page_heads_task(spec: MergeSpec, *heads: tuple[int, list[MergedMatch]]) -> tuple[int, list[MergedMatch]]:
     """Total and the requested slice from the heads of the sorted partitions."""
-    return page_heads(level, heads, offset, limit)
+    return page_heads(spec.level, heads, spec.offset, spec.limit)
 
 
 @ray.remote(num_cpus=1)
@@ -65,56 +61,43 @@ def split_task(level: Level, partitions: int, matches: Packed) -> list[Packed]:
 
 
 @ray.remote(num_cpus=1)
-def page_task(
-    level: Level, offset: int, limit: int | None, *sorted_partitions: list[MergedMatch]
-) -> tuple[int, list[MergedMatch]]:
+def page_task(spec: MergeSpec, *sorted_partitions: list[MergedMatch]) -> tuple[int, list[MergedMatch]]:
     """Total and the requested slice of the merged, sorted partitions."""
-    return page(level, sorted_partitions, offset, limit)
+    return page(spec.level, sorted_partitions, spec.offset, spec.limit)
 
 
 def merge_refs(
-    level: Level,
-    dedup: Dedup,
+    spec: MergeSpec,
     nodes_meta: Sequence[NodeMeta],
     matches_refs: Sequence[ray.ObjectRef[Packed]],
+    *,
     partitions: int,
-    offset: int,
-    limit: int | None,
 ) -> PageRef:
     """Build the merge graph and return the ref of (total, page) at once; the caller may await it."""
     if len(nodes_meta) != len(matches_refs):
         raise ValueError(f"{len(nodes_meta)} nodes but {len(matches_refs)} matches refs")
     if partitions < 1:
         raise ValueError(f"partitions must be at least 1, not {partitions}")
-    page_stop(offset, limit)  # refuses a negative offset or limit before any task starts
-    level, dedup, meta = Level(level), Dedup(dedup), [(str(node), int(prio)) for node, prio in nodes_meta]
+    meta = [(str(node), int(prio)) for node, prio in nodes_meta]
     # Ray's stubs type neither *args nor num_returns > 1; the graph is checked by tests/test_merge_tasks.py.
     # Merge tasks ship only the head of their partition a page can draw from (merge_head_task): sending
     # whole partitions to the page task cost more in (de)serialisation than the merge itself.
     merge_remote = cast(Any, merge_head_task).remote
     page_remote = cast(Any, page_heads_task).remote
     if partitions == 1:
-        merged = merge_remote(level, dedup, meta, offset, limit, *matches_refs)
-        return cast(PageRef, page_remote(level, offset, limit, merged))
+        merged = merge_remote(spec, meta, *matches_refs)
+        return cast(PageRef, page_remote(spec, merged))
     split_remote = cast(Any, split_task).options(num_returns=partitions).remote
     splits: list[list[ray.ObjectRef[Packed]]] = [
-        split_remote(level, partitions, ref) for ref in matches_refs
+        split_remote(spec.level, partitions, ref) for ref in matches_refs
     ]
-    heads = [
-        merge_remote(level, dedup, meta, offset, limit, *[node_parts[i] for node_parts in splits])
-        for i in range(partitions)
-    ]
-    return cast(PageRef, page_remote(level, offset, limit, *heads))
+    heads = [merge_remote(spec, meta, *[node_parts[i] for node_parts in splits]) for i in range(partitions)]
+    return cast(PageRef, page_remote(spec, *heads))
 
 
 def merge_inline(
-    level: Level,
-    dedup: Dedup,
-    nodes_meta: Sequence[NodeMeta],
-    matches_lists: Sequence[Packed],
-    offset: int,
-    limit: int | None,
+    spec: MergeSpec, nodes_meta: Sequence[NodeMeta], matches_lists: Sequence[Packed]
 ) -> tuple[int, list[MergedMatch]]:
     """The same result as merge_refs, in this process: cheaper than tasks for small answers."""
-    total, top = merge_top(level, dedup, _copies(nodes_meta, matches_lists), page_stop(offset, limit))
-    return total, top[offset:]
+    total, top = merge_top(spec.level, spec.dedup, _copies(nodes_meta, matches_lists), spec.stop)
+    return total, top[spec.offset:]

@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     import ray
 
     from actors.merge_tasks import merge_inline, merge_refs
-    from spanner.merge import Dedup
+    from spanner.merge import Dedup, MergeSpec
     from spanner.packed import pack
     from spanner.query import Level
 
@@ -120,10 +120,11 @@ def main(argv: list[str] | None = None) -> int:
              logging_level="WARNING", **local_init_options(temp_dir=tmp))
     try:
         meta = [(f"node-{i:02d}", 100 + i) for i in range(NODES)]
+        spec = MergeSpec(Level.IMAGE, Dedup.MERGE_ALL, 0, PAGE_LIMIT)
         warm = generate(2000)
         warm_refs = [ray.put(pack(Level.IMAGE, lst)) for lst in warm]
         for partitions in (1, 4):  # start the task workers before anything is timed
-            ray.get(merge_refs(Level.IMAGE, Dedup.MERGE_ALL, meta, warm_refs, partitions, 0, PAGE_LIMIT))
+            ray.get(merge_refs(spec, meta, warm_refs, partitions=partitions))
         del warm, warm_refs
         for m in args.sizes:
             t0 = time.perf_counter()
@@ -146,11 +147,10 @@ def main(argv: list[str] | None = None) -> int:
                     gc.collect()
                     t0 = time.perf_counter()
                     if method == "inline":
-                        total, page = merge_inline(Level.IMAGE, Dedup.MERGE_ALL, meta, packs, 0, PAGE_LIMIT)
+                        total, page = merge_inline(spec, meta, packs)
                     else:
                         partitions = int(method[-1])
-                        total, page = ray.get(merge_refs(Level.IMAGE, Dedup.MERGE_ALL, meta, refs, partitions,
-                                                         0, PAGE_LIMIT))
+                        total, page = ray.get(merge_refs(spec, meta, refs, partitions=partitions))
                     samples.append((time.perf_counter() - t0) * 1000.0)
                     if merged_total is not None and total != merged_total:
                         raise RuntimeError(f"{method} merged {total} entities, another method {merged_total}")

@@ -93,7 +93,7 @@ def keys_required(settings: Settings) -> bool:
 def give_front_a_key(settings: Settings) -> Settings:
     """The run's DICOM front gets a dicom_front key of its own (when SPANNER_SCP_API_KEY is unset), so it
     keeps working when keys are, or become, required."""
-    from serve_app.auth import new_key
+    from spanner.keys import new_key
     from spanner.schemas import ApiRole
 
     key, prefix, key_hash = new_key()

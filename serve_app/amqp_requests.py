@@ -39,11 +39,11 @@ from pika.adapters.blocking_connection import BlockingChannel
 from pika.spec import Basic
 from pydantic import ValidationError
 
-from serve_app import spanning
 from serve_app.api_models import QueryIn
 from serve_app.auth import principal_of
 from serve_app.errors import describe_problems, status_for
 from serve_app.services import Services
+from serve_app.usecases import query
 from spanner.amqp import (
     CONTENT_TYPE,
     ERROR_HEADER,
@@ -84,7 +84,7 @@ async def answer(s: Services, request: AmqpRequest) -> tuple[dict[str, Any], int
     principal = await principal_of(s, request.api_key)
     audit = Audit(principal=principal.name, channel="amqp", client=request.user_id)
     requester = f"amqp:{principal.name}" + (f" ({request.app_id})" if request.app_id else "")
-    return await spanning.run_query(s, request.query, audit, requester, read_cache=not request.no_cache)
+    return await query.run_query(s, request.query, audit, requester, read_cache=not request.no_cache)
 
 
 class Malformed(Exception):

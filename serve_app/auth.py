@@ -1,11 +1,9 @@
 """API keys and roles as FastAPI dependencies, attached per router or route.
 
-A key is ``spk_`` + 43 URL-safe characters (32 random bytes); only its SHA-256 is stored. Each replica
-keeps what it looked up (found or not) for ``auth_cache_ttl_s`` seconds, so a query pays no database
-round trip for its key; a revoked key therefore keeps working for at most that long on a replica that
-had just seen it. Roles (spanner.schemas.ApiRole): ``query`` runs queries and retrievals and reads
-nodes, spans and records; ``admin`` may also change nodes and spans and read the audit trail;
-``dicom_front`` may do what ``query`` may and is the only role whose requests may name a DICOM caller
+A key is ``spk_`` + 43 URL-safe characters (32 random bytes); only its SHA-256 is stored; lookups are
+cached per replica (serve_app.keys). Roles (spanner.schemas.ApiRole): ``query`` runs queries and
+retrievals and reads nodes, spans and records; ``admin`` may also change nodes and spans and read
+the audit trail; ``dicom_front`` may do what ``query`` may and is the only role whose requests may name a DICOM caller
 (``X-Spanner-Calling-AE`` / ``X-Spanner-Peer``): the audit records the key that asked and, apart from it,
 the caller the front asserted.
 
@@ -19,20 +17,17 @@ always requires keys.
 from __future__ import annotations
 
 import asyncio
-import threading
-import time
 from dataclasses import dataclass
 
 from fastapi import Depends, Request
 
+from serve_app.deps import services
 from serve_app.errors import Forbidden, Unauthenticated
-from serve_app.routes import services
 from serve_app.services import Services
 from spanner.keys import hash_key
-from spanner.schemas import CLOSING_ROLES, ApiKeyOut, ApiRole
-from spanner.storage import Audit, Repository
+from spanner.schemas import ApiRole
+from spanner.storage import Audit
 
-CACHE_MAX_ENTRIES = 10_000  # wrong keys are cached too; a flood of them must not grow memory unbounded
 CALLING_AE_HEADER = "X-Spanner-Calling-AE"
 PEER_HEADER = "X-Spanner-Peer"
 ANONYMOUS = "anonymous"
@@ -51,44 +46,6 @@ class Principal:
 
 
 OPEN = Principal(ANONYMOUS, ApiRole.ADMIN, authenticated=False)
-
-
-class KeyCache:
-    """Key lookups by hash, kept ``ttl_s`` seconds per replica (misses too)."""
-
-    def __init__(self, repo: Repository, ttl_s: float) -> None:
-        self._repo = repo
-        self._ttl_s = ttl_s
-        self._entries: dict[str, tuple[float, ApiKeyOut | None]] = {}
-        self._closing: tuple[float, bool] = (0.0, False)
-        self._lock = threading.Lock()
-
-    def cached(self, key_hash: str) -> tuple[bool, ApiKeyOut | None]:
-        with self._lock:
-            entry = self._entries.get(key_hash)
-        if entry is None or entry[0] <= time.monotonic():
-            return False, None
-        return True, entry[1]
-
-    def lookup(self, key_hash: str) -> ApiKeyOut | None:
-        """From the database (call in a thread), then cached."""
-        found = self._repo.active_api_key(key_hash)
-        with self._lock:
-            if len(self._entries) >= CACHE_MAX_ENTRIES:
-                self._entries.clear()
-            self._entries[key_hash] = (time.monotonic() + self._ttl_s, found)
-        return found
-
-    async def closing_keys_exist(self) -> bool:
-        """Whether an active admin or query key exists, looked up at most once per ``ttl_s``."""
-        with self._lock:
-            expires, exist = self._closing
-        if expires > time.monotonic():
-            return exist
-        exist = await asyncio.to_thread(self._repo.count_active_api_keys, CLOSING_ROLES) > 0
-        with self._lock:
-            self._closing = (time.monotonic() + self._ttl_s, exist)
-        return exist
 
 
 def presented_key(request: Request) -> str | None:

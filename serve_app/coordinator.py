@@ -18,9 +18,10 @@ from actors import registry
 from actors.merge_tasks import merge_inline, merge_refs
 from actors.registry import NodeHandle
 from serve_app.plan import QueryPlan
-from spanner.merge import Dedup, MergedMatch
+from spanner.merge import MergedMatch, MergeSpec
 from spanner.nodespec import ActorTuning, NodeSpec
 from spanner.outcome import NodeOutcome, OutcomeStatus
+from spanner.schemas import FailureStrategy
 
 
 @dataclass(slots=True)
@@ -79,7 +80,7 @@ class Coordinator:
         status, why = _status(plan, outcomes, ok)
         reason = reason or why
         total, page = 0, list[MergedMatch]()
-        if not (status == "failed" and plan.failure_strategy == "fail_fast"):
+        if not (status == "failed" and plan.failure_strategy is FailureStrategy.FAIL_FAST):
             total, page = await self._merge(plan, results)
         return SpanResult(
             status, total, page, outcomes, round((time.monotonic() - started) * 1000, 2), reason
@@ -108,9 +109,11 @@ class Coordinator:
                 results[outcome.node] = (outcome, ref)
                 if outcome.status is not OutcomeStatus.OK:
                     failed += 1
-                    if plan.failure_strategy == "fail_fast" and reason is None:
+                    if plan.failure_strategy is FailureStrategy.FAIL_FAST and reason is None:
                         reason = f"fail_fast: node {outcome.node} answered {outcome.status.value}"
-            impossible = plan.failure_strategy == "minimum" and len(tasks) - failed < plan.minimum_nodes
+            impossible = (
+                plan.failure_strategy is FailureStrategy.MINIMUM and len(tasks) - failed < plan.minimum_nodes
+            )
             if impossible and reason is None:
                 reason = f"minimum: fewer than {plan.minimum_nodes} nodes can still answer ok"
             if reason is not None:
@@ -182,26 +185,23 @@ class Coordinator:
         holders.sort(key=lambda item: (by_name[item[0]].priority, item[0]))
         meta = [(name, by_name[name].priority) for name, _, _ in holders]
         refs = [ref for _, _, ref in holders]
-        limit = plan.limit
+        spec = MergeSpec(plan.query.level, plan.dedup, plan.offset, plan.limit)
         if sum(outcome.matches for _, outcome, _ in holders) <= self._inline_max:
             lists = list(await asyncio.gather(*refs)) if refs else []
-            level, dedup = plan.query.level, Dedup(plan.dedup)
             if len(lists) <= 1 or sum(map(len, lists)) < 500:
-                return merge_inline(level, dedup, meta, lists, plan.offset, limit)
+                return merge_inline(spec, meta, lists)
             # Off the event loop: the replica keeps serving other requests while it merges.
-            return await asyncio.to_thread(merge_inline, level, dedup, meta, lists, plan.offset, limit)
-        level, dedup = plan.query.level, Dedup(plan.dedup)
-        ref = merge_refs(level, dedup, meta, refs, self._partitions, plan.offset, limit)
-        total, page = await ref
+            return await asyncio.to_thread(merge_inline, spec, meta, lists)
+        total, page = await merge_refs(spec, meta, refs, partitions=self._partitions)
         return total, page
 
 
 def _status(plan: QueryPlan, outcomes: list[NodeOutcome], ok: int) -> tuple[str, str | None]:
     if ok == len(outcomes):
         return "success", None
-    if plan.failure_strategy == "fail_fast":
+    if plan.failure_strategy is FailureStrategy.FAIL_FAST:
         return "failed", "fail_fast: not every node answered ok"
-    if plan.failure_strategy == "minimum":
+    if plan.failure_strategy is FailureStrategy.MINIMUM:
         if ok < plan.minimum_nodes:
             return "failed", f"minimum: {ok} of the {plan.minimum_nodes} nodes required answered ok"
         return "partial", None

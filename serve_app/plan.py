@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from spanner.merge import Dedup
 from spanner.nodespec import NodeSpec
 from spanner.query import NodeQuery
+from spanner.schemas import FailureStrategy
 
 
 @dataclass(frozen=True, slots=True)
@@ -14,9 +16,9 @@ class QueryPlan:
     span: str
     nodes: tuple[NodeSpec, ...]
     timeout_s: float
-    failure_strategy: str  # best_effort | fail_fast | minimum
+    failure_strategy: FailureStrategy
     minimum_nodes: int
-    dedup: str  # merge_all | first_wins | most_complete
+    dedup: Dedup
     limit: int
     offset: int
 

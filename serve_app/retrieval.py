@@ -17,6 +17,7 @@ from serve_app.coordinator import Coordinator
 from serve_app.plan import QueryPlan
 from spanner.nodespec import NodeSpec
 from spanner.query import Level, MoveQuery, NodeQuery
+from spanner.schemas import Dedup, FailureStrategy
 
 # C-MOVE final statuses (PS3.4 C.4.2.1.5)
 SUCCESS, WARNING_FAILURES, DESTINATION_UNKNOWN, UNABLE = 0x0000, 0xB000, 0xA801, 0xC000
@@ -84,9 +85,9 @@ class Retriever:
             span="",
             nodes=tuple(nodes),
             timeout_s=self._lookup_timeout_s,
-            failure_strategy="best_effort",
+            failure_strategy=FailureStrategy.BEST_EFFORT,
             minimum_nodes=1,
-            dedup="merge_all",
+            dedup=Dedup.MERGE_ALL,
             limit=100_000,
             offset=0,
         )

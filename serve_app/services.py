@@ -1,53 +1,27 @@
-"""What a Serve replica holds: settings, the repository, the coordinator; and query planning."""
+"""What a Serve replica holds: settings, the repository, the cache, the coordinator, the node actors."""
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from actors import event_relay, registry
 from serve_app.admission import Admission
-from serve_app.api_models import QueryIn
 from serve_app.coordinator import Coordinator
-from serve_app.plan import QueryPlan
+from serve_app.keys import KeyCache
 from serve_app.retrieval import Retriever
-from spanner.cache import NO_LOOKUP, Lookup, QueryIdentity, make_cache
+from spanner.cache import make_cache
 from spanner.config_file import apply_config
-from spanner.errors import InvalidQuery, NotFound, SpannerError
+from spanner.errors import NotFound, SpannerError
 from spanner.nodespec import ActorTuning, NodeSpec
-from spanner.query import NodeQuery, normalise_filters, normalise_return_keys
-from spanner.schemas import ALL_SPAN, NodeOut, SpanOut
+from spanner.schemas import NodeOut
 from spanner.settings import Settings
 from spanner.storage import Repository, make_engine, require_current_schema
 
 log = logging.getLogger("spanner.serve")
-
-
-@dataclass(frozen=True, slots=True)
-class PreparedQuery:
-    plan: QueryPlan
-    cache_ttl_s: int
-    lookup: Lookup
-
-
-def cache_identity(plan: QueryPlan) -> QueryIdentity:
-    return QueryIdentity(
-        span=plan.span,
-        nodes=tuple(dataclasses.asdict(spec) for spec in plan.nodes),
-        level=plan.query.level.value,
-        filters=plan.query.filters,
-        return_keys=plan.query.return_keys,
-        dedup=plan.dedup,
-        limit=plan.limit,
-        offset=plan.offset,
-        failure_strategy=plan.failure_strategy,
-        minimum_nodes=plan.minimum_nodes,
-    )
 
 
 class AuditJanitor:
@@ -117,8 +91,6 @@ class Services:
             settings.merge_partitions,
         )
         self.retriever = Retriever(self.coordinator, lookup_timeout_s=settings.default_timeout_s)
-        from serve_app.auth import KeyCache  # auth depends on this module for its dependency
-
         self.keys = KeyCache(self.repo, settings.auth_cache_ttl_s)
         self.admission = Admission(settings.admission_max_active, settings.admission_max_waiting)
         self.janitor = AuditJanitor(self.repo, settings.audit_retention_days)
@@ -190,63 +162,3 @@ class Services:
                 registry.ensure(self.spec_for(node), self.tuning, self.settings.namespace)
             else:
                 registry.stop(node.name, self.settings.namespace)
-
-    # -- planning -------------------------------------------------------------------------------------
-    def span_specs(self, span: str, only: list[str] | None) -> list[NodeSpec]:
-        """The enabled nodes of ``span`` (narrowed to ``only``), best priority first; 404/422 otherwise."""
-        members = self.repo.span_nodes(span)  # NotFound for an unknown span
-        if only is not None:
-            names = {n.name for n in members}
-            unknown = sorted(set(only) - names)
-            if unknown:
-                raise InvalidQuery(
-                    f"nodes {', '.join(unknown)} are not enabled nodes of span {span!r}; "
-                    f"it has: {', '.join(sorted(names)) or 'none'}"
-                )
-            members = [n for n in members if n.name in set(only)]
-        if not members:
-            hint = "add one with POST /api/v1/nodes" if span == ALL_SPAN else "enable or add its nodes"
-            raise InvalidQuery(f"span {span!r} has no enabled node to query; {hint}")
-        return [self.spec_for(n) for n in members]
-
-    def plan(self, q: QueryIn) -> QueryPlan:
-        return self._plan(q)[0]
-
-    def prepare_query(self, q: QueryIn, *, read_cache: bool = True) -> PreparedQuery:
-        """The plan and, when the span caches, the cache key and any cached answer (one thread hop)."""
-        plan, span = self._plan(q)
-        if span.cache_ttl_s <= 0:
-            return PreparedQuery(plan, 0, NO_LOOKUP)
-        return PreparedQuery(plan, span.cache_ttl_s, self.cache.lookup(cache_identity(plan), read=read_cache))
-
-    def _plan(self, q: QueryIn) -> tuple[QueryPlan, SpanOut]:
-        span = self.repo.get_span(q.span)
-        members = self.span_specs(q.span, q.nodes)
-        timeout = q.timeout_s if q.timeout_s is not None else span.timeout_s
-        if timeout > self.settings.max_timeout_s:
-            raise InvalidQuery(
-                f"timeout_s {timeout:g} is above the limit of {self.settings.max_timeout_s:g} s"
-            )
-        strategy = (q.failure_strategy or span.failure_strategy).value
-        minimum = q.minimum_nodes or span.minimum_nodes or 1
-        if strategy == "minimum" and minimum > len(members):
-            raise InvalidQuery(f"minimum_nodes {minimum} is more than the {len(members)} node(s) queried")
-        limit = q.limit if q.limit is not None else span.max_results
-        if limit > span.max_results:
-            raise InvalidQuery(
-                f"limit {limit} is above span {q.span!r}'s max_results of {span.max_results}; "
-                "page with offset"
-            )
-        query = NodeQuery(q.level, normalise_filters(q.filters), normalise_return_keys(q.return_keys))
-        plan = QueryPlan(
-            query=query,
-            span=q.span,
-            nodes=tuple(members),
-            timeout_s=timeout,
-            failure_strategy=strategy,
-            minimum_nodes=minimum,
-            dedup=(q.dedup or span.dedup).value,
-            limit=limit,
-            offset=q.offset,
-        )
-        return plan, span

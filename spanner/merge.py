@@ -16,6 +16,7 @@ import itertools
 import json
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from enum import StrEnum
 from functools import partial
 from typing import Any, TypedDict
@@ -39,6 +40,25 @@ class Dedup(StrEnum):
     MERGE_ALL = "merge_all"
     FIRST_WINS = "first_wins"
     MOST_COMPLETE = "most_complete"
+
+
+@dataclass(frozen=True, slots=True)
+class MergeSpec:
+    """What a merge is asked besides the answers: the level, the de-duplication rule and the page."""
+
+    level: Level
+    dedup: Dedup
+    offset: int = 0
+    limit: int | None = None
+    """None: every merged match from ``offset`` on."""
+
+    def __post_init__(self) -> None:
+        page_stop(self.offset, self.limit)  # a negative offset or limit is refused before any work
+
+    @property
+    def stop(self) -> int | None:
+        """How many merged matches, in order, the page draws from."""
+        return page_stop(self.offset, self.limit)
 
 
 class MergedMatch(TypedDict):

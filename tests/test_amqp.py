@@ -19,8 +19,8 @@ import pika
 import pytest
 
 from serve_app.amqp_requests import AmqpRequest, RequestConsumer
-from serve_app.auth import new_key
 from spanner.errors import StorageError
+from spanner.keys import new_key
 from spanner.settings import load_settings
 from spanner.simulator.dataset import generate_fleet
 from spanner.simulator.scp import SimulatedPacs, SimulatorConfig

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from actors.merge_tasks import NodeMeta, merge_inline, merge_refs, merge_task, page_task, split_task
-from spanner.merge import Dedup, MergedMatch
+from spanner.merge import Dedup, MergedMatch, MergeSpec
 from spanner.outcome import DicomJson
 from spanner.packed import Packed, identity_key, pack
 from spanner.query import Level
@@ -75,9 +75,9 @@ def test_merge_refs_equals_merge_inline(
     small: Small, partitions: int, dedup: Dedup
 ) -> None:
     meta, lists, refs = small
-    expected = merge_inline(Level.IMAGE, dedup, meta, lists, 0, None)
+    expected = merge_inline(MergeSpec(Level.IMAGE, dedup), meta, lists)
     assert expected[0] == len(expected[1]) > 2000
-    assert run(merge_refs(Level.IMAGE, dedup, meta, refs, partitions, 0, None)) == expected
+    assert run(merge_refs(MergeSpec(Level.IMAGE, dedup), meta, refs, partitions=partitions)) == expected
 
 
 @pytest.mark.parametrize("partitions", [1, 4])
@@ -86,30 +86,32 @@ def test_merge_refs_equals_merge_inline(
 )
 def test_offset_limit_and_total(small: Small, partitions: int, offset: int, limit: int | None) -> None:
     meta, lists, refs = small
-    total, everything = merge_inline(Level.IMAGE, Dedup.MERGE_ALL, meta, lists, 0, None)
+    total, everything = merge_inline(MergeSpec(Level.IMAGE, Dedup.MERGE_ALL), meta, lists)
     stop = None if limit is None else offset + limit
     expected = (total, everything[offset:stop])
-    assert merge_inline(Level.IMAGE, Dedup.MERGE_ALL, meta, lists, offset, limit) == expected
-    assert run(merge_refs(Level.IMAGE, Dedup.MERGE_ALL, meta, refs, partitions, offset, limit)) == expected
+    spec = MergeSpec(Level.IMAGE, Dedup.MERGE_ALL, offset, limit)
+    assert merge_inline(spec, meta, lists) == expected
+    assert run(merge_refs(spec, meta, refs, partitions=partitions)) == expected
 
 
 def test_ref_can_be_awaited(small: Small) -> None:
     meta, lists, refs = small
 
     async def wait() -> tuple[int, list[MergedMatch]]:
-        ref = merge_refs(Level.IMAGE, Dedup.FIRST_WINS, meta, refs, 3, 0, 5)
+        ref = merge_refs(MergeSpec(Level.IMAGE, Dedup.FIRST_WINS, 0, 5), meta, refs, partitions=3)
         result: tuple[int, list[MergedMatch]] = await ref
         return result
 
-    assert asyncio.run(wait()) == merge_inline(Level.IMAGE, Dedup.FIRST_WINS, meta, lists, 0, 5)
+    assert asyncio.run(wait()) == merge_inline(MergeSpec(Level.IMAGE, Dedup.FIRST_WINS, 0, 5), meta, lists)
 
 
 def test_no_nodes_and_empty_answers(ray_session: str) -> None:
     import ray
 
-    assert run(merge_refs(Level.STUDY, Dedup.MERGE_ALL, [], [], 4, 0, 10)) == (0, [])
+    assert run(merge_refs(MergeSpec(Level.STUDY, Dedup.MERGE_ALL, 0, 10), [], [], partitions=4)) == (0, [])
     empty: list[Any] = [ray.put(pack(Level.STUDY, [])), ray.put(pack(Level.STUDY, []))]
-    assert run(merge_refs(Level.STUDY, Dedup.MERGE_ALL, [("a", 0), ("b", 1)], empty, 4, 0, 10)) == (0, [])
+    spec = MergeSpec(Level.STUDY, Dedup.MERGE_ALL, 0, 10)
+    assert run(merge_refs(spec, [("a", 0), ("b", 1)], empty, partitions=4)) == (0, [])
 
 
 def test_split_task_returns_one_ref_per_partition(ray_session: str) -> None:
@@ -122,16 +124,16 @@ def test_split_task_returns_one_ref_per_partition(ray_session: str) -> None:
     assert sum(len(p) for p in got) == 200 and all(got)
     with pytest.raises(ray.exceptions.RayTaskError, match="packed for IMAGE"):
         ray.get(split_task.options(num_returns=2).remote(Level.STUDY, 2, ray.put(lists[0]))[0])
-    assert ray.get(page_task.remote(Level.IMAGE, 0, None)) == (0, [])
+    assert ray.get(page_task.remote(MergeSpec(Level.IMAGE, Dedup.MERGE_ALL))) == (0, [])
 
 
 def test_bad_arguments_are_refused_before_any_task() -> None:
     with pytest.raises(ValueError):
-        merge_refs(Level.STUDY, Dedup.MERGE_ALL, [("a", 0)], [], 1, 0, 10)
+        merge_refs(MergeSpec(Level.STUDY, Dedup.MERGE_ALL, 0, 10), [("a", 0)], [], partitions=1)
     with pytest.raises(ValueError):
-        merge_refs(Level.STUDY, Dedup.MERGE_ALL, [], [], 0, 0, 10)
+        merge_refs(MergeSpec(Level.STUDY, Dedup.MERGE_ALL, 0, 10), [], [], partitions=0)
     with pytest.raises(ValueError):
-        merge_refs(Level.STUDY, Dedup.MERGE_ALL, [], [], 1, -1, 10)
+        merge_refs(MergeSpec(Level.STUDY, Dedup.MERGE_ALL, -1, 10), [], [], partitions=1)
 
 
 def test_timing_100k_images_16_nodes(ray_session: str, capsys: pytest.CaptureFixture[str]) -> None:
@@ -140,7 +142,7 @@ def test_timing_100k_images_16_nodes(ray_session: str, capsys: pytest.CaptureFix
 
     meta, lists = answers(100_000, 16, 0.3)
     started = time.perf_counter()
-    inline_total, inline_page = merge_inline(Level.IMAGE, Dedup.MERGE_ALL, meta, lists, 0, 100)
+    inline_total, inline_page = merge_inline(MergeSpec(Level.IMAGE, Dedup.MERGE_ALL, 0, 100), meta, lists)
     inline_s = time.perf_counter() - started
     started = time.perf_counter()
     refs = [ray.put(matches) for matches in lists]
@@ -148,7 +150,8 @@ def test_timing_100k_images_16_nodes(ray_session: str, capsys: pytest.CaptureFix
     timings = {}
     for partitions in (1, 4):
         started = time.perf_counter()
-        result = run(merge_refs(Level.IMAGE, Dedup.MERGE_ALL, meta, refs, partitions, 0, 100))
+        spec = MergeSpec(Level.IMAGE, Dedup.MERGE_ALL, 0, 100)
+        result = run(merge_refs(spec, meta, refs, partitions=partitions))
         timings[partitions] = time.perf_counter() - started
         assert result == (inline_total, inline_page)
     with capsys.disabled():
@@ -169,11 +172,11 @@ def test_full_partition_tasks_equal_merge_inline(
     # num_returns=1 would hand back one ref of [[matches]]: one partition needs no split.
     splits = [[ref] if partitions == 1 else split_remote(Level.IMAGE, partitions, ref) for ref in refs]
     merge_remote: Any = merge_task.remote
-    parts = [merge_remote(Level.IMAGE, Dedup.MOST_COMPLETE, meta, *[s[i] for s in splits])
+    parts = [merge_remote(MergeSpec(Level.IMAGE, Dedup.MOST_COMPLETE), meta, *[s[i] for s in splits])
              for i in range(partitions)]
-    expected = merge_inline(Level.IMAGE, Dedup.MOST_COMPLETE, meta, lists, 30, 40)
-    assert ray.get(page_task.remote(Level.IMAGE, 30, 40, *parts)) == expected
+    expected = merge_inline(MergeSpec(Level.IMAGE, Dedup.MOST_COMPLETE, 30, 40), meta, lists)
+    assert ray.get(page_task.remote(MergeSpec(Level.IMAGE, Dedup.MOST_COMPLETE, 30, 40), *parts)) == expected
     everything = [m for part in ray.get(parts) for m in part]
     assert sorted(identity_key(Level.IMAGE, m["dataset"]) or "" for m in everything) == sorted(
         identity_key(Level.IMAGE, m["dataset"]) or "" for m in merge_inline(
-            Level.IMAGE, Dedup.MOST_COMPLETE, meta, lists, 0, None)[1])
+            MergeSpec(Level.IMAGE, Dedup.MOST_COMPLETE), meta, lists)[1])

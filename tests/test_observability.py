@@ -128,7 +128,7 @@ def test_query_log_line_carries_no_filter_values() -> None:
 
 def test_route_log_call_uses_only_the_safe_fields(caplog: pytest.LogCaptureFixture) -> None:
     """The route helper itself: a plan whose filters hold a name and an ID logs neither."""
-    from serve_app import spanning
+    from serve_app.usecases import query as spanning
     from spanner.query import Level, NodeQuery
 
     query = NodeQuery(level=Level.STUDY, filters={"PatientName": "DOE^JANE", "PatientID": "PID-4711"})
@@ -138,7 +138,7 @@ def test_route_log_call_uses_only_the_safe_fields(caplog: pytest.LogCaptureFixtu
 
     plan: Any = _Plan()
     plan.query = query
-    with caplog.at_level(logging.DEBUG, logger="serve_app.spanning"):
+    with caplog.at_level(logging.DEBUG, logger="serve_app.usecases.query"):
         spanning._completed("q-1", plan, "ok", 2, 12.0, "miss")
     assert len(caplog.records) == 1
     record = caplog.records[0]

@@ -8,8 +8,7 @@ from typing import Literal
 from fastapi import APIRouter, Depends, Query
 
 from serve_app.auth import require_admin
-from serve_app.routes import services
-from serve_app.services import Services
+from serve_app.deps import ServicesDep
 from spanner.errors import InvalidQuery
 from spanner.schemas import AuditEntryOut
 
@@ -18,6 +17,7 @@ router = APIRouter(prefix="/api/v1/audit", tags=["audit"], dependencies=[Depends
 
 @router.get("", response_model=list[AuditEntryOut])
 def list_audit(
+    s: ServicesDep,
     since: datetime | None = Query(None, description="ISO 8601; entries at or after this"),
     until: datetime | None = Query(None, description="ISO 8601; entries before this"),
     requester: str | None = Query(None, description="Principal: a key's name, ae:<CALLING_AE> or anonymous"),
@@ -26,7 +26,6 @@ def list_audit(
     kind: Literal["query", "retrieval"] | None = Query(None),
     limit: int = Query(100, ge=1, le=1000),
     offset: int = Query(0, ge=0),
-    s: Services = Depends(services),
 ) -> list[AuditEntryOut]:
     for name, moment in (("since", since), ("until", until)):
         if moment is not None and moment.tzinfo is None:

@@ -6,10 +6,10 @@ import asyncio
 from typing import Any
 
 import ray
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
-from serve_app.routes import services
+from serve_app.deps import ServicesDep
 from serve_app.services import Services
 
 router = APIRouter(tags=["health"])
@@ -33,7 +33,7 @@ async def _events(s: Services) -> dict[str, Any]:
 
 
 @router.get("/ready")
-async def ready(s: Services = Depends(services)) -> JSONResponse:
+async def ready(s: ServicesDep) -> JSONResponse:
     problems: list[str] = []
     try:
         await asyncio.to_thread(s.repo.ping)

@@ -1,4 +1,5 @@
-"""/api/v1/queries: run a spanning C-FIND (answered from the query cache when it can), read back the record.
+"""/api/v1/queries: run a spanning C-FIND (answered from the query cache when it can), read back the record
+(the rules: serve_app.usecases.query).
 
 ``Cache-Control: no-cache`` on the request skips the lookup (the fresh answer is still stored);
 ``no-store`` keeps the fresh answer out of the cache.
@@ -11,11 +12,10 @@ from typing import Any
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
 
-from serve_app import spanning
 from serve_app.api_models import QueryIn, QueryOut
 from serve_app.auth import Principal, audit_of, require_query
-from serve_app.routes import services
-from serve_app.services import Services
+from serve_app.deps import ServicesDep
+from serve_app.usecases import query
 from spanner.schemas import QueryRecordOut
 
 router = APIRouter(prefix="/api/v1/queries", tags=["queries"], dependencies=[Depends(require_query)])
@@ -32,14 +32,11 @@ def cache_directives(header: str | None) -> set[str]:
 
 @router.post("", response_model=QueryOut, responses=FAILED_RESPONSE)
 async def run_query(
-    body: QueryIn,
-    request: Request,
-    s: Services = Depends(services),
-    principal: Principal = Depends(require_query),
+    body: QueryIn, request: Request, s: ServicesDep, principal: Principal = Depends(require_query)
 ) -> JSONResponse:
     directives = cache_directives(request.headers.get("cache-control"))
     requester = request.client.host if request.client else "unknown"
-    answer, status = await spanning.run_query(
+    answer, status = await query.run_query(
         s, body, audit_of(request, principal, None), requester,
         read_cache="no-cache" not in directives, store="no-store" not in directives,
     )
@@ -48,11 +45,11 @@ async def run_query(
 
 @router.get("", response_model=list[QueryRecordOut])
 def list_queries(
-    limit: int = Query(50, ge=1, le=1000), offset: int = Query(0, ge=0), s: Services = Depends(services)
+    s: ServicesDep, limit: int = Query(50, ge=1, le=1000), offset: int = Query(0, ge=0)
 ) -> list[QueryRecordOut]:
     return s.repo.list_queries(limit=min(limit, s.settings.query_history), offset=offset)
 
 
 @router.get("/{query_id}", response_model=QueryRecordOut)
-def get_query(query_id: str, s: Services = Depends(services)) -> QueryRecordOut:
+def get_query(query_id: str, s: ServicesDep) -> QueryRecordOut:
     return s.repo.get_query(query_id)

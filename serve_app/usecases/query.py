@@ -8,18 +8,105 @@ import dataclasses
 import logging
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
 from serve_app.api_models import QueryIn
 from serve_app.metrics import record_span_query
 from serve_app.plan import QueryPlan
 from serve_app.services import Services
+from spanner.cache import NO_LOOKUP, Lookup, QueryIdentity
+from spanner.errors import InvalidQuery
 from spanner.logs import query_log_fields
+from spanner.nodespec import NodeSpec
+from spanner.query import NodeQuery, normalise_filters, normalise_return_keys
+from spanner.schemas import ALL_SPAN, FailureStrategy, SpanOut
 from spanner.storage import Audit
 
 LOG = logging.getLogger(__name__)
 
 
+# -- planning -------------------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class PreparedQuery:
+    plan: QueryPlan
+    cache_ttl_s: int
+    lookup: Lookup
+
+
+def cache_identity(plan: QueryPlan) -> QueryIdentity:
+    return QueryIdentity(
+        span=plan.span,
+        nodes=tuple(dataclasses.asdict(spec) for spec in plan.nodes),
+        level=plan.query.level,
+        filters=plan.query.filters,
+        return_keys=plan.query.return_keys,
+        dedup=plan.dedup,
+        limit=plan.limit,
+        offset=plan.offset,
+        failure_strategy=plan.failure_strategy,
+        minimum_nodes=plan.minimum_nodes,
+    )
+
+
+def span_specs(s: Services, span: str, only: list[str] | None) -> list[NodeSpec]:
+    """The enabled nodes of ``span`` (narrowed to ``only``), best priority first; 404/422 otherwise."""
+    members = s.repo.span_nodes(span)  # NotFound for an unknown span
+    if only is not None:
+        names = {n.name for n in members}
+        unknown = sorted(set(only) - names)
+        if unknown:
+            raise InvalidQuery(
+                f"nodes {', '.join(unknown)} are not enabled nodes of span {span!r}; "
+                f"it has: {', '.join(sorted(names)) or 'none'}"
+            )
+        members = [n for n in members if n.name in set(only)]
+    if not members:
+        hint = "add one with POST /api/v1/nodes" if span == ALL_SPAN else "enable or add its nodes"
+        raise InvalidQuery(f"span {span!r} has no enabled node to query; {hint}")
+    return [s.spec_for(n) for n in members]
+
+
+def plan_query(s: Services, q: QueryIn) -> tuple[QueryPlan, SpanOut]:
+    """The query resolved against its span's policies and limits (call in a thread: it reads the DB)."""
+    span = s.repo.get_span(q.span)
+    members = span_specs(s, q.span, q.nodes)
+    timeout = q.timeout_s if q.timeout_s is not None else span.timeout_s
+    if timeout > s.settings.max_timeout_s:
+        raise InvalidQuery(f"timeout_s {timeout:g} is above the limit of {s.settings.max_timeout_s:g} s")
+    strategy = q.failure_strategy or span.failure_strategy
+    minimum = q.minimum_nodes or span.minimum_nodes or 1
+    if strategy is FailureStrategy.MINIMUM and minimum > len(members):
+        raise InvalidQuery(f"minimum_nodes {minimum} is more than the {len(members)} node(s) queried")
+    limit = q.limit if q.limit is not None else span.max_results
+    if limit > span.max_results:
+        raise InvalidQuery(
+            f"limit {limit} is above span {q.span!r}'s max_results of {span.max_results}; page with offset"
+        )
+    query = NodeQuery(q.level, normalise_filters(q.filters), normalise_return_keys(q.return_keys))
+    plan = QueryPlan(
+        query=query,
+        span=q.span,
+        nodes=tuple(members),
+        timeout_s=timeout,
+        failure_strategy=strategy,
+        minimum_nodes=minimum,
+        dedup=q.dedup or span.dedup,
+        limit=limit,
+        offset=q.offset,
+    )
+    return plan, span
+
+
+def prepare_query(s: Services, q: QueryIn, *, read_cache: bool = True) -> PreparedQuery:
+    """The plan and, when the span caches, the cache key and any cached answer (one thread hop)."""
+    plan, span = plan_query(s, q)
+    if span.cache_ttl_s <= 0:
+        return PreparedQuery(plan, 0, NO_LOOKUP)
+    return PreparedQuery(plan, span.cache_ttl_s, s.cache.lookup(cache_identity(plan), read=read_cache))
+
+
+# -- running --------------------------------------------------------------------------------------------
 async def run_query(
     s: Services, body: QueryIn, audit: Audit, requester: str, *, read_cache: bool = True, store: bool = True
 ) -> tuple[dict[str, Any], int]:
@@ -27,7 +114,7 @@ async def run_query(
     Spanner errors (unknown span, bad value) propagate for the caller's door to translate. ``audit``
     says who asked; the PatientID asked about is added here, once the filters are normalised."""
     started = time.monotonic()
-    prepared = await asyncio.to_thread(s.prepare_query, body, read_cache=read_cache)
+    prepared = await asyncio.to_thread(prepare_query, s, body, read_cache=read_cache)
     plan = prepared.plan
     audit = dataclasses.replace(audit, patient_id=plan.query.filters.get("PatientID") or None)
     if prepared.lookup.answer is not None:
@@ -40,7 +127,7 @@ async def run_query(
     answer = {
         "query_id": query_id,
         "status": result.status,
-        "level": plan.query.level.value,
+        "level": plan.query.level,
         "span": plan.span,
         "total": result.total,
         "matches": result.matches,
@@ -55,7 +142,7 @@ async def run_query(
         s.repo.record_query(
             query_id=query_id,
             span=plan.span,
-            level=plan.query.level.value,
+            level=plan.query.level,
             filters=plan.query.filters,
             requester=requester,
             status=result.status,
@@ -87,7 +174,7 @@ async def _answer_hit(
         s.repo.record_query,
         query_id=query_id,
         span=plan.span,
-        level=plan.query.level.value,
+        level=plan.query.level,
         filters=plan.query.filters,
         requester=requester,
         status=str(answer.get("status")),
@@ -111,7 +198,7 @@ def _completed(
     fields = query_log_fields(
         query_id=query_id,
         span=plan.span,
-        level=plan.query.level.value,
+        level=plan.query.level,
         status=status,
         total=total,
         elapsed_ms=elapsed_ms,

@@ -1,0 +1,143 @@
+"""One retrieval (C-MOVE through the spanner): check what identifies the objects, find who holds them,
+move part by part while reporting progress, then record it with its event.
+
+The moves themselves live in serve_app.retrieval (the Retriever); this module holds the request's
+rules and its life cycle, so the HTTP route only streams what it yields.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass
+from typing import Any
+
+from serve_app.api_models import RetrievalIn
+from serve_app.services import Services
+from serve_app.usecases.query import span_specs
+from spanner.errors import InvalidQuery
+from spanner.nodespec import NodeSpec
+from spanner.query import Level, normalise_value
+from spanner.storage import Audit
+
+NEEDED = {Level.STUDY: "StudyInstanceUID", Level.SERIES: "SeriesInstanceUID", Level.IMAGE: "SOPInstanceUID"}
+ALLOWED = {"StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "PatientID"}
+
+
+def checked_uids(body: RetrievalIn) -> dict[str, list[str]]:
+    """The unique keys of what to move, each a list; 422 for a level or key that cannot say what."""
+    if body.level is Level.PATIENT:
+        raise InvalidQuery("level: retrieval works at STUDY, SERIES or IMAGE level")
+    unknown = sorted(set(body.uids) - ALLOWED)
+    if unknown:
+        raise InvalidQuery(
+            f"uids: {', '.join(unknown)} cannot identify what to move; use {', '.join(sorted(ALLOWED))}"
+        )
+    needed = NEEDED[body.level]
+    if not body.uids.get(needed):
+        raise InvalidQuery(f"uids: a {body.level} retrieval needs {needed}")
+    out: dict[str, list[str]] = {}
+    for key, raw in body.uids.items():
+        values = [raw] if isinstance(raw, str) else list(raw)
+        for value in values:
+            if key != "PatientID":
+                normalise_value(key, value)  # a UID, no wildcards
+        out[key] = values
+    return out
+
+
+def patient_of(uids: dict[str, list[str]]) -> str | None:
+    """The PatientID the retrieval names, for the audit trail."""
+    patient_ids = uids.get("PatientID") or []
+    return patient_ids[0] if patient_ids else None
+
+
+@dataclass(frozen=True, slots=True)
+class Retrieval:
+    """A retrieval checked and resolved against its span, ready to run."""
+
+    span: str
+    level: Level
+    uids: dict[str, list[str]]
+    destination_ae: str
+    timeout_s: float
+    nodes: list[NodeSpec]
+    requester: str
+    audit: Audit
+
+
+async def prepare(
+    s: Services, body: RetrievalIn, uids: dict[str, list[str]], audit: Audit, requester: str
+) -> Retrieval:
+    """Errors (unknown span, no enabled node) are raised here, before any progress is streamed."""
+    nodes = await asyncio.to_thread(span_specs, s, body.span, None)
+    return Retrieval(
+        span=body.span,
+        level=body.level,
+        uids=uids,
+        destination_ae=body.destination_ae,
+        timeout_s=body.timeout_s or s.settings.retrieve_timeout_s,
+        nodes=nodes,
+        requester=requester,
+        audit=audit,
+    )
+
+
+async def run(s: Services, r: Retrieval) -> AsyncGenerator[dict[str, Any], None]:
+    """Progress events, then one result event. Closing the iterator early (the client went away)
+    cancels the moves, and so the archives' C-MOVEs."""
+    events: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+    task = asyncio.ensure_future(_work(s, r, events))
+    try:
+        while (event := await events.get()) is not None:
+            yield event
+        await task
+    finally:
+        if not task.done():
+            task.cancel()
+
+
+async def _work(s: Services, r: Retrieval, events: asyncio.Queue[dict[str, Any] | None]) -> None:
+    started = time.monotonic()
+    retrieval_id = uuid.uuid4().hex
+    try:
+        parts = await s.retriever.plan(r.nodes, r.level, r.uids)
+        result = await s.retriever.run(parts, r.destination_ae, r.timeout_s, events.put)
+        summaries = [p.summary() for p in result.parts]
+        final = {
+            "event": "result",
+            "retrieval_id": retrieval_id,
+            "status": result.status,
+            "dimse_status": result.dimse_status,
+            **result.counts,
+            "remaining": 0,
+            "failed_sop_instance_uids": result.failed_uids,
+            "error": result.error,
+            "parts": summaries,
+        }
+        await asyncio.to_thread(
+            s.repo.record_retrieval,
+            retrieval_id=retrieval_id,
+            span=r.span,
+            level=r.level,
+            uids=r.uids,
+            destination_ae=r.destination_ae,
+            requester=r.requester,
+            status=result.status,
+            dimse_status=result.dimse_status,
+            completed=result.counts["completed"],
+            failed=result.counts["failed"],
+            warning=result.counts["warning"],
+            parts=summaries,
+            elapsed_ms=round((time.monotonic() - started) * 1000, 2),
+            error=result.error,
+            audit=r.audit,
+            emit=s.events_enabled,
+        )
+        s.nudge_events()
+        await asyncio.to_thread(s.janitor.purge_if_due)
+        await events.put(final)
+    finally:
+        await events.put(None)

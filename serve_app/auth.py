@@ -3,9 +3,9 @@
 A key is ``spk_`` + 43 URL-safe characters (32 random bytes); only its SHA-256 is stored; lookups are
 cached per replica (serve_app.keys). Roles (spanner.schemas.ApiRole): ``query`` runs queries and
 retrievals and reads nodes, spans and records; ``admin`` may also change nodes and spans and read
-the audit trail; ``dicom_front`` may do what ``query`` may and is the only role whose requests may name a DICOM caller
-(``X-Spanner-Calling-AE`` / ``X-Spanner-Peer``): the audit records the key that asked and, apart from it,
-the caller the front asserted.
+the audit trail; ``dicom_front`` may do what ``query`` may and is the only role whose requests may
+name a DICOM caller (``X-Spanner-Calling-AE`` / ``X-Spanner-Peer``): the audit records the key that
+asked and, apart from it, the caller the front asserted.
 
 When authentication is on (``auth_enabled``, the default) keys are required, with one exception: in
 development, while no key of role ``admin`` or ``query`` exists, the API stays open (``anonymous``). The

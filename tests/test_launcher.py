@@ -131,7 +131,7 @@ def test_spanner_run_serves_the_demo_fleet_and_ctrl_c_leaves_nothing(tmp_path: P
         assert any("Authentication OFF until the first key" in line and "no restart needed" in line
                    for line in lines), banner
         assert c_find_through_front(dicom) == 0x0000
-        create = [sys.executable, "-m", "spanner.cli", "keys", "create", "ward", "--role", "query"]
+        create = [sys.executable, "-m", "cli.main", "keys", "create", "ward", "--role", "query"]
         made = subprocess.run(create, env=env, capture_output=True, text=True, timeout=60)
         assert made.returncode == 0 and "Authentication is now ON" in made.stdout, made.stdout + made.stderr
         key = made.stdout.strip().splitlines()[-1]

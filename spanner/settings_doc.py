@@ -12,11 +12,12 @@ from __future__ import annotations
 import sys
 import types
 import typing
+from enum import Enum
 from pathlib import Path
 from typing import Any, Literal
 
 from annotated_types import Ge, Gt, Le, Lt, MaxLen, MinLen
-from pydantic import AliasChoices
+from pydantic import AliasChoices, SecretStr
 from pydantic.fields import FieldInfo
 
 from spanner.settings import Settings
@@ -77,12 +78,19 @@ def type_text(annotation: Any) -> str:
         return " \\| ".join(f"`{value}`" for value in typing.get_args(annotation))
     if isinstance(annotation, types.UnionType):
         return " or ".join(type_text(arg) for arg in typing.get_args(annotation) if arg is not type(None))
-    names = {str: "text", int: "integer", float: "number", bool: "true/false", Path: "path"}
+    if isinstance(annotation, type) and issubclass(annotation, Enum):
+        return " \\| ".join(f"`{member.value}`" for member in annotation)
+    names = {str: "text", int: "integer", float: "number", bool: "true/false", Path: "path",
+             SecretStr: "text (secret)"}
     return names.get(annotation, getattr(annotation, "__name__", str(annotation)))
 
 
 def default_text(name: str, field: FieldInfo) -> str:
     value = field.default
+    if isinstance(value, SecretStr):
+        return "(set)" if value.get_secret_value() else "(none)"
+    if isinstance(value, Enum):
+        value = value.value
     if value is None or value == "":
         return "(none)"
     if isinstance(value, bool):

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from enum import StrEnum
 from pathlib import Path
+
+from pydantic import SecretStr
+from pydantic.fields import FieldInfo
 
 from spanner import settings_doc
 from spanner.settings import Settings
@@ -38,3 +42,15 @@ def test_the_check_fails_when_the_page_drifts(tmp_path: Path) -> None:
     page.write_text(page.read_text().replace("`SPANNER_HTTP_PORT`", "`SPANNER_HTTP_PORTS`"))
     drifted = subprocess.run(check, capture_output=True)
     assert drifted.returncode == 1 and b"out of date" in drifted.stderr
+
+
+def test_enums_and_secrets_are_written_out_without_their_secret() -> None:
+    class Mode(StrEnum):
+        FAST = "fast"
+        SAFE = "safe"
+
+    assert settings_doc.type_text(Mode) == "`fast` \\| `safe`"
+    assert settings_doc.default_text("mode", FieldInfo(default=Mode.SAFE)) == "`safe`"
+    assert settings_doc.type_text(SecretStr) == "text (secret)"
+    assert settings_doc.default_text("key", FieldInfo(default=SecretStr("hunter2"))) == "(set)"
+    assert settings_doc.default_text("key", FieldInfo(default=SecretStr(""))) == "(none)"

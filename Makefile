@@ -28,7 +28,7 @@ peers:
 
 ## Everything the tests need, then the tests.
 test: $(VENV)/.installed-test peers
-	$(BIN)/ruff check spanner serve_app actors cluster scp tests benchmarks
+	$(BIN)/ruff check spanner serve_app actors cluster scp simulator tests benchmarks
 	$(BIN)/mypy
 	$(BIN)/pytest -q -p no:cacheprovider
 
@@ -51,7 +51,7 @@ bench-quick: $(VENV)/.installed-bench peers
 	$(BIN)/python -m benchmarks.orthanc --quick
 
 lint: $(VENV)/.installed-test
-	$(BIN)/ruff check spanner serve_app actors cluster scp tests benchmarks
+	$(BIN)/ruff check spanner serve_app actors cluster scp simulator tests benchmarks
 
 typecheck: $(VENV)/.installed-test
 	$(BIN)/mypy

@@ -2,7 +2,7 @@
 simulated PACS hosted in helper processes, and the spanner app started in-process.
 
 The simulators live in their own processes (benchmarks.simhost) so that they do not compete with the HTTP
-clients for the driver's GIL. They run the lean asyncio engine (spanner.simulator.wire: about 0.15 ms of CPU
+clients for the driver's GIL. They run the lean asyncio engine (simulator.wire: about 0.15 ms of CPU
 per match, against 0.96 ms for the pynetdicom one) unless ``--sim-engine pynetdicom`` asks otherwise: on two
 shared cores the stand-in PACS would otherwise be measured as much as the spanner.
 """

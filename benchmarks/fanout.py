@@ -61,7 +61,7 @@ def _find_fresh(ae: Any, node: SimNode, identifier: Any, nodelay: bool) -> tuple
     """Associate, C-FIND, note when the last match arrived, release: (matches, perf_counter at answer)."""
     from pynetdicom import evt
 
-    from spanner.simulator.scp import enable_nodelay
+    from simulator.scp import enable_nodelay
 
     handlers = [(evt.EVT_CONN_OPEN, enable_nodelay)] if nodelay else []
     assoc = ae.associate("127.0.0.1", node.port, ae_title=node.ae_title, evt_handlers=handlers)

@@ -21,8 +21,8 @@ import pytest
 from serve_app.amqp_requests import AmqpRequest, RequestConsumer
 from spanner.errors import StorageError
 from spanner.settings import load_settings
-from spanner.simulator.dataset import generate_fleet
-from spanner.simulator.scp import SimulatedPacs, SimulatorConfig
+from simulator.dataset import generate_fleet
+from simulator.scp import SimulatedPacs, SimulatorConfig
 from tests.conftest import Api, migrate
 from tests.test_events import Listener
 

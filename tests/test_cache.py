@@ -21,8 +21,8 @@ from spanner.cache import NO_GENERATION, MemoryCache, QueryIdentity, RedisCache,
 from spanner.errors import ConfigError
 from spanner.query import normalise_filters, normalise_return_keys
 from spanner.settings import load_settings
-from spanner.simulator.dataset import generate_fleet
-from spanner.simulator.scp import SimulatedPacs, SimulatorConfig
+from simulator.dataset import generate_fleet
+from simulator.scp import SimulatedPacs, SimulatorConfig
 from tests.conftest import Api, migrate, require
 from tests.peers.ports import ClosedPort, free_port, wait_for_port
 

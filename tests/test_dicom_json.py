@@ -11,8 +11,8 @@ from pynetdicom.dsutils import decode, encode
 
 from actors.dicom_json import DROP, to_match
 from spanner.query import Level, NodeQuery
-from spanner.simulator.dataset import generate_fleet
-from spanner.simulator.index import Index
+from simulator.dataset import generate_fleet
+from simulator.index import Index
 
 EXTRA = (
     "ModalitiesInStudy",

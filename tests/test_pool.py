@@ -12,8 +12,8 @@ import pytest
 from actors.dimse import build_ae
 from actors.pool import IDLE_POLL_S, AssociationPool
 from spanner.nodespec import NodeSpec
-from spanner.simulator.dataset import generate_uniform
-from spanner.simulator.scp import STUDY_ROOT_FIND, SimulatedPacs, SimulatorConfig
+from simulator.dataset import generate_uniform
+from simulator.scp import STUDY_ROOT_FIND, SimulatedPacs, SimulatorConfig
 
 
 @pytest.fixture()
@@ -88,7 +88,7 @@ def test_a_reused_association_loses_no_response_of_a_fast_archive() -> None:
     match in about one query of 200. The pool hands out associations whose reactor really waits."""
     from pydicom.dataset import Dataset
 
-    from spanner.simulator.wire import WireSimulatedPacs
+    from simulator.wire import WireSimulatedPacs
 
     with WireSimulatedPacs(SimulatorConfig(ae_title="POOL"), generate_uniform(3, 0, 20)) as fast:
         pool = pool_for(fast)  # type: ignore[arg-type]

@@ -1,6 +1,6 @@
 """Simulated PACS for tests, demos and benchmarks: seeded data, C-FIND matching, a pynetdicom SCP.
 
-Names are re-exported lazily so that ``import spanner.simulator.matching`` does not pull in
+Names are re-exported lazily so that ``import simulator.matching`` does not pull in
 pynetdicom, and nothing is generated at import time.
 """
 
@@ -10,10 +10,10 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from spanner.simulator.dataset import generate_fleet, generate_uniform, to_file_dataset, write_part10
-    from spanner.simulator.fleet import DEMO_NODES, DemoNode, start_demo_fleet, stop_fleet
-    from spanner.simulator.index import IdentifierError, Index
-    from spanner.simulator.scp import Counters, SimulatedPacs, SimulatorConfig, enable_nodelay, serve_forever
+    from simulator.dataset import generate_fleet, generate_uniform, to_file_dataset, write_part10
+    from simulator.fleet import DEMO_NODES, DemoNode, start_demo_fleet, stop_fleet
+    from simulator.index import IdentifierError, Index
+    from simulator.scp import Counters, SimulatedPacs, SimulatorConfig, enable_nodelay, serve_forever
 
 _EXPORTS = {
     "generate_fleet": "dataset", "generate_uniform": "dataset", "to_file_dataset": "dataset",

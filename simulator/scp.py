@@ -27,8 +27,9 @@ from pynetdicom.association import Association
 from pynetdicom.pdu_primitives import A_ABORT, A_P_ABORT, A_RELEASE
 from pynetdicom.transport import ThreadedAssociationServer
 
+from simulator.index import IdentifierError, Index
+from spanner.dicom_constants import PATIENT_ROOT_FIND, STUDY_ROOT_FIND, VERIFICATION, Status
 from spanner.query import InformationModel
-from spanner.simulator.index import IdentifierError, Index
 
 LOG = logging.getLogger(__name__)
 
@@ -36,12 +37,8 @@ Fault = Literal["none", "refuse", "abort", "failure", "hang", "slow"]
 FAULTS: tuple[str, ...] = get_args(Fault)
 FindResponse = tuple[int | Dataset, Dataset | None]
 
-# pynetdicom.sop_class builds these names at run time, which mypy cannot see.
-VERIFICATION = "1.2.840.10008.1.1"
-PATIENT_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.1.1"
-STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
-STATUS_PENDING = 0xFF00
-STATUS_CANCEL = 0xFE00
+STATUS_PENDING = Status.PENDING
+STATUS_CANCEL = Status.CANCEL
 _STEP_S = 0.005  # how often waits look at C-CANCEL and at the association
 _MODELS: dict[str, InformationModel] = {
     PATIENT_ROOT_FIND: InformationModel.PATIENT_ROOT,

@@ -19,10 +19,10 @@ import pika
 import pytest
 
 from serve_app.amqp_requests import AmqpRequest, RequestConsumer
-from spanner.errors import StorageError
-from spanner.settings import load_settings
 from simulator.dataset import generate_fleet
 from simulator.scp import SimulatedPacs, SimulatorConfig
+from spanner.errors import StorageError
+from spanner.settings import load_settings
 from tests.conftest import Api, migrate
 from tests.test_events import Listener
 

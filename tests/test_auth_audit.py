@@ -19,10 +19,10 @@ from scp import translate
 from scp.server import SpannerScp
 from serve_app.auth import new_key
 from serve_app.services import AuditJanitor
-from spanner.cli import app as cli
-from spanner.settings import get_settings, load_settings
 from simulator.dataset import generate_fleet
 from simulator.scp import SimulatedPacs, SimulatorConfig
+from spanner.cli import app as cli
+from spanner.settings import get_settings, load_settings
 from spanner.storage import Audit, Repository, make_engine
 from tests.conftest import Api, migrate
 

@@ -7,9 +7,9 @@ from collections.abc import Iterator
 import pytest
 from typer.testing import CliRunner
 
-from spanner.cli import app
 from simulator.dataset import generate_fleet
 from simulator.scp import SimulatedPacs, SimulatorConfig
+from spanner.cli import app
 from tests.conftest import Api
 
 runner = CliRunner()

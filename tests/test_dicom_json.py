@@ -10,9 +10,9 @@ from pydicom.dataset import Dataset
 from pynetdicom.dsutils import decode, encode
 
 from actors.dicom_json import DROP, to_match
-from spanner.query import Level, NodeQuery
 from simulator.dataset import generate_fleet
 from simulator.index import Index
+from spanner.query import Level, NodeQuery
 
 EXTRA = (
     "ModalitiesInStudy",

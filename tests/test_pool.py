@@ -11,9 +11,9 @@ import pytest
 
 from actors.dimse import build_ae
 from actors.pool import IDLE_POLL_S, AssociationPool
-from spanner.nodespec import NodeSpec
 from simulator.dataset import generate_uniform
 from simulator.scp import STUDY_ROOT_FIND, SimulatedPacs, SimulatorConfig
+from spanner.nodespec import NodeSpec
 
 
 @pytest.fixture()

@@ -29,7 +29,6 @@ from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
 
-from spanner.query import InformationModel, Level
 from simulator.dataset import generate_fleet, generate_uniform, node_charset, write_part10
 from simulator.fleet import DEMO_NODES, start_demo_fleet, stop_fleet
 from simulator.index import IdentifierError, Index
@@ -42,6 +41,7 @@ from simulator.scp import (
     enable_nodelay,
 )
 from simulator.wire import WireSimulatedPacs
+from spanner.query import InformationModel, Level
 from tests.conftest import require
 
 LOOPBACK = "127.0.0.1"

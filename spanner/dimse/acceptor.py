@@ -65,6 +65,7 @@ from spanner.dimse.pdu import (
 )
 
 LOG = logging.getLogger(__name__)
+YIELD_EVERY = 16  # pending responses written between two turns of the event loop
 
 
 @dataclass(frozen=True, slots=True)
@@ -336,6 +337,7 @@ class _Session:
                       results: AsyncIterator[FindResult] | AsyncIterator[MoveResult]) -> None:
         assert self.assoc is not None
         final: tuple[int, bytes | None, str | None, dict[int, int] | None] | None = None
+        sent = 0
         try:
             async for result in results:
                 if request.cancelled.is_set():
@@ -344,6 +346,9 @@ class _Session:
                 if result.status in PENDING_STATUSES:
                     self._respond(request, field_, result.status, result.identifier, None, counts)
                     await self.assoc.drain()
+                    sent += 1
+                    if sent % YIELD_EVERY == 0:  # drain() returns at once below the high-water mark
+                        await asyncio.sleep(0)  # let the reader take a C-CANCEL in
                     continue
                 final = (result.status, result.identifier, result.comment, counts)
                 break

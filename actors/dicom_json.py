@@ -78,14 +78,20 @@ def _reference(identifier: Dataset) -> DicomJson:
     return out
 
 
+_VRS: dict[int, str | None] = {}  # the data dictionary's VR by tag, None where pydicom must decide
+
+
 def _vr(tag: int) -> str:
-    try:
-        vr = dictionary_VR(tag)
-    except KeyError:
-        raise _Unsupported from None  # private or unknown: pydicom decides (UN)
-    if " " in vr:
-        raise _Unsupported  # "US or SS" and the like
-    return str(vr)
+    vr = _VRS.get(tag, "")
+    if vr == "":
+        try:
+            found = str(dictionary_VR(tag))
+        except KeyError:
+            found = ""  # private or unknown: pydicom decides (UN)
+        vr = _VRS[tag] = found if found and " " not in found else None  # not "US or SS" and the like
+    if vr is None:
+        raise _Unsupported
+    return vr
 
 
 _IMPLICIT = struct.Struct("<HHI")

@@ -4,6 +4,9 @@ presentation contexts a node is asked for, and engine errors translated to node 
 
 from __future__ import annotations
 
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
+
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
@@ -24,7 +27,8 @@ from spanner.errors import AssociationAborted, AssociationRejected, DimseFailure
 from spanner.nodespec import NodeSpec
 from spanner.query import InformationModel
 
-__all__ = ["FIND_MODELS", "MOVE_MODELS", "Association", "encoder", "node_error", "open_association"]
+__all__ = ["FIND_MODELS", "MOVE_MODELS", "Association", "EncodedQueries", "encoder", "node_error",
+           "open_association"]
 
 FIND_MODELS: dict[InformationModel, str] = {
     InformationModel.PATIENT_ROOT: PATIENT_ROOT_FIND,
@@ -90,3 +94,22 @@ def encoder(identifier: Dataset) -> dimse.association.Identifier:
         return data
 
     return encode
+
+
+class EncodedQueries:
+    """The encoded identifiers of an actor's last ``size`` distinct queries: a query asked again (a
+    worklist polled, a page re-read) costs no pydicom Dataset and no encoding (about 0.3 ms each)."""
+
+    def __init__(self, size: int = 128) -> None:
+        self._size = size
+        self._encoders: OrderedDict[Hashable, dimse.association.Identifier] = OrderedDict()
+
+    def get(self, key: Hashable, build: Callable[[], Dataset]) -> dimse.association.Identifier:
+        found = self._encoders.get(key)
+        if found is not None:
+            self._encoders.move_to_end(key)
+            return found
+        made = self._encoders[key] = encoder(build())
+        if len(self._encoders) > self._size:
+            self._encoders.popitem(last=False)
+        return made

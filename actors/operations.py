@@ -21,6 +21,7 @@ from actors.dimse import Association, encoder, node_error
 from actors.pool import AssociationPool
 from spanner.dicom_constants import FAILED_SOP_INSTANCE_UID_LIST, Status
 from spanner.dimse import errors as engine
+from spanner.dimse.association import Identifier
 from spanner.errors import NodeError
 from spanner.outcome import DicomJson
 
@@ -70,10 +71,10 @@ class _Cancellable:
 class FindOperation(_Cancellable):
     """One C-FIND on a pooled association; retried once on a fresh one if a reused one turns out dead."""
 
-    def __init__(self, pool: AssociationPool, identifier: Dataset, model: str, msg_id: int,
+    def __init__(self, pool: AssociationPool, identifier: Identifier, model: str, msg_id: int,
                  dimse_timeout_s: float) -> None:
         super().__init__(pool, model, msg_id, dimse_timeout_s)
-        self._identifier = encoder(identifier)
+        self._identifier = identifier
         self.matches: list[DicomJson] = []
 
     async def run(self) -> None:

@@ -19,7 +19,7 @@ from typing import Any, Protocol
 import ray
 
 from actors.circuit import CircuitBreaker, CircuitState, Decision
-from actors.dimse import FIND_MODELS, MOVE_MODELS
+from actors.dimse import FIND_MODELS, MOVE_MODELS, EncodedQueries
 from actors.metrics import NodeMetrics
 from actors.operations import CANCELLED, EchoOperation, FindOperation, MoveOperation
 from actors.pool import AssociationPool
@@ -54,6 +54,7 @@ class PacsNodeImpl:
         self._circuit = CircuitBreaker(tuning.circuit_failures, tuning.circuit_cooldown_s)
         self._slots: asyncio.Semaphore | None = None
         self._msg_ids = itertools.count(1)
+        self._identifiers = EncodedQueries()
         self._reaper: asyncio.Task[None] | None = None
         self._stopping: set[asyncio.Task[None]] = set()
         self._ends: dict[int, float] = {}  # in-flight operation -> when it is expected to end at the latest
@@ -247,7 +248,8 @@ class PacsNodeImpl:
         remaining = deadline - time.monotonic()
         op = FindOperation(
             self._pool,
-            query.identifier(dict(self.spec.additional_filters)),
+            self._identifiers.get((query.level, tuple(sorted(query.filters.items())), query.return_keys),
+                                  lambda: query.identifier(dict(self.spec.additional_filters))),
             FIND_MODELS[model],
             next(self._msg_ids) % 65535 + 1,
             dimse_timeout_s=min(self.spec.dimse_timeout_s, remaining + self.tuning.cancel_grace_s + 1.0),

@@ -183,9 +183,14 @@ class Association:
         if self._ended is not None and self._inbox.empty():
             raise self._ended
         try:
-            message = await asyncio.wait_for(self._inbox.get(), timeout_s or self.dimse_timeout_s)
-        except TimeoutError:
-            raise DimseTimeout(f"no DIMSE message within {timeout_s or self.dimse_timeout_s:g} s") from None
+            message = self._inbox.get_nowait()  # responses often come several to a PDU or a read
+        except asyncio.QueueEmpty:
+            try:
+                async with asyncio.timeout(timeout_s or self.dimse_timeout_s):
+                    message = await self._inbox.get()
+            except TimeoutError:
+                waited = timeout_s or self.dimse_timeout_s
+                raise DimseTimeout(f"no DIMSE message within {waited:g} s") from None
         if message is None:
             self._inbox.put_nowait(None)  # wake any other waiter too
             raise self._ended or AssociationAborted("the association ended")

@@ -457,3 +457,42 @@ def test_acceptor_streams_a_handlers_results_and_closes_it_on_cancel() -> None:
 
     statuses, finished = asyncio.run(body())
     assert statuses[-1] == Status.CANCEL and len(statuses) < 10_000 and finished
+
+
+def test_a_malformed_response_ends_the_requestors_association_only() -> None:
+    """An archive that accepts, then answers a C-FIND with garbage: the query ends AssociationAborted
+    (the node's ``aborted``), and the engine aborts the association (source: service provider)."""
+    from spanner.dimse.pdu import AcceptedContext, AssociateAccept, ContextResult, PduType, read_pdu
+
+    async def body() -> tuple[BaseException | None, bytes]:
+        tail: list[bytes] = []
+
+        async def archive(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            _, raw = await read_pdu(reader, 0)
+            request = AssociateRequest.decode(raw)
+            contexts = tuple(AcceptedContext(c.context_id, ContextResult.ACCEPTANCE, IMPLICIT_VR_LE)
+                             for c in request.contexts)
+            writer.write(AssociateAccept(request.called_ae, request.calling_ae, contexts).encode())
+            kind, _ = await read_pdu(reader, 0)
+            assert kind == PduType.P_DATA_TF
+            writer.write(struct.pack(">BBI", 4, 0, 8) + b"\xff" * 8)  # a PDV longer than its PDU
+            tail.append(await reader.read())
+            writer.close()
+
+        server = await asyncio.start_server(archive, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        assoc = await connect("127.0.0.1", port, calling_ae="ENGINE", called_ae="BROKEN",
+                              contexts=ALL_CONTEXTS)
+        error: BaseException | None = None
+        try:
+            await find_all(assoc, STUDY_ROOT_FIND, identifier("STUDY"))
+        except AssociationAborted as exc:
+            error = exc
+        await assoc.close()
+        await asyncio.sleep(0.05)
+        server.close()
+        return error, b"".join(tail)
+
+    error, tail = asyncio.run(body())
+    assert isinstance(error, AssociationAborted) and "malformed" in str(error)
+    assert tail.endswith(bytes([0x07, 0, 0, 0, 0, 4, 0, 0, 2, 0]))  # A-ABORT, source 2 (provider)

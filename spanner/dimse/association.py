@@ -154,30 +154,34 @@ class Association:
                 elif kind == PduType.RELEASE_RP:
                     self._released.set()
                     self._end(AssociationAborted("the association was released"))
+                    self.writer.close()
                     return
                 elif kind == PduType.ABORT:
                     self._end(AssociationAborted("the peer aborted the association (A-ABORT)"))
+                    self.writer.close()
                     return
                 elif kind == PduType.RELEASE_RQ:  # the acceptor may not ask; answer and end
                     self.writer.write(RELEASE_RP)
                     self._end(AssociationAborted("the peer released the association"))
+                    self.writer.close()
                     return
                 else:
                     raise ProtocolError(f"unexpected PDU type 0x{kind:02X} on an established association")
         except ProtocolError as exc:
-            self.abort(source=2)
             self._end(AssociationAborted(f"aborted: the peer sent a malformed PDU ({exc})"))
+            self.abort(source=2)
         except (ConnectionError, asyncio.IncompleteReadError, OSError):
             self._end(AssociationAborted("the peer closed the connection"))
+            self.writer.close()
         except asyncio.CancelledError:
             self._end(AssociationAborted("the association was closed"))
+            self.writer.close()
             raise
 
     def _end(self, reason: BaseException) -> None:
         if self._ended is None:
             self._ended = reason
         self._inbox.put_nowait(None)
-        self.writer.close()
 
     async def next_message(self, timeout_s: float | None = None) -> Message:
         if self._ended is not None and self._inbox.empty():

@@ -55,7 +55,6 @@ class PacsNodeImpl:
         self._slots: asyncio.Semaphore | None = None
         self._msg_ids = itertools.count(1)
         self._identifiers = EncodedQueries()
-        self._reaper: asyncio.Task[None] | None = None
         self._stopping: set[asyncio.Task[None]] = set()
         self._ends: dict[int, float] = {}  # in-flight operation -> when it is expected to end at the latest
         self._waiting = 0  # queries waiting for a slot
@@ -223,8 +222,6 @@ class PacsNodeImpl:
         }
 
     async def close(self) -> None:
-        if self._reaper is not None:
-            self._reaper.cancel()
         if self._stopping:
             await asyncio.wait(list(self._stopping), timeout=self.tuning.cancel_grace_s + 1)
         await self._pool.close_all()
@@ -361,7 +358,6 @@ class PacsNodeImpl:
     # -- admission: circuit, rate, slots ------------------------------------------------------------------
     async def _admit(self, deadline: float, probe_allowed: bool) -> NodeOutcome | None:
         """None when the caller may go ahead holding no slot yet; else the outcome that refuses it."""
-        self._start_reaper()
         name = self.spec.name
         decision = self._circuit.decide()
         if decision is Decision.PROBE and probe_allowed:
@@ -453,16 +449,6 @@ class PacsNodeImpl:
         stopper = asyncio.get_running_loop().create_task(_cancel_then_abort(op, task, grace))
         self._stopping.add(stopper)
         stopper.add_done_callback(self._stopping.discard)
-
-    def _start_reaper(self) -> None:
-        if self._reaper is None:
-            self._reaper = asyncio.get_running_loop().create_task(self._reap_forever())
-
-    async def _reap_forever(self) -> None:
-        interval = max(0.5, self.tuning.pool_idle_s / 2)
-        while True:
-            await asyncio.sleep(interval)
-            self._pool.reap()
 
 
 class _Throttled(Exception):

@@ -2,13 +2,13 @@
 
 Associations are the engine's (``spanner.dimse``): each has a reader task on the actor's event loop that
 notices a peer's A-ABORT or closed connection the moment it happens, also while the association idles
-here, so a dead one is never handed out and nothing polls. Releases run as background tasks.
+here, so a dead one is never handed out and nothing polls. An idle association is released by a timer
+of its own ``idle_s`` after it was given back. Releases run as background tasks.
 """
 
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Awaitable, Callable
 
 from actors.dimse import Association, open_association
@@ -24,7 +24,7 @@ class AssociationPool:
         self.spec = spec
         self._idle_s = idle_s
         self._opener = opener
-        self._idle: list[tuple[Association, float]] = []
+        self._idle: list[tuple[Association, asyncio.TimerHandle]] = []
         self._closing: set[asyncio.Task[None]] = set()
         self.in_use = 0
         self.opened = 0
@@ -36,7 +36,8 @@ class AssociationPool:
     async def acquire(self) -> tuple[Association, bool]:
         """An established association and whether it was reused."""
         while self._idle:
-            assoc, _ = self._idle.pop()
+            assoc, expiry = self._idle.pop()
+            expiry.cancel()
             if assoc.is_open:
                 self.in_use += 1
                 return assoc, True
@@ -52,22 +53,20 @@ class AssociationPool:
         wait the ACSE timeout for an answer that cannot come)."""
         self.in_use -= 1
         if reusable and self.spec.reuse_associations and assoc.is_open:
-            self._idle.append((assoc, time.monotonic()))
+            expiry = asyncio.get_running_loop().call_later(self._idle_s, self._expire, assoc)
+            self._idle.append((assoc, expiry))
             return
         self._close(assoc, polite)
 
-    def reap(self, now: float | None = None) -> int:
-        """Release associations idle longer than ``idle_s``; returns how many."""
-        now = time.monotonic() if now is None else now
-        stale = [a for a, since in self._idle if now - since >= self._idle_s]
-        self._idle = [(a, since) for a, since in self._idle if now - since < self._idle_s]
-        for assoc in stale:
-            self._close(assoc)
-        return len(stale)
+    def _expire(self, assoc: Association) -> None:
+        """``idle_s`` passed since ``assoc`` was given back unused: release it."""
+        self._idle = [(a, expiry) for a, expiry in self._idle if a is not assoc]
+        self._close(assoc)
 
     async def close_all(self) -> None:
         idle, self._idle = self._idle, []
-        for assoc, _ in idle:
+        for assoc, expiry in idle:
+            expiry.cancel()
             self._close(assoc)
         if self._closing:
             await asyncio.wait(list(self._closing), timeout=self.spec.connect_timeout_s + 1)

@@ -28,7 +28,7 @@ peers:
 
 ## Everything the tests need, then the tests.
 test: $(VENV)/.installed-test peers
-	$(BIN)/ruff check spanner serve_app actors cluster scp cli tests benchmarks
+	$(BIN)/ruff check spanner serve_app actors cluster scp simulator cli tests benchmarks
 	$(BIN)/mypy
 	$(BIN)/pytest -q -p no:cacheprovider
 
@@ -39,6 +39,7 @@ $(VENV)/.installed-bench: pyproject.toml $(VENV)/.installed
 ## Benchmarks at full size (about 25 minutes); results in benchmarks/results/ (JSON, markdown, PNG).
 bench: $(VENV)/.installed-bench peers
 	$(BIN)/python -m benchmarks.fanout
+	$(BIN)/python -m benchmarks.fanout --archives orthanc --nodes 1,4,16,64
 	$(BIN)/python -m benchmarks.merge
 	$(BIN)/python -m benchmarks.throughput
 	$(BIN)/python -m benchmarks.orthanc
@@ -46,12 +47,13 @@ bench: $(VENV)/.installed-bench peers
 ## The same, small (under 3 minutes on a quiet machine); results in benchmarks/results/*-quick.*
 bench-quick: $(VENV)/.installed-bench peers
 	$(BIN)/python -m benchmarks.fanout --quick
+	$(BIN)/python -m benchmarks.fanout --quick --archives orthanc
 	$(BIN)/python -m benchmarks.merge --quick
 	$(BIN)/python -m benchmarks.throughput --quick
 	$(BIN)/python -m benchmarks.orthanc --quick
 
 lint: $(VENV)/.installed-test
-	$(BIN)/ruff check spanner serve_app actors cluster scp cli tests benchmarks
+	$(BIN)/ruff check spanner serve_app actors cluster scp simulator cli tests benchmarks
 
 typecheck: $(VENV)/.installed-test
 	$(BIN)/mypy

@@ -74,9 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     from pynetdicom import AE, evt
 
+    from simulator.dataset import generate_fleet
+    from simulator.scp import enable_nodelay
     from spanner.query import Level, NodeQuery
-    from spanner.simulator.dataset import generate_fleet
-    from spanner.simulator.scp import enable_nodelay
     from tests.peers.orthanc import OrthancPeer, orthanc_executable, stop_all
 
     if orthanc_executable() is None or shutil.which("findscu") is None:

@@ -13,10 +13,10 @@ import threading
 
 from pynetdicom import _config
 
-from spanner.simulator.dataset import generate_uniform
-from spanner.simulator.fleet import stop_fleet
-from spanner.simulator.scp import SimulatedPacs, SimulatorBase, SimulatorConfig
-from spanner.simulator.wire import WireSimulatedPacs
+from simulator.dataset import generate_uniform
+from simulator.fleet import stop_fleet
+from simulator.scp import SimulatedPacs, SimulatorBase, SimulatorConfig
+from simulator.wire import WireSimulatedPacs
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -175,8 +175,8 @@ def simulate(
     fault: Annotated[str, typer.Option(help="none, refuse, abort, failure, hang or slow")] = "none",
 ) -> None:
     """Serve a seeded, generated data set as a Query/Retrieve SCP until Ctrl-C."""
-    from spanner.simulator.dataset import generate_fleet
-    from spanner.simulator.scp import SimulatorConfig, serve_forever
+    from simulator.dataset import generate_fleet
+    from simulator.scp import SimulatorConfig, serve_forever
 
     fleet = generate_fleet(seed, nodes=max(3, node_index + 1), patients=patients)
     config = SimulatorConfig(

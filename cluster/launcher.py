@@ -47,7 +47,7 @@ def prepare_database(settings: Settings, say: Callable[[str], None]) -> None:
 
 def prepare_demo_fleet(settings: Settings, say: Callable[[str], None]) -> list[Any]:
     """Start and register three simulated PACS unless real nodes exist (then drop stale demo nodes)."""
-    from spanner.simulator.fleet import DEMO_NODES, start_demo_fleet
+    from simulator.fleet import DEMO_NODES, start_demo_fleet
 
     demo = {d.name: (d.ae_title, settings.demo_base_port + d.port_offset) for d in DEMO_NODES}
     prepare_database(settings, say)
@@ -186,7 +186,7 @@ def run(settings: Settings, say: Callable[[str], None] = print) -> None:
 
     from cluster.ray_runtime import connect
     from serve_app.app import AppArgs, build_app
-    from spanner.simulator.fleet import stop_fleet
+    from simulator.fleet import stop_fleet
 
     configure_logging("cli", settings)
     stop = threading.Event()

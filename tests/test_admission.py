@@ -12,8 +12,8 @@ import httpx
 import pytest
 
 from serve_app.admission import MIN_RUN_S, Admission, Overloaded
-from spanner.simulator.dataset import generate_fleet
-from spanner.simulator.scp import SimulatedPacs, SimulatorConfig
+from simulator.dataset import generate_fleet
+from simulator.scp import SimulatedPacs, SimulatorConfig
 from tests.conftest import Api, migrate
 
 

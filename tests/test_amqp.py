@@ -19,11 +19,11 @@ import pika
 import pytest
 
 from serve_app.amqp_requests import AmqpRequest, RequestConsumer
+from simulator.dataset import generate_fleet
+from simulator.scp import SimulatedPacs, SimulatorConfig
 from spanner.errors import StorageError
 from spanner.keys import new_key
 from spanner.settings import load_settings
-from spanner.simulator.dataset import generate_fleet
-from spanner.simulator.scp import SimulatedPacs, SimulatorConfig
 from spanner.storage import Repository, make_engine
 from tests.conftest import Api, migrate
 from tests.test_events import Listener

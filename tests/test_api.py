@@ -7,8 +7,8 @@ from collections.abc import Iterator
 import pytest
 
 from actors import registry
-from spanner.simulator.dataset import generate_fleet
-from spanner.simulator.scp import SimulatedPacs, SimulatorConfig
+from simulator.dataset import generate_fleet
+from simulator.scp import SimulatedPacs, SimulatorConfig
 from tests.conftest import Api
 
 
@@ -169,7 +169,7 @@ def test_span_with_unknown_node_is_refused(api: Api) -> None:
 def test_a_large_answer_is_packed_whole_and_pages_in_order(api: Api) -> None:
     """1,200 studies from one archive: more than the node actor packs on its event loop (off it, then)."""
     from actors.pacs_node import PACK_ON_LOOP_MAX
-    from spanner.simulator.dataset import generate_uniform
+    from simulator.dataset import generate_uniform
 
     studies = PACK_ON_LOOP_MAX + 200
     with SimulatedPacs(SimulatorConfig(ae_title="BIG_SIM"), generate_uniform(5, 0, studies)) as sim:

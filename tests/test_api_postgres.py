@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from spanner.simulator.dataset import generate_fleet
-from spanner.simulator.scp import SimulatedPacs, SimulatorConfig
+from simulator.dataset import generate_fleet
+from simulator.scp import SimulatedPacs, SimulatorConfig
 from tests.conftest import Api
 
 pytestmark = pytest.mark.postgres

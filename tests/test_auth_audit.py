@@ -19,10 +19,10 @@ from cli.main import app as cli
 from scp import translate
 from scp.server import SpannerScp
 from serve_app.services import AuditJanitor
+from simulator.dataset import generate_fleet
+from simulator.scp import SimulatedPacs, SimulatorConfig
 from spanner.keys import new_key
 from spanner.settings import get_settings, load_settings
-from spanner.simulator.dataset import generate_fleet
-from spanner.simulator.scp import SimulatedPacs, SimulatorConfig
 from spanner.storage import Audit, Repository, make_engine
 from tests.conftest import Api, migrate
 

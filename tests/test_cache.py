@@ -17,12 +17,12 @@ from typing import Any
 import pytest
 import redis
 
+from simulator.dataset import generate_fleet
+from simulator.scp import SimulatedPacs, SimulatorConfig
 from spanner.cache import NO_GENERATION, MemoryCache, QueryIdentity, RedisCache, cache_key, make_cache
 from spanner.errors import ConfigError
 from spanner.query import normalise_filters, normalise_return_keys
 from spanner.settings import load_settings
-from spanner.simulator.dataset import generate_fleet
-from spanner.simulator.scp import SimulatedPacs, SimulatorConfig
 from tests.conftest import Api, migrate, require
 from tests.peers.ports import ClosedPort, free_port, wait_for_port
 

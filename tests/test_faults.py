@@ -8,8 +8,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from spanner.simulator.dataset import generate_fleet
-from spanner.simulator.scp import SimulatedPacs, SimulatorConfig
+from simulator.dataset import generate_fleet
+from simulator.scp import SimulatedPacs, SimulatorConfig
 from tests.conftest import Api
 from tests.peers.ports import ClosedPort
 

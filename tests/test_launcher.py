@@ -15,9 +15,9 @@ import httpx
 import pytest
 
 from cluster.launcher import prepare_demo_fleet
+from simulator.fleet import stop_fleet
 from spanner.schemas import NodeIn
 from spanner.settings import load_settings
-from spanner.simulator.fleet import stop_fleet
 from spanner.storage import Repository, create_schema, make_engine
 from tests.peers.ports import descendants, free_port, off_loopback
 

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from spanner.simulator import matching
-from spanner.simulator.matching import compile_matcher, is_universal, matches
+from simulator import matching
+from simulator.matching import compile_matcher, is_universal, matches
 
 _LETTERS = st.characters(categories=["L", "N"])
 

@@ -26,7 +26,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]  # generated na
     StudyRootQueryRetrieveInformationModelMove,
 )
 
-from spanner.simulator.dataset import generate_uniform, write_part10
+from simulator.dataset import generate_uniform, write_part10
 from tests.conftest import require
 from tests.peers.orthanc import (
     CT_IMAGE_STORAGE,

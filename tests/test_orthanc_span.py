@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import pytest
 from pydicom.dataset import Dataset
 
-from spanner.simulator.dataset import generate_fleet
+from simulator.dataset import generate_fleet
 from tests.conftest import Api, require
 from tests.peers.orthanc import OrthancPeer, orthanc_executable, stop_all
 

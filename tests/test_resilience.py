@@ -9,8 +9,8 @@ import pytest
 import ray
 
 from actors import registry
-from spanner.simulator.dataset import generate_fleet
-from spanner.simulator.scp import SimulatedPacs, SimulatorConfig
+from simulator.dataset import generate_fleet
+from simulator.scp import SimulatedPacs, SimulatorConfig
 from tests.conftest import Api
 
 

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from spanner.simulator.scp import SimulatedPacs, SimulatorConfig
+from simulator.scp import SimulatedPacs, SimulatorConfig
 from tests.conftest import Api, require
 from tests.peers.orthanc import OrthancPeer, make_instance, orthanc_executable, stop_all
 

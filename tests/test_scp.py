@@ -19,9 +19,9 @@ from pynetdicom.association import Association
 
 from scp import translate
 from scp.server import SpannerScp
+from simulator.dataset import generate_fleet
+from simulator.scp import SimulatedPacs, SimulatorConfig
 from spanner.settings import load_settings
-from spanner.simulator.dataset import generate_fleet
-from spanner.simulator.scp import SimulatedPacs, SimulatorConfig
 from tests.conftest import Api, require
 from tests.peers.fake_api import FakeApi, Reply, span
 from tests.peers.orthanc import OrthancPeer, orthanc_executable, stop_all

@@ -29,11 +29,10 @@ from pydicom.uid import ExplicitVRLittleEndian
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
 
-from spanner.query import InformationModel, Level
-from spanner.simulator.dataset import generate_fleet, generate_uniform, node_charset, write_part10
-from spanner.simulator.fleet import DEMO_NODES, start_demo_fleet, stop_fleet
-from spanner.simulator.index import IdentifierError, Index
-from spanner.simulator.scp import (
+from simulator.dataset import generate_fleet, generate_uniform, node_charset, write_part10
+from simulator.fleet import DEMO_NODES, start_demo_fleet, stop_fleet
+from simulator.index import IdentifierError, Index
+from simulator.scp import (
     PATIENT_ROOT_FIND,
     STUDY_ROOT_FIND,
     VERIFICATION,
@@ -41,7 +40,8 @@ from spanner.simulator.scp import (
     SimulatorConfig,
     enable_nodelay,
 )
-from spanner.simulator.wire import WireSimulatedPacs
+from simulator.wire import WireSimulatedPacs
+from spanner.query import InformationModel, Level
 from tests.conftest import require
 
 LOOPBACK = "127.0.0.1"
@@ -521,8 +521,8 @@ def test_demo_fleet() -> None:
 
 def test_serve_forever_until_sigterm() -> None:
     script = (
-        "from spanner.simulator.dataset import generate_fleet\n"
-        "from spanner.simulator.scp import SimulatorConfig, serve_forever\n"
+        "from simulator.dataset import generate_fleet\n"
+        "from simulator.scp import SimulatorConfig, serve_forever\n"
         "serve_forever(SimulatorConfig(ae_title='SIM_CLI'), generate_fleet(1, 1, 2)[0],\n"
         "              on_started=lambda p: print(p.port, flush=True))\n"
     )

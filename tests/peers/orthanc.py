@@ -24,7 +24,7 @@ from typing import Any
 import httpx
 from pydicom.dataset import Dataset
 
-from spanner.simulator.dataset import write_part10
+from simulator.dataset import write_part10
 from tests.peers.ports import LOOPBACK, free_port, wait_for_port
 
 ORTHANC_EXECUTABLE = "Orthanc"
@@ -332,7 +332,7 @@ class OrthancPeer:
         return count
 
     def upload_datasets(self, datasets: Iterable[Dataset]) -> int:
-        """Store pydicom datasets (e.g. from spanner.simulator.dataset.generate_fleet) as Part-10 files."""
+        """Store pydicom datasets (e.g. from simulator.dataset.generate_fleet) as Part-10 files."""
         return self.upload_many(write_part10(ds) for ds in datasets)
 
     def patients(self) -> list[str]:

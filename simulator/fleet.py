@@ -6,8 +6,8 @@ import threading
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 
-from spanner.simulator.dataset import generate_fleet
-from spanner.simulator.scp import SimulatedPacs, SimulatorBase, SimulatorConfig
+from simulator.dataset import generate_fleet
+from simulator.scp import SimulatedPacs, SimulatorBase, SimulatorConfig
 
 
 @dataclass(frozen=True, slots=True)

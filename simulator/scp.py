@@ -27,8 +27,9 @@ from pynetdicom.association import Association
 from pynetdicom.pdu_primitives import A_ABORT, A_P_ABORT, A_RELEASE
 from pynetdicom.transport import ThreadedAssociationServer
 
+from simulator.index import IdentifierError, Index
+from spanner.dicom_constants import PATIENT_ROOT_FIND, STUDY_ROOT_FIND, VERIFICATION, Status
 from spanner.query import InformationModel
-from spanner.simulator.index import IdentifierError, Index
 
 LOG = logging.getLogger(__name__)
 
@@ -36,12 +37,8 @@ Fault = Literal["none", "refuse", "abort", "failure", "hang", "slow"]
 FAULTS: tuple[str, ...] = get_args(Fault)
 FindResponse = tuple[int | Dataset, Dataset | None]
 
-# pynetdicom.sop_class builds these names at run time, which mypy cannot see.
-VERIFICATION = "1.2.840.10008.1.1"
-PATIENT_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.1.1"
-STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
-STATUS_PENDING = 0xFF00
-STATUS_CANCEL = 0xFE00
+STATUS_PENDING = Status.PENDING
+STATUS_CANCEL = Status.CANCEL
 _STEP_S = 0.005  # how often waits look at C-CANCEL and at the association
 _MODELS: dict[str, InformationModel] = {
     PATIENT_ROOT_FIND: InformationModel.PATIENT_ROOT,
@@ -112,36 +109,6 @@ def _status(code: int, comment: str) -> Dataset:
     status.Status = code
     status.ErrorComment = comment[:64]
     return status
-
-
-class _PollingClock:
-    """Stands in for ``time`` in pynetdicom.association: its reactors' 1 ms idle sleeps become ``poll_s``."""
-
-    def __init__(self, poll_s: float) -> None:
-        self.poll_s = poll_s
-
-    def sleep(self, seconds: float) -> None:
-        time.sleep(self.poll_s if seconds == 0.001 else seconds)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(time, name)
-
-
-def slow_reactor_polling(poll_s: float) -> None:
-    """Let every association of this process poll every ``poll_s`` instead of every millisecond.
-
-    pynetdicom's association reactor sleeps a hard-coded 1 ms between looks at its queues, about 2.4% of a
-    core per open association. A simulator hosting dozens of PACS on the machine that runs the spanner (the
-    benchmarks) would spend the cores on that; a request then waits up to ``poll_s`` before it is read.
-    Process-wide, and only for processes that host simulators: never the spanner's own.
-    """
-    import pynetdicom.association as association
-
-    current = getattr(association, "time", time)
-    if isinstance(current, _PollingClock):
-        current.poll_s = max(current.poll_s, poll_s)
-    else:
-        association.time = _PollingClock(poll_s)  # type: ignore[assignment,attr-defined]
 
 
 class SimulatorBase(abc.ABC):
@@ -219,6 +186,8 @@ class SimulatedPacs(SimulatorBase):
         if self._server is not None:
             return self.port
         if self._config.poll_ms:
+            from simulator.pynetdicom_internals import slow_reactor_polling
+
             slow_reactor_polling(self._config.poll_ms / 1000)
         if not logging.getLogger("pynetdicom").isEnabledFor(logging.DEBUG):
             # pynetdicom formats every response identifier for a debug log nobody reads: ~20% of the
@@ -263,7 +232,9 @@ class SimulatedPacs(SimulatorBase):
     def _on_conn_open(self, event: evt.Event) -> None:
         enable_nodelay(event)
         if self._config.poll_ms:
-            event.assoc.dul._run_loop_delay = self._config.poll_ms / 1000
+            from simulator.pynetdicom_internals import slow_dul_polling
+
+            slow_dul_polling(event.assoc, self._config.poll_ms / 1000)
         self._count("connections")
 
     def _on_requested(self, event: evt.Event) -> None:

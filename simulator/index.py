@@ -18,8 +18,8 @@ from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
+from simulator.matching import Matcher, compile_matcher, is_universal
 from spanner.query import MODEL_LEVELS, InformationModel, Level
-from spanner.simulator.matching import Matcher, compile_matcher, is_universal
 
 DEFAULT_CHARSET = "ISO_IR 192"
 LEVEL_ORDER: dict[Level, int] = {Level.PATIENT: 0, Level.STUDY: 1, Level.SERIES: 2, Level.IMAGE: 3}

@@ -51,5 +51,9 @@ class SpansUnavailable(ScpError):
     """The span table could not be read, so no association can be accepted right now."""
 
 
+class KeyRefused(SpansUnavailable):
+    """The API answered 401/403 to the front's own API key: nothing a DICOM caller can fix."""
+
+
 class Abandoned(ScpError):
     """The DICOM client cancelled (C-CANCEL) or left: the HTTP request behind it was closed."""

@@ -1,213 +1,204 @@
-"""Thin pynetdicom event handlers: each turns an event into a call on the API and yields statuses.
+"""Thin handlers of the front's acceptor: each turns a request into a call on the API and yields statuses.
 
-What a status means is decided in scp.translate; how the API is reached in scp.client. A handler
-waits in short polls so that a C-CANCEL, or a peer that aborted, abandons the HTTP request at once.
+What a status means is decided in scp.translate; how the API is reached in scp.client. While a handler
+waits for the API it also waits for the request's C-CANCEL: whichever comes first wins, and a
+cancelled HTTP request is closed at once (Serve then cancels the spanning query behind it).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
-import socket
-import threading
-import time
-import weakref
-from collections.abc import Iterator
-from dataclasses import dataclass, field
-from typing import Any
-
-from pydicom.dataset import Dataset
-from pynetdicom import evt
-from pynetdicom.association import Association
+from collections.abc import AsyncIterator, Awaitable
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from scp import translate
 from scp.client import SpannerClient
-from scp.errors import Abandoned, ApiFailed, InvalidIdentifier, ScpError, SpansUnavailable
+from scp.encode import decode
+from scp.errors import (
+    Abandoned,
+    ApiFailed,
+    ApiRejected,
+    InvalidIdentifier,
+    KeyRefused,
+    ScpError,
+    SpansUnavailable,
+)
 from scp.spans import SpanDirectory, SpanInfo
+from spanner.dimse.acceptor import LOCAL_LIMIT_EXCEEDED, FindResult, MoveResult, Request
+from spanner.dimse.pdu import AssociateReject, AssociateRequest, RejectReason, RejectResult, RejectSource
 
 LOG = logging.getLogger(__name__)
+T = TypeVar("T")
 
-Response = tuple[int | Dataset, Dataset | None]
+PENDING_BURST = 32
+PENDING_PER_S = 20_000.0
+"""C-FIND pending responses go out in a first burst, then at most this many per second. DIMSE has no
+flow control: socket buffers on both ends hold a thousand small responses, so an unpaced stream would
+have sent most of a large answer before the client's C-CANCEL arrives. Paced, a C-CANCEL sent after the
+first response stops the stream within the burst plus a few milliseconds' worth; 1,000 matches take at
+least 48 ms to send (dcmtk's findscu reads a response in about 30 us)."""
 
-# A-ASSOCIATE-RJ (result, source, reason), PS3.8 9.3.4
-REJECT_CALLED_AE = (0x01, 0x01, 0x07)  # permanent, service-user, called AE title not recognised
-REJECT_CALLING_AE = (0x01, 0x01, 0x03)  # permanent, service-user, calling AE title not recognised
-REJECT_NO_SPANS = (0x02, 0x03, 0x02)  # transient, service-provider (presentation), local limit exceeded
+REJECT_CALLED_AE = AssociateReject(RejectResult.PERMANENT, RejectSource.SERVICE_USER,
+                                   RejectReason.CALLED_AE_NOT_RECOGNIZED)
+REJECT_CALLING_AE = AssociateReject(RejectResult.PERMANENT, RejectSource.SERVICE_USER,
+                                    RejectReason.CALLING_AE_NOT_RECOGNIZED)
+# The API cannot be asked for the span table right now: try again later.
+REJECT_NO_SPANS = AssociateReject(RejectResult.TRANSIENT, RejectSource.SERVICE_PROVIDER_PRESENTATION,
+                                  LOCAL_LIMIT_EXCEEDED)
+# The API refuses the front's own key: the front's configuration, not the caller, is at fault.
+REJECT_KEY_REFUSED = AssociateReject(RejectResult.TRANSIENT, RejectSource.SERVICE_USER,
+                                     RejectReason.NO_REASON)
 
 
-@dataclass
+async def first_or_cancel(work: Awaitable[T], cancelled: asyncio.Event) -> T:
+    """``work``'s result, or Abandoned (``work`` cancelled, its HTTP connection closed) on C-CANCEL."""
+    task = asyncio.ensure_future(work)
+    waiter = asyncio.ensure_future(cancelled.wait())
+    try:
+        await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            return task.result()
+        raise Abandoned("the DICOM client cancelled; the HTTP request was closed")
+    finally:
+        waiter.cancel()
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+
+
+class Pacer:
+    """A token bucket: ``burst`` at once, then ``per_s``; sleeping also lets the loop read a C-CANCEL."""
+
+    def __init__(self, burst: int, per_s: float) -> None:
+        self._burst, self._per_s = burst, per_s
+        self._sent = 0
+        self._started = 0.0
+
+    async def next(self) -> None:
+        loop = asyncio.get_running_loop()
+        if self._sent == 0:
+            self._started = loop.time()
+        self._sent += 1
+        ahead = (self._sent - self._burst) / self._per_s - (loop.time() - self._started)
+        if ahead > 0:
+            await asyncio.sleep(ahead)
+
+
+def origin(request: Request) -> dict[str, str]:
+    """Who is asking, for the API's audit trail: the calling AE title and its address."""
+    return {"X-Spanner-Calling-AE": request.calling_ae.strip(), "X-Spanner-Peer": request.peer}
+
+
+@dataclass(frozen=True, slots=True)
 class Front:
-    """What the handlers share: the span table, the API client, and each association's span."""
+    """What the handlers share: the span table and the API client."""
 
     spans: SpanDirectory
     client: SpannerClient
-    _spans_of: weakref.WeakKeyDictionary[Association, SpanInfo] = field(
-        default_factory=weakref.WeakKeyDictionary
-    )
-    _lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def bind(self, assoc: Association, span: SpanInfo) -> None:
-        with self._lock:
-            self._spans_of[assoc] = span
-
-    def span_of(self, assoc: Association) -> SpanInfo:
-        with self._lock:
-            span = self._spans_of.get(assoc)
+    async def admit(self, request: AssociateRequest, peer: str) -> AssociateReject | SpanInfo:
+        """The called AE title selects the span; its allowed_calling_aets select the callers."""
+        called, calling = request.called_ae.strip(), request.calling_ae.strip()
+        try:
+            span = await self.spans.lookup(called)
+        except KeyRefused as exc:
+            LOG.error("association %s -> %s from %s rejected: %s", calling, called, peer, exc)
+            return REJECT_KEY_REFUSED
+        except SpansUnavailable as exc:
+            LOG.warning("association %s -> %s rejected (transient): %s", calling, called, exc)
+            return REJECT_NO_SPANS
         if span is None:
-            raise ApiFailed("no span is bound to this association")
+            LOG.info("association %s -> %s rejected: no span has that AE title", calling, called)
+            return REJECT_CALLED_AE
+        if not span.allows(calling):
+            LOG.info("association %s -> %s rejected: caller not allowed on span %s", calling, called,
+                     span.name)
+            return REJECT_CALLING_AE
         return span
 
+    async def echo(self, request: Request) -> int:
+        return translate.SUCCESS
 
-class StopWatch:
-    """True once the peer cancelled or left; ``event.is_cancelled`` is true only once, so remember it."""
+    async def find(self, request: Request) -> AsyncIterator[FindResult]:
+        """POST /api/v1/queries, then one pending response per merged match, then the final status."""
+        try:
+            span = _span(request)
+            model = translate.MODELS[request.sop_class]
+            query = translate.find_request(_identifier(request), model, span)
+            answer = await first_or_cancel(self.client.query(query.body, origin(request)), request.cancelled)
+            encoder = translate.AnswerEncoder(query, span, request.implicit)
+            pace = Pacer(PENDING_BURST, PENDING_PER_S)
+            for match in answer["matches"]:
+                await pace.next()
+                yield FindResult(translate.PENDING, encoder.encode(match))
+        except Abandoned:
+            yield FindResult(translate.CANCEL)
+            return
+        except ScpError as exc:
+            _log_failure("C-FIND", exc)
+            failed, why = translate.failure(exc)
+            yield FindResult(failed, comment=why)
+            return
+        code, note = translate.find_final(answer)
+        if note:
+            LOG.warning("C-FIND on span %s (query %s): %s", span.name, answer.get("query_id"), note)
+        yield FindResult(code)
 
-    def __init__(self, event: evt.Event) -> None:
-        self._event = event
-        self._seen = False
-
-    def __call__(self) -> bool:
-        if not self._seen:
-            assoc = self._event.assoc
-            self._seen = bool(self._event.is_cancelled) or assoc.is_aborted or not assoc.is_established
-        return self._seen
-
-
-SEND_BACKLOG = 8
-"""Pending responses queued for sending at most. pynetdicom's reactor reads the socket only when it has
-nothing left to send, so an unbounded backlog would leave a C-CANCEL unread until every match is out
-(measured: 1,400 to 2,100 of 3,000 matches went after the cancel)."""
-
-
-def _backlog_drained(assoc: Association, limit: int = SEND_BACKLOG) -> bool:
-    """Wait until the reactor has at most ``limit`` messages to send; False if the association ended."""
-    outgoing = assoc.dul.to_provider_queue
-    while outgoing.qsize() > limit:
-        if not assoc.is_established:
-            return False
-        time.sleep(0.0005)
-    return True
-
-
-def on_conn_open(event: evt.Event) -> None:
-    """Turn Nagle off: without TCP_NODELAY each DIMSE message stalls about 40 ms (shared/GUIDE.md)."""
-    sock = event.assoc.dul.socket
-    if sock is not None and sock.socket is not None:
-        sock.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
-def on_conn_close(event: evt.Event) -> None:
-    """Free the slot of a connection that closed before its A-ASSOCIATE-RQ arrived.
-
-    pynetdicom's acceptor otherwise waits the whole ACSE timeout for a request that cannot come
-    any more, and each such half-open connection counts against maximum_associations. A None in
-    the DUL's queue is what its own timeout produces, so the association ends the same way at once.
-    """
-    assoc = event.assoc
-    if assoc.is_acceptor and assoc.requestor.primitive is None:
-        queue: Any = assoc.dul.to_user_queue  # typed for primitives; its own timeout puts a None too
-        queue.put(None)
+    async def move(self, request: Request) -> AsyncIterator[MoveResult]:
+        """POST /api/v1/retrievals and relay its progress lines as pending responses, then the result."""
+        progress: dict[str, Any] | None = None
+        try:
+            span = _span(request)
+            model = translate.MODELS[request.sop_class]
+            body = translate.move_request(_identifier(request), model, span, request.move_destination)
+        except ScpError as exc:
+            yield translate.move_failure(exc, None)
+            return
+        events = self.client.retrieve(body, origin(request))
+        try:
+            while True:
+                item = await first_or_cancel(anext(events, None), request.cancelled)
+                if item is None:
+                    raise ApiFailed("the retrieval ended without a result")
+                if item.get("event") == "progress":
+                    progress = item
+                    yield translate.move_pending(item)
+                elif item.get("event") == "result":
+                    final = translate.move_final(item, request.implicit)
+                    if final.status != translate.SUCCESS:
+                        LOG.info("C-MOVE %s: 0x%04X %s", item.get("retrieval_id"), final.status,
+                                 item.get("error"))
+                    yield final
+                    return
+        except Abandoned:
+            yield translate.move_cancelled(progress, request.implicit)
+        except ScpError as exc:
+            _log_failure("C-MOVE", exc)
+            yield translate.move_failure(exc, progress)
+        finally:
+            await events.aclose()
 
 
-def _reject(assoc: Association, reason: tuple[int, int, int]) -> None:
-    assoc.acse.send_reject(*reason)
-    assoc.kill()
+def _span(request: Request) -> SpanInfo:
+    if not isinstance(request.state, SpanInfo):
+        raise ApiFailed("no span is bound to this association")
+    return request.state
 
 
-def on_requested(event: evt.Event, front: Front) -> None:
-    """The called AE title selects the span; its allowed_calling_aets select the callers."""
-    request = event.assoc.requestor.primitive
-    assert request is not None  # EVT_REQUESTED fires once the A-ASSOCIATE-RQ is in
-    called, calling = str(request.called_ae_title).strip(), str(request.calling_ae_title).strip()
+def _identifier(request: Request) -> Any:
     try:
-        span = front.spans.lookup(called)
-    except SpansUnavailable as exc:
-        LOG.warning("association %s -> %s rejected (transient): %s", calling, called, exc)
-        _reject(event.assoc, REJECT_NO_SPANS)
-        return
-    if span is None:
-        LOG.info("association %s -> %s rejected: no span has that AE title", calling, called)
-        _reject(event.assoc, REJECT_CALLED_AE)
-        return
-    if not span.allows(calling):
-        LOG.info("association %s -> %s rejected: caller not allowed on span %s", calling, called, span.name)
-        _reject(event.assoc, REJECT_CALLING_AE)
-        return
-    front.bind(event.assoc, span)
-
-
-def on_echo(event: evt.Event) -> int:
-    return translate.SUCCESS
-
-
-def origin(event: evt.Event) -> dict[str, str]:
-    """Who is asking, for the API's audit trail: the calling AE title and its address."""
-    requestor = event.assoc.requestor
-    return {"X-Spanner-Calling-AE": str(requestor.ae_title).strip(), "X-Spanner-Peer": str(requestor.address)}
-
-
-def _identifier(event: evt.Event) -> Dataset:
-    try:
-        identifier: Dataset = event.identifier
+        return decode(request.identifier or b"", request.implicit)
     except Exception as exc:  # bytes pydicom cannot decode
         raise InvalidIdentifier(f"cannot decode the identifier: {exc}") from exc
-    return identifier
 
 
-def on_find(event: evt.Event, front: Front) -> Iterator[Response]:
-    """POST /api/v1/queries, then one pending response per merged match, then the final status."""
-    stop = StopWatch(event)
-    try:
-        span = front.span_of(event.assoc)
-        model = translate.MODELS[str(event.request.AffectedSOPClassUID)]
-        request = translate.find_request(_identifier(event), model, span)
-        answer = front.client.query(request.body, origin(event)).wait(stop)
-        for match in answer["matches"]:
-            if stop() or not _backlog_drained(event.assoc):
-                raise Abandoned("C-CANCEL during the pending responses")
-            yield translate.PENDING, translate.match_dataset(match, request, span)
-    except Abandoned:
-        yield translate.CANCEL, None
-        return
-    except ScpError as exc:
-        LOG.info("C-FIND failed: %s", exc)
-        yield translate.failure(exc), None
-        return
-    code, note = translate.find_final(answer)
-    if note:
-        LOG.warning("C-FIND on span %s (query %s): %s", span.name, answer.get("query_id"), note)
-    yield code, None
-
-
-def on_move(event: evt.Event, front: Front) -> Iterator[Response]:
-    """POST /api/v1/retrievals and relay its progress lines as pending responses, then the result."""
-    stop = StopWatch(event)
-    progress: dict[str, object] | None = None
-    try:
-        span = front.span_of(event.assoc)
-        model = translate.MODELS[str(event.request.AffectedSOPClassUID)]
-        body = translate.move_request(_identifier(event), model, span, event.move_destination or "")
-    except ScpError as exc:
-        yield translate.move_failure(exc, None)
-        return
-    stream = front.client.retrieve(body, origin(event))
-    try:
-        while True:
-            item = stream.next(stop)
-            if item is None:
-                raise ApiFailed("the retrieval ended without a result")
-            if item.get("event") == "progress":
-                progress = item
-                yield translate.move_pending(item), None
-            elif item.get("event") == "result":
-                final = translate.move_final(item)
-                code = final[0].Status
-                if code != translate.SUCCESS:
-                    LOG.info("C-MOVE %s: 0x%04X %s", item.get("retrieval_id"), code, item.get("error"))
-                yield final
-                return
-    except Abandoned:
-        yield translate.move_cancelled(progress)
-    except ScpError as exc:
-        LOG.info("C-MOVE failed: %s", exc)
-        yield translate.move_failure(exc, progress)
-    finally:
-        stream.close()
+def _log_failure(what: str, exc: ScpError) -> None:
+    if isinstance(exc, ApiRejected) and exc.http_status in (401, 403):
+        LOG.error("%s failed: the API refused the DICOM front's API key (HTTP %d): %s; "
+                  "set SPANNER_SCP_API_KEY to a valid key", what, exc.http_status, exc)
+    else:
+        LOG.info("%s failed: %s", what, exc)

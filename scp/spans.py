@@ -2,19 +2,19 @@
 
 The table is read at association time, inside the peer's ACSE timeout: a refresh that fails raises
 SpansUnavailable (the association is then rejected as transient) instead of serving a stale table
-whose policies may no longer hold.
+whose policies may no longer hold; KeyRefused when the API refuses the front's own API key.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from scp.errors import ApiError, SpansUnavailable
+from scp.errors import ApiError, ApiRejected, KeyRefused, SpansUnavailable
 
 LOG = logging.getLogger(__name__)
 
@@ -47,32 +47,38 @@ class SpanDirectory:
 
     def __init__(
         self,
-        fetch: Callable[[], Iterable[Mapping[str, Any]]],
+        fetch: Callable[[], Awaitable[Iterable[Mapping[str, Any]]]],
         ttl_s: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._fetch = fetch
         self._ttl_s = ttl_s
         self._clock = clock
-        self._lock = threading.Lock()
+        self._lock = asyncio.Lock()
         self._by_ae: dict[str, SpanInfo] = {}
         self._fetched_at: float | None = None
 
-    def lookup(self, called_ae_title: str) -> SpanInfo | None:
+    async def lookup(self, called_ae_title: str) -> SpanInfo | None:
         """The span served under ``called_ae_title``, or None; raises SpansUnavailable."""
-        return self._table().get(called_ae_title.strip())
+        return (await self._table()).get(called_ae_title.strip())
 
     def invalidate(self) -> None:
-        with self._lock:
-            self._fetched_at = None
+        self._fetched_at = None
 
-    def _table(self) -> dict[str, SpanInfo]:
-        with self._lock:  # one refresh at a time; the others wait for it rather than all asking
+    async def _table(self) -> dict[str, SpanInfo]:
+        if self._fetched_at is not None and self._clock() - self._fetched_at < self._ttl_s:
+            return self._by_ae
+        async with self._lock:  # one refresh at a time; the others wait for it rather than all asking
             now = self._clock()
             if self._fetched_at is not None and now - self._fetched_at < self._ttl_s:
                 return self._by_ae
             try:
-                spans = [SpanInfo.from_json(raw) for raw in self._fetch()]
+                spans = [SpanInfo.from_json(raw) for raw in await self._fetch()]
+            except ApiRejected as exc:
+                if exc.http_status in (401, 403):
+                    raise KeyRefused(f"the API refused the DICOM front's API key (HTTP {exc.http_status}: "
+                                     f"{exc}); set SPANNER_SCP_API_KEY to a valid key") from exc
+                raise SpansUnavailable(f"cannot read the span table: {exc}") from exc
             except ApiError as exc:
                 raise SpansUnavailable(f"cannot read the span table: {exc}") from exc
             except (KeyError, TypeError, ValueError) as exc:

@@ -1,4 +1,4 @@
-"""DICOM <-> the spanner's JSON: identifiers become API bodies, answers become datasets and statuses.
+"""DICOM <-> the spanner's JSON: identifiers become API bodies, answers become identifiers and statuses.
 
 Pure functions, no I/O: every decision about which DIMSE status answers which outcome lives here,
 so the handlers only move values between the association and the HTTP client.
@@ -15,6 +15,7 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 from pydicom.valuerep import PersonName
 
+from scp.encode import NotEncodable, json_element, text_element
 from scp.errors import (
     ApiFailed,
     ApiRejected,
@@ -24,14 +25,25 @@ from scp.errors import (
     UnsupportedRequest,
 )
 from scp.spans import SpanInfo
+from spanner.dicom_constants import (
+    FAILED_SOP_INSTANCE_UID_LIST,
+    PATIENT_ROOT_FIND,
+    PATIENT_ROOT_MOVE,
+    QUERY_RETRIEVE_LEVEL,
+    RETRIEVE_AE_TITLE,
+    SPECIFIC_CHARACTER_SET,
+    STUDY_ROOT_FIND,
+    STUDY_ROOT_MOVE,
+    VERIFICATION,
+    Status,
+)
+from spanner.dimse.acceptor import MoveResult
 from spanner.query import MODEL_LEVELS, InformationModel, Level
 
-# pynetdicom.sop_class builds these names at run time, which mypy cannot see.
-VERIFICATION = "1.2.840.10008.1.1"
-PATIENT_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.1.1"
-STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
-PATIENT_ROOT_MOVE = "1.2.840.10008.5.1.4.1.2.1.2"
-STUDY_ROOT_MOVE = "1.2.840.10008.5.1.4.1.2.2.2"
+__all__ = ["PATIENT_ROOT_FIND", "PATIENT_ROOT_MOVE", "STUDY_ROOT_FIND", "STUDY_ROOT_MOVE", "VERIFICATION"]
+# (the SOP classes the front serves, re-exported for its callers; the module's own names stay public)
+
+SUPPORTED = (VERIFICATION, PATIENT_ROOT_FIND, STUDY_ROOT_FIND, PATIENT_ROOT_MOVE, STUDY_ROOT_MOVE)
 MODELS: dict[str, InformationModel] = {
     PATIENT_ROOT_FIND: InformationModel.PATIENT_ROOT,
     STUDY_ROOT_FIND: InformationModel.STUDY_ROOT,
@@ -40,22 +52,19 @@ MODELS: dict[str, InformationModel] = {
 }
 
 # Statuses (PS3.4 C.4.1.1.4 and C.4.2.1.5; the 0xC0xx are this implementation's "unable to process").
-SUCCESS = 0x0000
-PENDING = 0xFF00
-CANCEL = 0xFE00
-MOVE_SUBOPS_WARNING = 0xB000  # Warning: sub-operations complete, one or more failures or warnings
-MOVE_DESTINATION_UNKNOWN = 0xA801
-IDENTIFIER_INVALID = 0xA900
+SUCCESS = Status.SUCCESS
+PENDING = Status.PENDING
+CANCEL = Status.CANCEL
+MOVE_SUBOPS_WARNING = Status.SUBOPERATIONS_FAILED  # Warning: sub-operations complete, some failed
+MOVE_DESTINATION_UNKNOWN = Status.MOVE_DESTINATION_UNKNOWN
+IDENTIFIER_INVALID = Status.IDENTIFIER_DOES_NOT_MATCH
 API_UNREACHABLE = 0xC001
 SPAN_FAILED = 0xC002
 API_ERROR = 0xC003
 NOT_SUPPORTED = 0xC004
 
 ANSWER_CHARSET = "ISO_IR 192"  # the API gives Unicode; every answer goes out in UTF-8
-_QUERY_RETRIEVE_LEVEL = 0x00080052
-_SPECIFIC_CHARACTER_SET = 0x00080005
-_RETRIEVE_AE_TITLE = 0x00080054
-_SET_BY_FRONT = frozenset({_QUERY_RETRIEVE_LEVEL, _SPECIFIC_CHARACTER_SET, _RETRIEVE_AE_TITLE})
+_SET_BY_FRONT = frozenset({QUERY_RETRIEVE_LEVEL, SPECIFIC_CHARACTER_SET, RETRIEVE_AE_TITLE})
 _US_MAX = 0xFFFF
 
 
@@ -64,14 +73,6 @@ def comment(text: str) -> str:
     """An ErrorComment: LO, so at most 64 characters of the default repertoire and no backslash."""
     ascii_text = text.encode("ascii", "replace").decode("ascii").replace("\\", "/")
     return " ".join(ascii_text.split())[:64]
-
-
-def status(code: int, error: str | None = None) -> Dataset:
-    ds = Dataset()
-    ds.Status = code
-    if error:
-        ds.ErrorComment = comment(error)
-    return ds
 
 
 def status_code_for(exc: ScpError) -> int:
@@ -91,16 +92,17 @@ def status_code_for(exc: ScpError) -> int:
     return API_ERROR
 
 
-def failure(exc: ScpError) -> Dataset:
-    return status(status_code_for(exc), str(exc))
+def failure(exc: ScpError) -> tuple[int, str]:
+    """The failure status of an error and its ErrorComment."""
+    return status_code_for(exc), comment(str(exc))
 
 
 # -- identifiers -----------------------------------------------------------------------------------------
 def level_of(identifier: Dataset, model: InformationModel) -> Level:
     """The QueryRetrieveLevel, checked against what the information model allows (PS3.4 C.6)."""
-    if _QUERY_RETRIEVE_LEVEL not in identifier:
+    if QUERY_RETRIEVE_LEVEL not in identifier:
         raise InvalidIdentifier("QueryRetrieveLevel (0008,0052) is missing")
-    raw = str(identifier[_QUERY_RETRIEVE_LEVEL].value or "").strip().upper()
+    raw = str(identifier[QUERY_RETRIEVE_LEVEL].value or "").strip().upper()
     try:
         level = Level(raw)
     except ValueError:
@@ -191,22 +193,41 @@ def find_request(identifier: Dataset, model: InformationModel, span: SpanInfo) -
     return FindRequest(level, body, tuple(requested))
 
 
-def match_dataset(match: Mapping[str, Any], request: FindRequest, span: SpanInfo) -> Dataset:
-    """One merged match as a C-FIND response identifier: the requested keys only, in UTF-8."""
-    try:
-        found = Dataset.from_json(dict(match["dataset"]))
-    except Exception as exc:  # the API's DICOM JSON is the contract; say which part broke it
-        raise ApiFailed(f"unreadable match in the answer: {exc}", 200) from exc
-    out = Dataset()
-    out.SpecificCharacterSet = ANSWER_CHARSET
-    out.QueryRetrieveLevel = request.level.value
-    out.RetrieveAETitle = span.ae_title
-    for tag, vr in request.requested:
-        if tag in found:
-            out[tag] = found[tag]
-        else:
-            out.add_new(tag, vr, None)  # asked for and unknown: zero length, as PS3.4 C.4.1.1.3.2 asks
-    return out
+class AnswerEncoder:
+    """Encodes merged matches as C-FIND response identifiers: the requested keys only, in UTF-8.
+
+    What every answer of a request shares (the character set, level and Retrieve AE Title elements, the
+    order of the keys) is worked out once; each match is then written from its DICOM JSON.
+    """
+
+    def __init__(self, request: FindRequest, span: SpanInfo, implicit: bool) -> None:
+        fixed = {
+            SPECIFIC_CHARACTER_SET: text_element(SPECIFIC_CHARACTER_SET, "CS", [ANSWER_CHARSET], implicit),
+            QUERY_RETRIEVE_LEVEL: text_element(QUERY_RETRIEVE_LEVEL, "CS", [request.level.value], implicit),
+            RETRIEVE_AE_TITLE: text_element(RETRIEVE_AE_TITLE, "AE", [span.ae_title], implicit),
+        }
+        plan: list[tuple[int, str, bytes | None]] = [(tag, "", raw) for tag, raw in fixed.items()]
+        plan += [(tag, vr, None) for tag, vr in request.requested]
+        self._plan = [(tag, f"{tag:08X}", vr, raw) for tag, vr, raw in sorted(plan, key=lambda p: p[0])]
+        self._implicit = implicit
+
+    def encode(self, match: Mapping[str, Any]) -> bytes:
+        try:
+            found = match["dataset"]
+            out = []
+            for tag, key, vr, raw in self._plan:
+                if raw is not None:
+                    out.append(raw)
+                    continue
+                elem = found.get(key)
+                if elem is None:  # asked for and unknown: zero length, as PS3.4 C.4.1.1.3.2 asks
+                    out.append(text_element(tag, vr, (), self._implicit))
+                else:
+                    out.append(json_element(tag, elem, self._implicit))
+            return b"".join(out)
+        except (NotEncodable, KeyError, TypeError, AttributeError) as exc:
+            # the API's DICOM JSON is the contract; say which part broke it
+            raise ApiFailed(f"unreadable match in the answer: {exc}", 200) from exc
 
 
 def find_final(answer: Mapping[str, Any]) -> tuple[int, str | None]:
@@ -274,29 +295,25 @@ def _count(event: Mapping[str, Any], key: str) -> int:
         return 0
 
 
-def _with_counts(ds: Dataset, event: Mapping[str, Any], remaining: bool) -> Dataset:
-    if remaining:
-        ds.NumberOfRemainingSuboperations = _count(event, "remaining")
-    ds.NumberOfCompletedSuboperations = _count(event, "completed")
-    ds.NumberOfFailedSuboperations = _count(event, "failed")
-    ds.NumberOfWarningSuboperations = _count(event, "warning")
-    return ds
+def _with_counts(code: int, event: Mapping[str, Any], remaining: bool, identifier: bytes | None = None,
+                 error: str | None = None) -> MoveResult:
+    return MoveResult(code, _count(event, "remaining") if remaining else None, _count(event, "completed"),
+                      _count(event, "failed"), _count(event, "warning"), identifier,
+                      comment(error) if error else None)
 
 
-def _failed_list(uids: Sequence[str]) -> Dataset:
-    ds = Dataset()
-    ds.FailedSOPInstanceUIDList = [str(uid) for uid in uids]
-    return ds
+def _failed_list(uids: Sequence[str], implicit: bool) -> bytes:
+    return text_element(FAILED_SOP_INSTANCE_UID_LIST, "UI", [str(uid) for uid in uids], implicit)
 
 
-def move_pending(progress: Mapping[str, Any]) -> Dataset:
-    return _with_counts(status(PENDING), progress, remaining=True)
+def move_pending(progress: Mapping[str, Any]) -> MoveResult:
+    return _with_counts(PENDING, progress, remaining=True)
 
 
 _RESULT_STATUS = {"success": SUCCESS, "warning": MOVE_SUBOPS_WARNING, "failed": API_ERROR}
 
 
-def move_final(result: Mapping[str, Any]) -> tuple[Dataset, Dataset | None]:
+def move_final(result: Mapping[str, Any], implicit: bool) -> MoveResult:
     """The final C-MOVE response of a result line, with the Failed SOP Instance UID List (C.4.2.1.4)."""
     raw = result.get("dimse_status")
     code = int(raw) if isinstance(raw, int) and 0 <= raw <= _US_MAX else _RESULT_STATUS.get(
@@ -304,19 +321,16 @@ def move_final(result: Mapping[str, Any]) -> tuple[Dataset, Dataset | None]:
     )
     failed_uids = [str(uid) for uid in result.get("failed_sop_instance_uids") or ()]
     is_failure = code not in (SUCCESS, MOVE_SUBOPS_WARNING)
-    ds = _with_counts(status(code, str(result.get("error") or "") if is_failure else None), result, False)
-    if code == MOVE_SUBOPS_WARNING or failed_uids:
-        return ds, _failed_list(failed_uids)
-    return ds, None
+    identifier = _failed_list(failed_uids, implicit) if code == MOVE_SUBOPS_WARNING or failed_uids else None
+    error = str(result.get("error") or "") if is_failure else None
+    return _with_counts(code, result, False, identifier, error)
 
 
-def move_cancelled(progress: Mapping[str, Any] | None) -> tuple[Dataset, Dataset]:
+def move_cancelled(progress: Mapping[str, Any] | None, implicit: bool) -> MoveResult:
     """Cancel (0xFE00) with the counts so far; which instances failed is not known here."""
-    return _with_counts(status(CANCEL), progress or {}, remaining=True), _failed_list(())
+    return _with_counts(CANCEL, progress or {}, True, _failed_list((), implicit))
 
 
-def move_failure(exc: ScpError, progress: Mapping[str, Any] | None) -> tuple[Dataset, Dataset | None]:
-    ds = failure(exc)
-    if progress:
-        _with_counts(ds, progress, remaining=False)
-    return ds, None
+def move_failure(exc: ScpError, progress: Mapping[str, Any] | None) -> MoveResult:
+    code, note = failure(exc)
+    return _with_counts(code, progress or {}, False, None, note)

@@ -89,10 +89,20 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices("SPANNER_URL", "SPANNER_SCP_URL", "scp_url"),
         description="Base URL of the HTTP API the DICOM front forwards to",
     )
-    scp_max_associations: int = Field(default=32, ge=1, description="Associations the DICOM front accepts")
-    scp_acse_timeout_s: float = Field(default=30.0, gt=0, description="DICOM front: association set-up")
-    scp_dimse_timeout_s: float = Field(default=30.0, gt=0, description="DICOM front: DIMSE message wait")
-    scp_network_timeout_s: float = Field(default=60.0, gt=0, description="DICOM front: idle association")
+    scp_max_associations: int = Field(
+        default=32, ge=1, description="Established associations the DICOM front serves at once"
+    )
+    scp_max_connections_per_peer: int = Field(
+        default=16, ge=1,
+        description="DICOM front: open connections from one IP address (established or not); more are rejected",
+    )
+    scp_acse_timeout_s: float = Field(
+        default=5.0, gt=0, le=300,
+        description="DICOM front: ARTIM, how long a new connection may take to send its A-ASSOCIATE-RQ",
+    )
+    scp_network_timeout_s: float = Field(
+        default=60.0, gt=0, description="DICOM front: an association idle this long (no request) is aborted"
+    )
     scp_span_cache_ttl_s: float = Field(
         default=5.0, ge=0, description="How long the DICOM front trusts its copy of the span table"
     )

@@ -13,11 +13,21 @@
 Handlers are thin, pynetdicom style: ``echo`` returns a status; ``find`` and ``move`` are async generators
 of results. The engine writes each result as it is yielded and waits for the socket to drain
 (backpressure); a C-CANCEL for the request sets ``request.cancelled`` and, at the handler's next yield,
-closes the generator and answers Cancel (0xFE00). ``associate`` may refuse an association by returning an
-``AssociateReject``. A handler that raises answers 0xC000 with the error as ErrorComment.
+closes the generator and answers Cancel (0xFE00), unless the handler yields its own final response (e.g. a
+C-MOVE's Cancel with the counts so far). ``associate`` may refuse an association by returning an
+``AssociateReject``; ``admit`` does the same asynchronously, knows the peer's address and may return any
+value, kept as ``Request.state`` for the association's requests. A handler that raises answers 0xC000
+with the error as ErrorComment.
 Garbage, a truncated PDU or an unexpected one aborts that association only; the listener keeps serving.
-ARTIM: an association request (and the release of a connection the peer leaves open) waits at most
-``artim_s``.
+
+Limits, so that idle or abusive connections never starve the others:
+- ARTIM: a new connection must send its A-ASSOCIATE-RQ within ``artim_s`` (and a release waits at most
+  that long for the peer to close); a silent connection is closed.
+- ``idle_s``: an established association with no request running and no PDU for that long is aborted.
+- ``maximum_associations`` counts established associations only; connections still waiting for their
+  request do not take a slot.
+- ``maximum_per_peer``: connections from one IP address (established or not); a request from a peer over
+  it is rejected (transient, local limit exceeded).
 """
 
 from __future__ import annotations
@@ -59,13 +69,16 @@ from spanner.dimse.pdu import (
     AssociateRequest,
     ContextResult,
     PduType,
+    RejectReason,
+    RejectResult,
+    RejectSource,
     UserInformation,
     abort,
     read_pdu,
 )
 
 LOG = logging.getLogger(__name__)
-YIELD_EVERY = 16  # pending responses written between two turns of the event loop
+LOCAL_LIMIT_EXCEEDED = 2  # reason of source 3, service provider (presentation), PS3.8 9.3.4
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +90,8 @@ class AcceptorConfig:
     artim_s: float = 30.0
     require_called_ae: bool = False
     maximum_associations: int = 64
+    maximum_per_peer: int = 0  # 0: no limit
+    idle_s: float = 0.0  # 0: an established association may idle for ever
 
 
 class FindResult(NamedTuple):
@@ -87,7 +102,7 @@ class FindResult(NamedTuple):
 
 class MoveResult(NamedTuple):
     status: int
-    remaining: int = 0
+    remaining: int | None = 0  # None: not sent (final responses, PS3.4 C.4.2.1.6)
     completed: int = 0
     failed: int = 0
     warning: int = 0
@@ -105,6 +120,8 @@ class Request:
     identifier: bytes | None
     move_destination: str = ""
     cancelled: asyncio.Event = field(default_factory=asyncio.Event)
+    peer: str = ""  # the requestor's IP address
+    state: object = None  # what ``Handlers.admit`` returned for this association
 
     @property
     def calling_ae(self) -> str:
@@ -133,6 +150,7 @@ class Handlers:
     find: FindHandler | None = None
     move: MoveHandler | None = None
     associate: Callable[[AssociateRequest], AssociateReject | None] | None = None
+    admit: Callable[[AssociateRequest, str], Awaitable[AssociateReject | object]] | None = None
     connected: Callable[[], None] | None = None  # a TCP connection came in (counters)
     cancel: Callable[[int], None] | None = None  # a C-CANCEL arrived for this message ID (counters)
     established: Callable[[Association], None] | None = None
@@ -145,11 +163,17 @@ class Acceptor:
         self.handlers = handlers
         self._server: asyncio.Server | None = None
         self._connections: set[asyncio.Task[None]] = set()
+        self._per_peer: dict[str, int] = {}
+        self.associations = 0  # established right now
         self.port = 0
 
     @property
     def active_associations(self) -> int:
+        """Open connections, established or still waiting for their A-ASSOCIATE-RQ."""
         return len(self._connections)
+
+    def connections_from(self, peer: str) -> int:
+        return self._per_peer.get(peer, 0)
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
         self._server = await asyncio.start_server(self._accept, host, port, backlog=128)
@@ -170,22 +194,36 @@ class Acceptor:
         task = asyncio.current_task()
         assert task is not None
         self._connections.add(task)
+        peername = writer.get_extra_info("peername")
+        peer = str(peername[0]) if isinstance(peername, tuple) else ""
+        self._per_peer[peer] = self._per_peer.get(peer, 0) + 1
         set_nodelay(writer)
         if self.handlers.connected is not None:
             self.handlers.connected()
-        session = _Session(self, reader, writer)
+        session = _Session(self, reader, writer, peer)
         try:
             await session.run()
         except ProtocolError as exc:
             LOG.info("%s: aborting an association: %s", self.config.ae_title, exc)
             session.abort(source=2)
-        except (ConnectionError, asyncio.IncompleteReadError, TimeoutError, OSError):
+        except TimeoutError:
+            LOG.info("%s: closing a connection from %s: %s", self.config.ae_title, peer or "?",
+                     "idle too long" if session.assoc is not None else "no A-ASSOCIATE-RQ within ARTIM")
+            session.abort(source=2)
+        except (ConnectionError, asyncio.IncompleteReadError, OSError):
             pass
         except asyncio.CancelledError:
             session.abort()
         finally:
             session.stop_operations()
+            if session.assoc is not None:
+                self.associations -= 1
             self._connections.discard(task)
+            left = self._per_peer.get(peer, 1) - 1
+            if left > 0:
+                self._per_peer[peer] = left
+            else:
+                self._per_peer.pop(peer, None)
             writer.close()
 
 
@@ -193,10 +231,12 @@ class _Session:
     """One accepted connection: negotiation, then messages until release or abort."""
 
     def __init__(self, acceptor: Acceptor, reader: asyncio.StreamReader,
-                 writer: asyncio.StreamWriter) -> None:
+                 writer: asyncio.StreamWriter, peer: str) -> None:
         self.acceptor = acceptor
         self.reader = reader
         self.writer = writer
+        self.peer = peer
+        self.state: object = None
         self.assoc: Association | None = None
         self.operations: dict[int, tuple[Request, asyncio.Task[None]]] = {}
 
@@ -219,6 +259,15 @@ class _Session:
             raise ProtocolError(f"expected A-ASSOCIATE-RQ, got PDU type 0x{kind:02X}")
         request = AssociateRequest.decode(body)
         reject = self._refusal(request)
+        if reject is None and self.acceptor.handlers.admit is not None:
+            admitted = await self.acceptor.handlers.admit(request, self.peer)
+            if isinstance(admitted, AssociateReject):
+                reject = admitted
+            else:
+                self.state = admitted
+        if reject is None and self.acceptor.associations >= config.maximum_associations:
+            reject = AssociateReject(RejectResult.TRANSIENT, RejectSource.SERVICE_PROVIDER_PRESENTATION,
+                                     LOCAL_LIMIT_EXCEEDED)
         if reject is not None:
             self.writer.write(reject.encode())
             await self.writer.drain()
@@ -228,6 +277,7 @@ class _Session:
         accept = AssociateAccept(request.called_ae, request.calling_ae, contexts,
                                  UserInformation(config.max_pdu), request.application_context)
         self.writer.write(accept.encode())
+        self.acceptor.associations += 1
         self.assoc = Association(self.reader, self.writer, contexts, calling_ae=request.calling_ae,
                                  called_ae=request.called_ae, peer_max_pdu=request.user.max_pdu,
                                  max_pdu=config.max_pdu, acse_timeout_s=config.artim_s)
@@ -235,7 +285,7 @@ class _Session:
             self.acceptor.handlers.established(self.assoc)
         assembler = Assembler()
         while True:
-            kind, body = await read_pdu(self.reader, config.max_pdu)
+            kind, body = await self._next_pdu()
             if kind == PduType.P_DATA_TF:
                 for message in assembler.feed(body):
                     self._dispatch(message)
@@ -255,14 +305,42 @@ class _Session:
             else:
                 raise ProtocolError(f"unexpected PDU type 0x{kind:02X} on an established association")
 
+    async def _next_pdu(self) -> tuple[int, bytes]:
+        """The next PDU; TimeoutError once the association idled ``idle_s`` with no request running."""
+        idle_s = self.acceptor.config.idle_s
+        if not idle_s:
+            return await read_pdu(self.reader, self.acceptor.config.max_pdu)
+        # One read task, waited on in rounds: a running request keeps the association alive, and the
+        # read is never cancelled half-way through a PDU.
+        read = asyncio.ensure_future(read_pdu(self.reader, self.acceptor.config.max_pdu))
+        try:
+            while True:
+                done, _ = await asyncio.wait({read}, timeout=idle_s)
+                if done:
+                    return read.result()
+                if not self.operations:
+                    raise TimeoutError(f"no PDU for {idle_s:g} s")
+        finally:
+            if not read.done():
+                read.cancel()
+
     def _refusal(self, request: AssociateRequest) -> AssociateReject | None:
         config = self.acceptor.config
         if request.application_context != APPLICATION_CONTEXT:
-            return AssociateReject(1, 1, 2)
+            return AssociateReject(RejectResult.PERMANENT, RejectSource.SERVICE_USER,
+                                   RejectReason.APPLICATION_CONTEXT_NOT_SUPPORTED)
         if config.require_called_ae and request.called_ae != config.ae_title.strip():
-            return AssociateReject(1, 1, 7)
-        if self.acceptor.active_associations > config.maximum_associations:
-            return AssociateReject(2, 2, 2)  # transient, ACSE: local limit exceeded
+            return AssociateReject(RejectResult.PERMANENT, RejectSource.SERVICE_USER,
+                                   RejectReason.CALLED_AE_NOT_RECOGNIZED)
+        over_limit = (self.acceptor.associations >= config.maximum_associations
+                      or 0 < config.maximum_per_peer < self.acceptor.connections_from(self.peer))
+        if over_limit:
+            if self.acceptor.associations < config.maximum_associations:
+                LOG.warning("%s: rejecting %s from %s: %d connections from that address (limit %d)",
+                            config.ae_title, request.calling_ae, self.peer,
+                            self.acceptor.connections_from(self.peer), config.maximum_per_peer)
+            return AssociateReject(RejectResult.TRANSIENT, RejectSource.SERVICE_PROVIDER_PRESENTATION,
+                                   LOCAL_LIMIT_EXCEEDED)
         if self.acceptor.handlers.associate is not None:
             return self.acceptor.handlers.associate(request)
         return None
@@ -297,7 +375,7 @@ class _Session:
         if msg_id in self.operations:
             raise ProtocolError(f"message ID {msg_id} is already in use on this association")
         request = Request(self.assoc, context, msg_id, message.dataset,
-                          command.text(MOVE_DESTINATION))
+                          command.text(MOVE_DESTINATION), peer=self.peer, state=self.state)
         handlers = self.acceptor.handlers
         if field_ == CommandField.C_ECHO_RQ:
             body = self._echo(request)
@@ -337,18 +415,17 @@ class _Session:
                       results: AsyncIterator[FindResult] | AsyncIterator[MoveResult]) -> None:
         assert self.assoc is not None
         final: tuple[int, bytes | None, str | None, dict[int, int] | None] | None = None
-        sent = 0
         try:
             async for result in results:
-                if request.cancelled.is_set():
+                if request.cancelled.is_set() and result.status in PENDING_STATUSES:
                     break
                 counts = _counts(result) if isinstance(result, MoveResult) else None
                 if result.status in PENDING_STATUSES:
                     self._respond(request, field_, result.status, result.identifier, None, counts)
                     await self.assoc.drain()
-                    sent += 1
-                    if sent % YIELD_EVERY == 0:  # drain() returns at once below the high-water mark
-                        await asyncio.sleep(0)  # let the reader take a C-CANCEL in
+                    # Let the loop read what arrived meanwhile (a C-CANCEL, an A-ABORT): the writes
+                    # above do not block while the socket takes them.
+                    await asyncio.sleep(0)
                     continue
                 final = (result.status, result.identifier, result.comment, counts)
                 break
@@ -370,5 +447,8 @@ class _Session:
 
 
 def _counts(result: MoveResult) -> dict[int, int]:
-    return {REMAINING_SUBOPERATIONS: result.remaining, COMPLETED_SUBOPERATIONS: result.completed,
-            FAILED_SUBOPERATIONS: result.failed, WARNING_SUBOPERATIONS: result.warning}
+    counts = {COMPLETED_SUBOPERATIONS: result.completed, FAILED_SUBOPERATIONS: result.failed,
+              WARNING_SUBOPERATIONS: result.warning}
+    if result.remaining is not None:
+        counts[REMAINING_SUBOPERATIONS] = result.remaining
+    return counts

@@ -1,0 +1,53 @@
+"""An asyncio loop on its own thread, for synchronous owners of acceptors and requestors (start, stop).
+
+    runner = LoopThread("scp").start()
+    port = runner.run(acceptor.start("127.0.0.1", 0))
+    ...
+    runner.run(acceptor.close())
+    runner.stop()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Coroutine
+from typing import Any, TypeVar
+
+T = TypeVar("T")
+
+
+class LoopThread:
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def running(self) -> bool:
+        return self._loop is not None
+
+    def start(self) -> LoopThread:
+        if self._loop is None:
+            loop = asyncio.new_event_loop()
+            self._thread = threading.Thread(target=loop.run_forever, name=self.name, daemon=True)
+            self._thread.start()
+            self._loop = loop
+        return self
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout_s: float | None = 10.0) -> T:
+        """Run ``coro`` on the loop and wait for its result (raises what it raises)."""
+        if self._loop is None:
+            coro.close()
+            raise RuntimeError(f"loop thread {self.name} is not running")
+        return asyncio.run_coroutine_threadsafe(coro, self._loop).result(timeout_s)
+
+    def stop(self) -> None:
+        loop, thread = self._loop, self._thread
+        self._loop = self._thread = None
+        if loop is None:
+            return
+        loop.call_soon_threadsafe(loop.stop)
+        if thread is not None:
+            thread.join(5)
+        loop.close()

@@ -8,15 +8,13 @@ left and cancels the spanning query behind it. httpx errors are translated here,
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import AsyncGenerator
 from typing import Any
 
 import httpx
 
-from scp.errors import ApiError, ApiFailed, ApiRejected, ApiUnreachable, FrontKeyRefused
+from scp.errors import ApiError, ApiFailed, ApiRejected, ApiUnreachable
 
-LOG = logging.getLogger(__name__)
 Json = dict[str, Any]
 
 
@@ -40,12 +38,6 @@ def http_error(response: httpx.Response) -> ApiError:
     """An HTTP error answer as the front's error: 4xx rejected, everything else failed."""
     detail = _detail(response)
     code = response.status_code
-    if code in (401, 403):
-        refused = FrontKeyRefused(f"the spanner API refused the DICOM front's API key ({code}: {detail}); "
-                                  "set SPANNER_SCP_API_KEY to a key of role dicom_front "
-                                  "(`spanner keys create dicom-front --role dicom_front`)", code)
-        LOG.error("%s", refused, extra={"event": "scp.api_key_refused", "status": code})
-        return refused
     if 400 <= code < 500:
         return ApiRejected(detail, code)
     if code == 502:

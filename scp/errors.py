@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from spanner.errors import SpannerError
 
+FRONT_KEY_HINT = ("set SPANNER_SCP_API_KEY to a key of role dicom_front "
+                  "(spanner keys create dicom-front --role dicom_front)")
 
 class ScpError(SpannerError):
     """Base of every error of the DICOM front."""
@@ -36,11 +38,6 @@ class ApiUnreachable(ApiError):
 
 class ApiRejected(ApiError):
     """HTTP 4xx: the API refused the request as it was asked (a bad key, value or level)."""
-
-
-class FrontKeyRefused(ApiRejected):
-    """HTTP 401/403: the API refused the front's own key (SPANNER_SCP_API_KEY missing, unknown, revoked or
-    not of role dicom_front); no DICOM request can be served until an operator fixes it."""
 
 
 class ApiFailed(ApiError):

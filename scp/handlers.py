@@ -18,6 +18,7 @@ from scp import translate
 from scp.client import SpannerClient
 from scp.encode import decode
 from scp.errors import (
+    FRONT_KEY_HINT,
     Abandoned,
     ApiFailed,
     ApiRejected,
@@ -198,7 +199,7 @@ def _identifier(request: Request) -> Any:
 
 def _log_failure(what: str, exc: ScpError) -> None:
     if isinstance(exc, ApiRejected) and exc.http_status in (401, 403):
-        LOG.error("%s failed: the API refused the DICOM front's API key (HTTP %d): %s; "
-                  "set SPANNER_SCP_API_KEY to a valid key", what, exc.http_status, exc)
+        LOG.error("%s failed: the API refused the DICOM front's API key (HTTP %d): %s; %s",
+                  what, exc.http_status, exc, FRONT_KEY_HINT)
     else:
         LOG.info("%s failed: %s", what, exc)

@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from scp.errors import ApiError, ApiRejected, KeyRefused, SpansUnavailable
+from scp.errors import FRONT_KEY_HINT, ApiError, ApiRejected, KeyRefused, SpansUnavailable
 
 LOG = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ class SpanDirectory:
             except ApiRejected as exc:
                 if exc.http_status in (401, 403):
                     raise KeyRefused(f"the API refused the DICOM front's API key (HTTP {exc.http_status}: "
-                                     f"{exc}); set SPANNER_SCP_API_KEY to a valid key") from exc
+                                     f"{exc}); {FRONT_KEY_HINT}") from exc
                 raise SpansUnavailable(f"cannot read the span table: {exc}") from exc
             except ApiError as exc:
                 raise SpansUnavailable(f"cannot read the span table: {exc}") from exc

@@ -38,7 +38,6 @@ NOTES: dict[str, str] = {
     "http_port": "Port of the HTTP API",
     "dashboard_host": "Address of the Ray dashboard (local Ray only)",
     "dashboard_port": "Port of the Ray dashboard (local Ray only)",
-    "max_ongoing_requests": "Requests one ingress replica handles at once",
     "default_timeout_s": "Deadline of the spanning query that finds a retrieval's holders",
     "max_timeout_s": "Longest deadline a query may ask for",
     "circuit_cooldown_s": "How long an open circuit answers `circuit_open` before one C-ECHO decides",

@@ -78,8 +78,7 @@ async def retrieve(
         started = time.monotonic()
         retrieval_id = uuid.uuid4().hex
         try:
-            parts = await s.retriever.plan(nodes, body.level, uids)
-            result = await s.retriever.run(parts, destination, timeout, events.put)
+            result = await s.retriever.retrieve(nodes, body.level, uids, destination, timeout, events.put)
             summaries = [p.summary() for p in result.parts]
             final = {
                 "event": "result",

@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from spanner.query import Level
-from spanner.schemas import AETitle, Dedup, FailureStrategy
+from spanner.schemas import AETitle, Dedup, FailureStrategy, TextInput
 
 MAX_LIST_VALUES = 1000
 """Values of one filter's list (a UID list): one C-FIND identifier stays well inside what archives take."""
@@ -20,7 +20,7 @@ FilterValue = str | int | float | Annotated[list[str], Field(max_length=MAX_LIST
 Timeout = Annotated[float, Field(gt=0, le=MAX_TIMEOUT_S, allow_inf_nan=False)]
 
 
-class QueryIn(BaseModel):
+class QueryIn(TextInput):
     """A spanning C-FIND. Only ``level`` is required; the rest defaults from the span."""
 
     model_config = ConfigDict(
@@ -92,7 +92,7 @@ class QueryOut(BaseModel):
     )
 
 
-class RetrievalIn(BaseModel):
+class RetrievalIn(TextInput):
     """A retrieval: the archives holding the objects are found, and C-MOVE them to the destination."""
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
 
 import ray
 
@@ -24,6 +29,95 @@ def stay_on_loopback() -> None:
     ray_constants.ENABLE_RAY_CLUSTER = False
 
 
+LOOPBACK_HOOK = "cluster.ray_runtime.keep_servers_on_loopback"
+
+
+def keep_servers_on_loopback() -> None:
+    """Worker setup hook of a local instance: gRPC servers that Ray binds on every interface (a Serve
+    replica's inter-deployment server binds ``[::]:0``) bind 127.0.0.1 instead.
+
+    The one place this project touches Ray's internals for it: ``ray._common.tls_utils.
+    add_port_to_grpc_server``, which Serve's replica module imports by name when the worker loads it,
+    after this hook has run. If Ray no longer has the function, nothing is patched and the loopback
+    test (tests/test_launcher.py) says so."""
+    from ray._common import tls_utils
+
+    original = getattr(tls_utils, "add_port_to_grpc_server", None)
+    if original is None or getattr(original, "_spanner_loopback", False):
+        return
+
+    def on_loopback(server: Any, address: str) -> Any:
+        host, _, port = address.rpartition(":")
+        if host in ("[::]", "0.0.0.0", ""):
+            address = f"127.0.0.1:{port}"
+        return original(server, address)
+
+    on_loopback._spanner_loopback = True  # type: ignore[attr-defined]
+    tls_utils.add_port_to_grpc_server = on_loopback
+
+
+def descendants(pid: int) -> set[int]:
+    """Every process below ``pid`` now (from /proc): Ray's raylet, GCS, agents and workers of a local
+    instance are children and grandchildren of the process that started it."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue  # ended meanwhile
+        fields = text[text.rfind(")") + 2:].split()
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found: set[int] = set()
+    stack = [pid]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            if child not in found:
+                found.add(child)
+                stack.append(child)
+    return found
+
+
+def identities(pids: set[int]) -> dict[int, str]:
+    """Each live process's start time (field 22 of /proc/PID/stat): with the PID it names one process,
+    so a PID reused by another program after ours ended is never signalled."""
+    found: dict[int, str] = {}
+    for pid in pids:
+        started = _start_time(pid)
+        if started is not None:
+            found[pid] = started
+    return found
+
+
+def _start_time(pid: int) -> str | None:
+    """The start time of a live (not zombie) process, else None."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return None if fields[0] == "Z" else fields[19]
+
+
+def end_processes(processes: dict[int, str], grace_s: float = 2.0) -> int:
+    """SIGTERM the processes of ``processes`` (from ``identities``) still alive, SIGKILL those alive
+    ``grace_s`` later; returns how many had to be ended. Only processes this one started come here."""
+
+    def alive(pid: int) -> bool:
+        return _start_time(pid) == processes[pid]
+
+    left = [pid for pid in processes if alive(pid)]
+    for pid in left:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while any(alive(pid) for pid in left) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for pid in left:
+        if alive(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    return len(left)
+
+
 def connect(settings: Settings, dashboard: bool = True) -> None:
     """Join the cluster at RAY_ADDRESS, or start a local one bound to loopback with its dashboard."""
     if ray.is_initialized():
@@ -43,4 +137,5 @@ def connect(settings: Settings, dashboard: bool = True) -> None:
         dashboard_port=settings.dashboard_port,
         log_to_driver=False,
         _node_ip_address="127.0.0.1",
+        runtime_env={"worker_process_setup_hook": LOOPBACK_HOOK},
     )

@@ -1,13 +1,16 @@
 """`spanner run`: Ray (local or RAY_ADDRESS), the Serve app, and the demo fleet when no node is configured.
 
 Ctrl-C (or SIGTERM) stops everything this process started: the Serve app, the simulators and the
-local Ray instance with its processes.
+local Ray instance with its processes (Ray's agents included: any of them still alive after
+``ray.shutdown`` is ended by PID), and says so.
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -184,14 +187,18 @@ def run(settings: Settings, say: Callable[[str], None] = print) -> None:
     from ray import serve
     from ray.serve.config import HTTPOptions
 
-    from cluster.ray_runtime import connect
+    from cluster.ray_runtime import connect, descendants, end_processes, identities
     from serve_app.app import AppArgs, build_app
     from simulator.fleet import stop_fleet
 
     configure_logging("cli", settings)
     stop = threading.Event()
+
+    def on_signal(*_: object) -> None:
+        stop.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, on_signal)
     fleet: list[Any] = []
     front: SpannerScp | None = None
     own_front_key = False
@@ -216,21 +223,28 @@ def run(settings: Settings, say: Callable[[str], None] = print) -> None:
             blocking=False,
         )
         front = start_scp(settings, say)
+        for sig in (signal.SIGINT, signal.SIGTERM):  # ray.init installs its own SIGTERM handler: ours again
+            signal.signal(sig, on_signal)
         say(example(settings, required))
         stop.wait()
         say("stopping")
     finally:
+        stopping = time.monotonic()
         if front is not None:
             front.stop()
         if own_front_key:
             revoke_front_key(settings)
+        ours = identities(descendants(os.getpid()))  # before Ray's shutdown orphans its agents
         if ray.is_initialized():
             try:
-                # On a shared cluster only our app goes; a local instance goes whole.
+                # On a shared cluster only our app goes; a local instance goes whole with its processes
+                # (ending them ends the app: no graceful Serve drain, which took seconds).
                 if settings.ray_address:
                     serve.delete("spanner")
-                else:
-                    serve.shutdown()  # type: ignore[no-untyped-call]
             finally:
                 ray.shutdown()
         stop_fleet(fleet)
+        ended = end_processes(ours)
+        left = f"; {ended} left-over process(es) ended by PID" if ended else ""
+        say(f"stopped in {time.monotonic() - stopping:.1f} s: the API, the DICOM front, Ray and the "
+            f"demo fleet{left}")

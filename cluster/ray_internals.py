@@ -65,12 +65,40 @@ def _missing_private_names() -> list[str]:
         missing.append("ray._private.state.actors")
     if not hasattr(worker, "_global_node"):
         missing.append("ray._private.worker._global_node")
+    from ray._common import tls_utils
+
+    if not callable(getattr(tls_utils, "add_port_to_grpc_server", None)):
+        missing.append("ray._common.tls_utils.add_port_to_grpc_server")
     # ray.init takes its private arguments through **kwargs and pops them by name.
     init_source = inspect.getsource(inspect.unwrap(ray.init))
     missing += [
         f"ray.init({name}=...)" for name in _PRIVATE_INIT_ARGS if f'kwargs.pop("{name}"' not in init_source
     ]
     return missing
+
+LOOPBACK_HOOK = "cluster.ray_internals.keep_servers_on_loopback"
+
+
+def keep_servers_on_loopback() -> None:
+    """Worker setup hook of a local instance: gRPC servers that Ray binds on every interface (a Serve
+    replica's inter-deployment server binds ``[::]:0``) bind 127.0.0.1 instead.
+
+    It wraps ``ray._common.tls_utils.add_port_to_grpc_server``, which Serve's replica module imports by
+    name when the worker loads it, after this hook has run; :func:`check` refuses a Ray without it."""
+    from ray._common import tls_utils
+
+    original = getattr(tls_utils, "add_port_to_grpc_server", None)
+    if original is None or getattr(original, "_spanner_loopback", False):
+        return
+
+    def on_loopback(server: Any, address: str) -> Any:
+        host, _, port = address.rpartition(":")
+        if host in ("[::]", "0.0.0.0", ""):
+            address = f"127.0.0.1:{port}"
+        return original(server, address)
+
+    on_loopback._spanner_loopback = True  # type: ignore[attr-defined]
+    tls_utils.add_port_to_grpc_server = on_loopback
 
 
 def stay_on_loopback() -> None:

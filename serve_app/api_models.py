@@ -2,17 +2,25 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from spanner.query import Level
-from spanner.schemas import AETitle, Dedup, FailureStrategy
+from spanner.schemas import AETitle, Dedup, FailureStrategy, TextInput
 
-FilterValue = str | int | float | list[str] | None
+MAX_LIST_VALUES = 1000
+"""Values of one filter's list (a UID list): one C-FIND identifier stays well inside what archives take."""
+MAX_RETRIEVAL_UIDS = 10_000
+"""UIDs of one key in one retrieval: they are looked up in batches, within the retrieval's deadline."""
+MAX_TIMEOUT_S = 86_400.0
+"""Outer bound of any timeout_s an API model accepts (the settings bound queries further: max_timeout_s)."""
+
+FilterValue = str | int | float | Annotated[list[str], Field(max_length=MAX_LIST_VALUES)] | None
+Timeout = Annotated[float, Field(gt=0, le=MAX_TIMEOUT_S, allow_inf_nan=False)]
 
 
-class QueryIn(BaseModel):
+class QueryIn(TextInput):
     """A spanning C-FIND. Only ``level`` is required; the rest defaults from the span."""
 
     model_config = ConfigDict(
@@ -42,7 +50,7 @@ class QueryIn(BaseModel):
     )
     span: str = Field(default="all", description="Span to query; 'all' holds every enabled node")
     nodes: list[str] | None = Field(default=None, description="Narrow the span to these of its nodes")
-    timeout_s: float | None = Field(default=None, gt=0, description="Deadline for every node (span default)")
+    timeout_s: Timeout | None = Field(default=None, description="Deadline for every node (span default)")
     failure_strategy: FailureStrategy | None = None
     minimum_nodes: int | None = Field(default=None, ge=1, description="With failure_strategy 'minimum'")
     dedup: Dedup | None = None
@@ -84,7 +92,7 @@ class QueryOut(BaseModel):
     )
 
 
-class RetrievalIn(BaseModel):
+class RetrievalIn(TextInput):
     """A retrieval: the archives holding the objects are found, and C-MOVE them to the destination."""
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{
@@ -93,12 +101,13 @@ class RetrievalIn(BaseModel):
     }]})
 
     level: Level = Field(description="STUDY, SERIES or IMAGE")
-    uids: dict[str, str | list[str]] = Field(
+    uids: dict[str, str | Annotated[list[str], Field(min_length=1, max_length=MAX_RETRIEVAL_UIDS)]] = Field(
         description="StudyInstanceUID (STUDY), SeriesInstanceUID (SERIES) or SOPInstanceUID (IMAGE), one "
                     "or a list; the parents' UIDs may be given to narrow the search")
     destination_ae: AETitle = Field(description="Move destination: an AE title the holding archives know")
     span: str = Field(default="all", description="Span whose nodes are searched for holders")
-    timeout_s: float | None = Field(default=None, gt=0, description="Deadline of the whole retrieval")
+    timeout_s: Timeout | None = Field(default=None, description="Deadline of the whole retrieval, the "
+                                      "look-ups of the holders included (default retrieve_timeout_s)")
 
 
 class EchoOut(BaseModel):

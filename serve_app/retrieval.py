@@ -3,6 +3,10 @@
 A study split across archives is moved part by part (one SERIES-level C-MOVE per series, from the
 archive that holds it); a study one archive holds whole goes in one STUDY-level C-MOVE. When a holder
 fails, the next holder of the same objects (by node priority) is tried.
+
+Finding the holders asks for many UIDs at once: a list of UIDs is one spanning C-FIND (UID list matching,
+PS3.4 C.2.2.2.2) per batch of ``LOOKUP_BATCH``, a few batches at a time, and the whole retrieval, the
+look-ups included, keeps one deadline.
 """
 
 from __future__ import annotations
@@ -28,6 +32,10 @@ TAG = {
     "PatientID": "00100020",
 }
 Emit = Callable[[dict[str, Any]], Awaitable[None]]
+LOOKUP_BATCH = 100
+"""UIDs per look-up C-FIND: one identifier stays a few kilobytes, which every archive accepts."""
+LOOKUP_CONCURRENCY = 4
+"""Look-up batches in flight at once: the node actors' association pools bound the rest anyway."""
 
 
 @dataclass(slots=True)
@@ -78,13 +86,16 @@ class Retriever:
 
     # -- who holds what -------------------------------------------------------------------------------
     async def _lookup(
-        self, nodes: list[NodeSpec], level: Level, filters: dict[str, str]
+        self, nodes: list[NodeSpec], level: Level, filters: dict[str, str], deadline: float
     ) -> list[dict[str, Any]]:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return []
         plan = QueryPlan(
             query=NodeQuery(level, filters),
             span="",
             nodes=tuple(nodes),
-            timeout_s=self._lookup_timeout_s,
+            timeout_s=min(self._lookup_timeout_s, remaining),
             failure_strategy=FailureStrategy.BEST_EFFORT,
             minimum_nodes=1,
             dedup=Dedup.MERGE_ALL,
@@ -94,21 +105,43 @@ class Retriever:
         result = await self._coordinator.run(plan)
         return result.matches  # type: ignore[return-value]
 
-    async def plan(self, nodes: list[NodeSpec], level: Level, uids: dict[str, list[str]]) -> list[Part]:
+    async def _lookup_batched(self, nodes: list[NodeSpec], level: Level, key: str, uids: list[str],
+                              narrow: dict[str, str], deadline: float) -> list[dict[str, Any]]:
+        """Matches of ``key`` in ``uids`` (with the ``narrow`` filters), LOOKUP_BATCH UIDs per C-FIND."""
+        unique = list(dict.fromkeys(uids))
+        batches = [unique[i:i + LOOKUP_BATCH] for i in range(0, len(unique), LOOKUP_BATCH)]
+        gate = asyncio.Semaphore(LOOKUP_CONCURRENCY)
+
+        async def one(batch: list[str]) -> list[dict[str, Any]]:
+            async with gate:
+                return await self._lookup(nodes, level, {key: "\\".join(batch), **narrow}, deadline)
+
+        answers = await asyncio.gather(*(one(batch) for batch in batches))
+        return [match for answer in answers for match in answer]
+
+    async def plan(self, nodes: list[NodeSpec], level: Level, uids: dict[str, list[str]],
+                   deadline: float | None = None) -> list[Part]:
+        """The parts to move; the look-ups end by ``deadline`` (monotonic; default: the look-up timeout)."""
         by_name = {n.name: n for n in nodes}
+        if deadline is None:
+            deadline = time.monotonic() + self._lookup_timeout_s
         if level is Level.STUDY:
+            # Always the whole span: a holder list remembered from an earlier answer may have gone
+            # stale, and a missed holder would silently leave part of a split study behind.
+            studies = uids["StudyInstanceUID"]
+            series = await self._lookup_batched(nodes, Level.SERIES, "StudyInstanceUID", studies, {},
+                                                deadline)
+            of_study: dict[str, list[dict[str, Any]]] = {}
+            for match in series:
+                of_study.setdefault(_value(match, "StudyInstanceUID") or "", []).append(match)
             parts: list[Part] = []
-            for study in uids["StudyInstanceUID"]:
-                # Always the whole span: a holder list remembered from an earlier answer may have gone
-                # stale, and a missed holder would silently leave part of a split study behind.
-                series = await self._lookup(nodes, Level.SERIES, {"StudyInstanceUID": study})
-                parts.extend(self._study_parts(study, series, by_name))
+            for study in dict.fromkeys(studies):
+                parts.extend(self._study_parts(study, of_study.get(study, []), by_name))
             return parts
         if level is Level.SERIES:
-            filters = {"SeriesInstanceUID": "\\".join(uids["SeriesInstanceUID"])}
-            if uids.get("StudyInstanceUID"):
-                filters["StudyInstanceUID"] = uids["StudyInstanceUID"][0]
-            matches = await self._lookup(nodes, Level.SERIES, filters)
+            narrow = {"StudyInstanceUID": uids["StudyInstanceUID"][0]} if uids.get("StudyInstanceUID") else {}
+            matches = await self._lookup_batched(nodes, Level.SERIES, "SeriesInstanceUID",
+                                                 uids["SeriesInstanceUID"], narrow, deadline)
             return [
                 Part(
                     Level.SERIES,
@@ -120,11 +153,9 @@ class Retriever:
                 )
                 for m in matches
             ]
-        filters = {"SOPInstanceUID": "\\".join(uids["SOPInstanceUID"])}
-        for key in ("StudyInstanceUID", "SeriesInstanceUID"):
-            if uids.get(key):
-                filters[key] = uids[key][0]
-        matches = await self._lookup(nodes, Level.IMAGE, filters)
+        narrow = {key: uids[key][0] for key in ("StudyInstanceUID", "SeriesInstanceUID") if uids.get(key)}
+        matches = await self._lookup_batched(nodes, Level.IMAGE, "SOPInstanceUID", uids["SOPInstanceUID"],
+                                             narrow, deadline)
         groups: dict[tuple[str, str, tuple[str, ...]], list[str]] = {}
         for m in matches:
             group = (
@@ -162,9 +193,14 @@ class Retriever:
         ]
 
     # -- moving ---------------------------------------------------------------------------------------
-    async def run(self, parts: list[Part], destination: str, timeout_s: float, emit: Emit) -> RetrievalResult:
+    async def retrieve(self, nodes: list[NodeSpec], level: Level, uids: dict[str, list[str]],
+                       destination: str, timeout_s: float, emit: Emit) -> RetrievalResult:
+        """Find the holders and move, the whole within ``timeout_s``."""
         deadline = time.monotonic() + timeout_s
+        parts = await self.plan(nodes, level, uids, deadline)
+        return await self._run(parts, destination, deadline, emit)
 
+    async def _run(self, parts: list[Part], destination: str, deadline: float, emit: Emit) -> RetrievalResult:
         async def report() -> None:
             await emit({"event": "progress", **_totals(parts)})
 

@@ -147,6 +147,22 @@ def resolve_keyword(key: str) -> str:
     return text
 
 
+NOT_MATCHABLE_VRS = frozenset(
+    {"OB", "OD", "OF", "OL", "OV", "OW", "UN", "OB or OW", "US or OW", "US or SS or OW"}
+)
+"""Bulk data VRs: PS3.4 C.2.2.2 defines no matching on them, and archives refuse them as keys."""
+
+
+def check_matchable(keyword: str, role: str) -> str:
+    """The keyword's VR; InvalidQuery when it is bulk data or a sequence, which cannot be ``role``."""
+    vr = vr_of(keyword)
+    if vr in NOT_MATCHABLE_VRS:
+        raise InvalidQuery(f"{keyword} is bulk data (VR {vr}) and cannot be {role}; ask for it by retrieval")
+    if vr == "SQ":
+        raise InvalidQuery(f"{keyword} is a sequence; sequences cannot be {role}")
+    return vr
+
+
 def vr_of(keyword: str) -> str:
     tag = tag_for_keyword(keyword)
     assert tag is not None
@@ -188,9 +204,7 @@ def _check_range(keyword: str, vr: str, value: str) -> None:
 
 def normalise_value(keyword: str, raw: object) -> str:
     """The matching value as it goes on the wire; raises InvalidQuery with a readable reason."""
-    vr = vr_of(keyword)
-    if vr == "SQ":
-        raise InvalidQuery(f"{keyword} is a sequence; sequence matching is not supported")
+    vr = check_matchable(keyword, "a matching key (sequence matching is not supported)")
     if raw is None:
         return ""
     if isinstance(raw, bool) or not isinstance(raw, str | int | float | list | tuple):
@@ -252,8 +266,7 @@ def normalise_return_keys(keys: Iterable[str]) -> tuple[str, ...]:
     seen: dict[str, None] = {}
     for key in keys:
         keyword = resolve_keyword(key)
-        if vr_of(keyword) == "SQ":
-            raise InvalidQuery(f"{keyword} is a sequence; sequences cannot be return keys")
+        check_matchable(keyword, "a return key")
         seen[keyword] = None
     return tuple(seen)
 

@@ -226,13 +226,57 @@ _FILTERS_EXAMPLE = {"InstitutionName": "EAST*"}
 _OUT = ConfigDict(extra="ignore", from_attributes=True)
 
 
+# --- request bodies ----------------------------------------------------------------------------------
+
+def _first_lone_surrogate(value: object, path: str = "") -> str | None:
+    """Where in ``value`` (a parsed JSON body) a string or key holds a lone surrogate, else None.
+
+    JSON may carry ``"\\ud800"``; such a string is no Unicode text: it cannot be stored, sent to an
+    archive or even echoed in an error message as UTF-8."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path or "body"
+        return None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            where = f"{path}.{key}" if path else str(key)
+            if isinstance(key, str) and _first_lone_surrogate(key) is not None:
+                return (path or "body") + " (a key)"
+            found = _first_lone_surrogate(item, where)
+            if found is not None:
+                return found
+    if isinstance(value, list | tuple):
+        for index, item in enumerate(value):
+            found = _first_lone_surrogate(item, f"{path}[{index}]")
+            if found is not None:
+                return found
+    return None
+
+
+class TextInput(BaseModel):
+    """Base of request bodies: a lone surrogate anywhere is refused (422) before any field sees it."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_lone_surrogates(cls, data: Any) -> Any:
+        where = _first_lone_surrogate(data)
+        if where is not None:
+            where = where.encode("utf-8", "backslashreplace").decode()
+            raise PydanticCustomError(
+                "invalid_text", "{where}: holds a lone surrogate (such as \\ud800), which is not valid "
+                "Unicode text; send the text as UTF-8", {"where": where})
+        return data
+
+
 # --- nodes -------------------------------------------------------------------------------------------
 
-class _NodeName(BaseModel):
+class _NodeName(TextInput):
     name: Slug = _doc("node_name", "pacs-east")
 
 
-class NodePut(BaseModel):
+class NodePut(TextInput):
     """A node's whole configuration without its name: the body of PUT /nodes/{name}."""
 
     model_config = _STRICT
@@ -273,7 +317,7 @@ class NodeOut(NodeIn):
 _NODE_NULLABLE = frozenset({"calling_ae_title", "max_queries_per_s", "query_timeout_s"})
 
 
-class NodePatch(BaseModel):
+class NodePatch(TextInput):
     """Fields to change on a node (PATCH); absent fields keep their value, null clears an optional one."""
 
     model_config = _STRICT
@@ -312,11 +356,11 @@ def _refuse_nulls(model: BaseModel, nullable: frozenset[str]) -> None:
 
 # --- spans -------------------------------------------------------------------------------------------
 
-class _SpanName(BaseModel):
+class _SpanName(TextInput):
     name: Slug = _doc("span_name", "radiology")
 
 
-class _SpanFields(BaseModel):
+class _SpanFields(TextInput):
     ae_title: AETitle = _doc("span_ae_title", "SPAN_RAD")
     description: str | None = _doc("description", "Every radiology PACS", default=None, max_length=1000)
     nodes: NodeNames = _doc("nodes", ["pacs-east", "pacs-west"], default_factory=list)
@@ -359,7 +403,7 @@ class SpanOut(_SpanFields, _SpanName):
 _SPAN_NULLABLE = frozenset({"description", "minimum_nodes"})
 
 
-class SpanPatch(BaseModel):
+class SpanPatch(TextInput):
     """Fields to change on a span (PATCH); absent fields keep their value, null clears an optional one."""
 
     model_config = _STRICT

@@ -19,7 +19,7 @@ from simulator.fleet import stop_fleet
 from spanner.schemas import NodeIn
 from spanner.settings import load_settings
 from spanner.storage import Repository, create_schema, make_engine
-from tests.peers.ports import descendants, free_port, off_loopback
+from tests.peers.ports import descendants, free_port, listening_off_loopback, off_loopback
 
 
 def test_demo_fleet_starts_only_without_real_nodes(tmp_path: Path) -> None:
@@ -79,7 +79,7 @@ def c_find_through_front(port: int) -> int:
 
 
 @pytest.mark.timeout(240)
-def test_spanner_run_serves_the_demo_fleet_and_ctrl_c_leaves_nothing(tmp_path: Path) -> None:
+def test_spanner_run_serves_the_demo_fleet_and_sigterm_leaves_nothing(tmp_path: Path) -> None:
     http, dashboard, base, dicom = free_port(), free_port(), free_port(), free_port()
     ray_tmp = tempfile.mkdtemp(prefix="sr-")  # Ray's socket paths must stay under 108 bytes
     env = os.environ | {
@@ -148,12 +148,19 @@ def test_spanner_run_serves_the_demo_fleet_and_ctrl_c_leaves_nothing(tmp_path: P
         started = descendants(proc.pid)
         assert started, "spanner run should have started Ray's processes"
         assert off_loopback(started | {proc.pid}) == [], "traffic must stay on loopback"
-        proc.send_signal(signal.SIGINT)
+        assert listening_off_loopback(started | {proc.pid}) == [], "every listening socket on loopback"
+        agents = {pid for pid in started if Path(f"/proc/{pid}/comm").read_text().startswith("ray::")}
+        assert agents, "Ray's agents and workers are among the run's processes"
+        signalled = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) == 0
         deadline = time.monotonic() + 30
         while any(alive(pid) for pid in started) and time.monotonic() < deadline:
-            time.sleep(0.5)
-        assert not [pid for pid in started if alive(pid)], "Ctrl-C left processes behind"
+            time.sleep(0.2)
+        gone_s = time.monotonic() - signalled
+        assert not [pid for pid in started if alive(pid)], "SIGTERM left processes behind"
+        assert gone_s < 15, f"SIGTERM took {gone_s:.1f} s to stop everything"
+        assert "stopped in" in (tmp_path / "run.log").read_text()
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)

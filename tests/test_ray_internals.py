@@ -12,7 +12,9 @@ from cluster import ray_internals
 from cluster.ray_internals import RayInternalsChanged, check
 
 ROOT = Path(__file__).resolve().parent.parent
-PRIVATE_MARKERS = ("ray._private", "serve._private", "_node_ip_address", "_temp_dir", "ENABLE_RAY_CLUSTER")
+PRIVATE_MARKERS = (
+    "ray._private", "ray._common", "serve._private", "_node_ip_address", "_temp_dir", "ENABLE_RAY_CLUSTER",
+)
 PACKAGES = ("spanner", "actors", "serve_app", "scp", "cluster", "cli", "simulator", "benchmarks", "tests")
 
 

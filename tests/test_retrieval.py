@@ -75,7 +75,7 @@ def archives(api: Api) -> Iterator[dict[str, Any]]:
             api.add_node(f"move-{name}", peers[name].dicom_port, ae_title=peers[name].aet, priority=10)
         api.add_node("move-sim", sim.port, ae_title="NO_MOVE", priority=1)
         api.add_span("movers", ["move-a", "move-b", "move-c", "move-sim"], ae_title="MOVERS")
-        yield {"peers": peers, "s1": s1, "s2": s2, "s3": s3}
+        yield {"peers": peers, "s1": s1, "s2": s2, "s3": s3, "sim": sim}
     finally:
         api.http.delete("/api/v1/spans/movers")
         for name in ("move-a", "move-b", "move-c", "move-sim"):
@@ -163,6 +163,42 @@ def test_nothing_held_is_a_failure_that_says_so(api: Api, archives: dict[str, An
     )
     assert status == 200 and events[-1]["status"] == "failed"
     assert "no node" in events[-1]["error"]
+
+
+def test_many_study_uids_are_looked_up_in_batches(api: Api, archives: dict[str, Any]) -> None:
+    """450 StudyInstanceUIDs: 5 look-up C-FINDs per archive (100 UIDs each), not one per UID."""
+    d, sim = archives["peers"]["d"], archives["sim"]
+    unknown = [f"{ROOT}.9.{i}" for i in range(448)]
+    sim.reset_counters()
+    status, events = retrieve(api, level="STUDY", uids={"StudyInstanceUID": [S1, *unknown, S3]},
+                              destination_ae=d.aet, timeout_s=60)
+    result = events[-1]
+    assert status == 200 and result["event"] == "result", events
+    assert sim.counters.finds == 5
+    assert sorted(p["keys"]["StudyInstanceUID"] for p in result["parts"]) == [S1, S3]
+    assert result["status"] == "success" and result["completed"] == 10, result
+    assert stored(d, S1) >= {sop for sops in archives["s1"].values() for sop in sops}
+    assert stored(d, S3) >= {sop for sops in archives["s3"].values() for sop in sops}
+
+
+@pytest.mark.parametrize(("raw", "words"), [
+    ('{"level": "STUDY", "uids": {"StudyInstanceUID": "1.2"}, "destination_ae": "D", "timeout_s": 1e400}',
+     "timeout_s"),
+    ('{"level": "STUDY", "uids": {"StudyInstanceUID": "1.2"}, "destination_ae": "D", "timeout_s": 1e9}',
+     "timeout_s"),
+    ('{"level": "STUDY", "uids": {"StudyInstanceUID": [' + ", ".join(['"1.2"'] * 10_001) + ']}, '
+     '"destination_ae": "D"}', "10000"),
+])
+def test_unbounded_retrievals_are_422(api: Api, raw: str, words: str) -> None:
+    response = api.http.post("/api/v1/retrievals", content=raw, headers={"Content-Type": "application/json"})
+    assert response.status_code == 422, response.text
+    assert words in response.json()["detail"]
+
+
+def test_an_infinite_query_timeout_is_422(api: Api) -> None:
+    response = api.http.post("/api/v1/queries", content='{"level": "STUDY", "timeout_s": 1e400}',
+                             headers={"Content-Type": "application/json"})
+    assert response.status_code == 422 and "timeout_s" in response.json()["detail"], response.text
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, inspect, text
 
-from spanner.errors import Conflict, InvalidConfig, NotFound, StorageError
+from spanner.errors import Conflict, InvalidConfig, InvalidQuery, NotFound, StorageError
 from spanner.outcome import NodeOutcome, OutcomeStatus
 from spanner.schemas import (
     Dedup,
@@ -383,8 +383,10 @@ def test_query_records_newest_first(repo: Repository) -> None:
     assert [q.id for q in repo.list_queries(limit=2, offset=1)] == [ids[4], ids[3]]
     assert repo.list_queries(limit=10, offset=6) == []
     assert all(q.created_at.tzinfo is not None for q in listed)
-    with pytest.raises(ValueError):
+    with pytest.raises(InvalidQuery, match="may not be negative"):
         repo.list_queries(limit=-1)
+    with pytest.raises(InvalidQuery, match="at most 1,000,000,000"):
+        repo.list_queries(offset=2**63)
 
 
 def test_naive_created_at_refused(repo: Repository) -> None:

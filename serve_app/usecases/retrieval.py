@@ -103,8 +103,8 @@ async def _work(s: Services, r: Retrieval, events: asyncio.Queue[dict[str, Any] 
     started = time.monotonic()
     retrieval_id = uuid.uuid4().hex
     try:
-        parts = await s.retriever.plan(r.nodes, r.level, r.uids)
-        result = await s.retriever.run(parts, r.destination_ae, r.timeout_s, events.put)
+        result = await s.retriever.retrieve(r.nodes, r.level, r.uids, r.destination_ae, r.timeout_s,
+                                            events.put)
         summaries = [p.summary() for p in result.parts]
         final = {
             "event": "result",

@@ -23,7 +23,7 @@ from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from spanner import events
-from spanner.errors import Conflict, InvalidConfig, NotFound, StorageError
+from spanner.errors import Conflict, InvalidConfig, InvalidQuery, NotFound, StorageError
 from spanner.outcome import NodeOutcome
 from spanner.schemas import (
     ALL_SPAN,
@@ -312,8 +312,7 @@ class Repository:
 
     def list_queries(self, limit: int = 100, offset: int = 0) -> list[QueryRecordOut]:
         """Recorded queries, newest first."""
-        if limit < 0 or offset < 0:
-            raise ValueError(f"limit ({limit}) and offset ({offset}) may not be negative")
+        _check_page(limit, offset)
         with self._session() as session:
             rows = session.scalars(
                 select(QueryRecordRow)
@@ -359,6 +358,7 @@ class Repository:
 
     def list_retrievals(self, limit: int = 100, offset: int = 0) -> list[RetrievalRecordOut]:
         """Recorded retrievals, newest first."""
+        _check_page(limit, offset)
         with self._session() as session:
             rows = session.scalars(
                 select(RetrievalRecordRow)
@@ -375,8 +375,7 @@ class Repository:
                    kind: str | None = None, limit: int = 100, offset: int = 0) -> list[AuditEntryOut]:
         """Queries and retrievals, newest first, filtered; each table yields at most offset+limit rows,
         merged here, so a page costs two indexed queries whatever the table sizes."""
-        if limit < 0 or offset < 0:
-            raise ValueError(f"limit ({limit}) and offset ({offset}) may not be negative")
+        _check_page(limit, offset)
         entries: list[AuditEntryOut] = []
         with self._session() as session:
             kinds: tuple[tuple[type[QueryRecordRow] | type[RetrievalRecordRow], str], ...] = (
@@ -599,6 +598,19 @@ def _audit_entry(row: object) -> AuditEntryOut:
                              **common)
     return AuditEntryOut(kind="retrieval", what=dict(row.uids), total=row.completed, nodes=list(row.parts),
                          destination_ae=row.destination_ae, **common)
+
+
+MAX_PAGE_OFFSET = 1_000_000_000
+"""Largest offset of a listing: past it the databases' 64-bit LIMIT/OFFSET arithmetic would overflow."""
+
+
+def _check_page(limit: int, offset: int) -> None:
+    """InvalidQuery (422) for a page no database can read."""
+    if limit < 0 or offset < 0:
+        raise InvalidQuery(f"limit ({limit}) and offset ({offset}) may not be negative")
+    if offset > MAX_PAGE_OFFSET or limit > MAX_PAGE_OFFSET:
+        raise InvalidQuery(f"offset and limit may be at most {MAX_PAGE_OFFSET:,}; got offset {offset}, "
+                           f"limit {limit}")
 
 
 def _check_role(role: str) -> None:

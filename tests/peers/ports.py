@@ -7,6 +7,10 @@ import socket
 import subprocess
 import time
 
+from cluster.ray_runtime import descendants
+
+__all__ = ["descendants"]  # every process below a PID, from /proc (one implementation, the launcher's)
+
 LOOPBACK = "127.0.0.1"
 
 
@@ -63,23 +67,6 @@ class ClosedPort:
         self._sock.close()
 
 
-def descendants(pid: int) -> set[int]:
-    """Every process below ``pid`` (children, their children, ...)."""
-    table = subprocess.run(["ps", "-eo", "pid=,ppid="], capture_output=True, text=True, check=True).stdout
-    children: dict[int, list[int]] = {}
-    for line in table.splitlines():
-        child, parent = (int(x) for x in line.split())
-        children.setdefault(parent, []).append(child)
-    found: set[int] = set()
-    stack = [pid]
-    while stack:
-        for child in children.get(stack.pop(), []):
-            if child not in found:
-                found.add(child)
-                stack.append(child)
-    return found
-
-
 _LOOPBACK = re.compile(r"^(127\.\d+\.\d+\.\d+|\[::1\]|\[::ffff:127\.\d+\.\d+\.\d+\]):\d+$")
 
 
@@ -91,5 +78,18 @@ def off_loopback(pids: set[int]) -> list[str]:
         fields = line.split()
         owners = {int(pid) for pid in re.findall(r"pid=(\d+)", line)}
         if len(fields) >= 5 and owners & pids and not all(_LOOPBACK.match(a) for a in fields[3:5]):
+            bad.append(line)
+    return bad
+
+
+def listening_off_loopback(pids: set[int]) -> list[str]:
+    """Listening TCP sockets of these processes bound to anything but a loopback address (``*``,
+    ``[::]``, ``0.0.0.0`` or an interface address): each one is reachable from the network."""
+    table = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True, check=True).stdout
+    bad = []
+    for line in table.splitlines():
+        fields = line.split()
+        owners = {int(pid) for pid in re.findall(r"pid=(\d+)", line)}
+        if len(fields) >= 4 and owners & pids and not _LOOPBACK.match(fields[3]):
             bad.append(line)
     return bad

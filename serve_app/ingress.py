@@ -61,6 +61,9 @@ class Ingress:
         return await query.run_query(self.services, request.query, request.audit(), requester,
                                      read_cache=not request.no_cache)
 
-    def __del__(self) -> None:
+    async def __del__(self) -> None:
+        """Serve awaits this at shutdown: no more AMQP requests, then the queued records are written."""
         if getattr(self, "consumer", None) is not None:
             self.consumer.stop()  # type: ignore[union-attr]
+        if getattr(self, "services", None) is not None:
+            await self.services.records.close()

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from fastapi import APIRouter, Depends, Query, Request
@@ -44,12 +45,15 @@ async def run_query(
 
 
 @router.get("", response_model=list[QueryRecordOut])
-def list_queries(
+async def list_queries(
     s: ServicesDep, limit: int = Query(50, ge=1, le=1000), offset: int = Query(0, ge=0)
 ) -> list[QueryRecordOut]:
-    return s.repo.list_queries(limit=min(limit, s.settings.query_history), offset=offset)
+    await s.records.settled()  # this replica's answers are recorded after they have gone
+    return await asyncio.to_thread(s.repo.list_queries, limit=min(limit, s.settings.query_history),
+                                   offset=offset)
 
 
 @router.get("/{query_id}", response_model=QueryRecordOut)
-def get_query(query_id: str, s: ServicesDep) -> QueryRecordOut:
-    return s.repo.get_query(query_id)
+async def get_query(query_id: str, s: ServicesDep) -> QueryRecordOut:
+    await s.records.settled()
+    return await asyncio.to_thread(s.repo.get_query, query_id)

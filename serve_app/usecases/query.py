@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import time
 import uuid
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from serve_app.api_models import QueryIn
@@ -136,9 +138,11 @@ async def run_query(
         "cache": "miss",
     }
     store_key = prepared.lookup.key if store else None
+    answered_at = datetime.now(UTC)
 
     def record_and_store() -> None:
         s.repo.record_query(
+            created_at=answered_at,
             query_id=query_id,
             span=plan.span,
             level=plan.query.level,
@@ -154,10 +158,8 @@ async def run_query(
             emit=s.events_enabled,
         )
         s.cache.store(store_key, answer, prepared.cache_ttl_s)
-        s.janitor.purge_if_due()
 
-    await asyncio.to_thread(record_and_store)
-    s.nudge_events()
+    await s.records.submit(record_and_store)  # written after the answer has gone: serve_app.records
     _completed(query_id, plan, result.status, result.total, result.elapsed_ms, "miss")
     return answer, 502 if result.status == "failed" else 200
 
@@ -169,8 +171,9 @@ async def _answer_hit(
     query_id = uuid.uuid4().hex
     elapsed_ms = round((time.monotonic() - started) * 1000, 2)
     answer = {"query_id": query_id, **cached, "elapsed_ms": elapsed_ms, "cache": "hit"}
-    await asyncio.to_thread(
+    await s.records.submit(functools.partial(
         s.repo.record_query,
+        created_at=datetime.now(UTC),
         query_id=query_id,
         span=plan.span,
         level=plan.query.level,
@@ -184,8 +187,7 @@ async def _answer_hit(
         cache="hit",
         audit=audit,
         emit=s.events_enabled,
-    )
-    s.nudge_events()
+    ))
     _completed(query_id, plan, str(answer.get("status")), int(answer.get("total", 0)), elapsed_ms, "hit")
     return answer, 502 if answer.get("status") == "failed" else 200
 

@@ -77,12 +77,12 @@ async def authenticate(request: Request, s: Services = Depends(services)) -> Pri
     return principal
 
 
-def require_query(principal: Principal = Depends(authenticate)) -> Principal:
+async def require_query(principal: Principal = Depends(authenticate)) -> Principal:
     """Role query or admin: queries, retrievals, reading nodes, spans and records."""
     return principal
 
 
-def require_admin(principal: Principal = Depends(authenticate)) -> Principal:
+async def require_admin(principal: Principal = Depends(authenticate)) -> Principal:
     """Role admin: changing nodes and spans, the audit trail."""
     if principal.role != "admin":
         raise HTTPException(403, f"API key {principal.name!r} has role {principal.role!r}; this needs an "

@@ -58,8 +58,10 @@ class Ingress:
 
     async def _amqp_query(self, request: AmqpRequest) -> tuple[dict[str, Any], int]:
         requester = f"amqp:{request.app_id or 'unknown'}"
-        return await query.run_query(self.services, request.query, request.audit(), requester,
-                                     read_cache=not request.no_cache)
+        answer = await query.run_query(self.services, request.query, request.audit(), requester,
+                                       read_cache=not request.no_cache)
+        await self.services.records.submit(answer.record)
+        return answer.body, answer.status
 
     async def __del__(self) -> None:
         """Serve awaits this at shutdown: no more AMQP requests, then the queued records are written."""

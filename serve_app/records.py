@@ -12,13 +12,15 @@ event loop, a batch per thread hop. Nothing is dropped:
 
 What a crash of the replica's process loses is what the queue held: the records (with their events)
 of the queries answered in the last moments, at most ``capacity``. Reads of records on this replica
-(``settled``) first wait for the records queued before them, so a client reads its own query back.
+(``settled``) first wait for the records queued before them (a few seconds at most), so a client
+reads its own query back.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 
 from spanner.errors import StorageError
@@ -26,6 +28,7 @@ from spanner.errors import StorageError
 LOG = logging.getLogger(__name__)
 
 Job = Callable[[], object]
+READ_WAIT_S = 5.0  # how long a read of records waits for the ones queued before it
 
 
 class RecordWriter:
@@ -39,7 +42,9 @@ class RecordWriter:
         enqueue_timeout_s: float = 30.0,
         retry_s: float = 1.0,
         after_batch: Callable[[], None] | None = None,
+        linger_s: float = 0.005,
     ) -> None:
+        self._linger_s = linger_s
         self._after_batch = after_batch
         self._capacity = capacity
         self._batch = batch
@@ -51,6 +56,7 @@ class RecordWriter:
         self._written = 0
         self._waiters: list[tuple[int, asyncio.Future[None]]] = []
         self._closed = False
+        self._pending_puts: set[asyncio.Future[None]] = set()
 
     @property
     def pending(self) -> int:
@@ -65,7 +71,8 @@ class RecordWriter:
         return self._queue
 
     async def submit(self, job: Job) -> None:
-        """Queue ``job`` (a blocking write, run in a worker thread); waits while the queue is full."""
+        """Queue ``job`` (a blocking write, run in a worker thread) while its answer can still be
+        refused: waits while the queue is full, then raises StorageError (503)."""
         if self._closed:
             raise StorageError("the ingress is shutting down; the query was not recorded")
         queue = self._start()
@@ -77,29 +84,58 @@ class RecordWriter:
             ) from exc
         self._submitted += 1
 
-    async def settled(self) -> None:
-        """Returns once every record queued before this call is written."""
+    async def hand_over(self, job: Job) -> None:
+        """Queue ``job`` whose answer has already gone (or failed to go): it cannot be refused any more.
+        Call ``reserve()`` before answering, so that ``settled()`` waits for it from then on. With the
+        queue full this waits for room as long as it takes (the request stays open, which keeps the
+        number of waiting records bounded by the requests in flight); after shutdown it writes at once.
+        The put goes on even if the caller is cancelled."""
+        if self._closed or self._queue is None:
+            put = asyncio.ensure_future(asyncio.to_thread(_write_until_done, [job], self._retry_s))
+        elif not self._queue.full():
+            self._queue.put_nowait(job)
+            return
+        else:
+            put = asyncio.ensure_future(self._queue.put(job))
+        self._pending_puts.add(put)
+        put.add_done_callback(self._pending_puts.discard)
+        await asyncio.shield(put)
+
+    def reserve(self) -> None:
+        """Count a record that ``hand_over`` will queue once its answer has gone."""
+        self._start()
+        self._submitted += 1
+
+    async def settled(self, timeout_s: float | None = READ_WAIT_S) -> None:
+        """Returns once every record queued (or reserved) before this call is written, or after
+        ``timeout_s`` (a read then shows what is written so far)."""
         target = self._submitted
         if self._written >= target:
             return
         waiter = asyncio.get_running_loop().create_future()
         self._waiters.append((target, waiter))
-        await waiter
+        try:
+            await asyncio.wait_for(asyncio.shield(waiter), timeout_s)
+        except TimeoutError:
+            LOG.warning("%d query records are not written yet; reading without them", self.pending)
 
     async def close(self, timeout_s: float = 15.0) -> None:
         """Refuse new records and write what is queued (at shutdown)."""
         self._closed = True
         if self._queue is None or self._task is None:
             return
-        try:
-            await asyncio.wait_for(self.settled(), timeout_s)
-        except TimeoutError:
+        await self.settled(timeout_s)
+        if self.pending:
             LOG.error("shutdown: %d query records were not written within %g s", self.pending, timeout_s)
         self._task.cancel()
 
     async def _run(self, queue: asyncio.Queue[Job]) -> None:
         while True:
             batch = [await queue.get()]
+            # The first record of a batch waits a moment: its answer is still on its way out through
+            # this process, and a write holding the GIL meanwhile would delay it; records of answers
+            # given meanwhile join the batch.
+            await asyncio.sleep(self._linger_s)
             while len(batch) < self._batch and not queue.empty():
                 batch.append(queue.get_nowait())
             left = batch
@@ -121,6 +157,11 @@ class RecordWriter:
             else:
                 still.append((target, waiter))
         self._waiters = still
+
+
+def _write_until_done(jobs: list[Job], retry_s: float) -> None:
+    while jobs := _write(jobs, None):
+        time.sleep(retry_s)
 
 
 def _write(jobs: list[Job], after: Callable[[], None] | None) -> list[Job]:

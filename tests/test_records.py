@@ -127,3 +127,31 @@ def test_a_failing_step_after_the_batch_does_not_stop_the_writer(caplog: pytest.
     asyncio.run(main())
     assert written == [1, 2]
     assert any("after a batch" in r.getMessage() for r in caplog.records)
+
+
+def test_a_reserved_record_is_waited_for_until_handed_over_even_after_shutdown() -> None:
+    written: list[str] = []
+
+    async def main() -> None:
+        writer = RecordWriter()
+        writer.reserve()  # the answer is on its way out
+        reader = asyncio.ensure_future(writer.settled(5))
+        await asyncio.sleep(0.05)
+        assert not reader.done()  # a read waits for the record of an answer already given
+        await writer.hand_over(lambda: written.append("answered"))
+        await asyncio.wait_for(reader, 5)
+        assert written == ["answered"]
+        await writer.close()
+        await writer.hand_over(lambda: written.append("late"))  # after shutdown: written at once
+        assert written == ["answered", "late"]
+
+    asyncio.run(main())
+
+
+def test_a_read_waits_a_bounded_time_for_a_record_never_handed_over() -> None:
+    async def main() -> None:
+        writer = RecordWriter()
+        writer.reserve()
+        await asyncio.wait_for(writer.settled(0.1), 5)  # returns: the read shows what is written
+
+    asyncio.run(main())

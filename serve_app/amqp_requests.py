@@ -84,7 +84,9 @@ async def answer(s: Services, request: AmqpRequest) -> tuple[dict[str, Any], int
     principal = await principal_of(s, request.api_key)
     audit = Audit(principal=principal.name, channel="amqp", client=request.user_id)
     requester = f"amqp:{principal.name}" + (f" ({request.app_id})" if request.app_id else "")
-    return await query.run_query(s, request.query, audit, requester, read_cache=not request.no_cache)
+    answer = await query.run_query(s, request.query, audit, requester, read_cache=not request.no_cache)
+    await s.records.submit(answer.record)
+    return answer.body, answer.status
 
 
 class Malformed(Exception):

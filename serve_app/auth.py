@@ -89,12 +89,12 @@ async def authenticate(request: Request, s: Services = Depends(services)) -> Pri
     return principal
 
 
-def require_query(principal: Principal = Depends(authenticate)) -> Principal:
+async def require_query(principal: Principal = Depends(authenticate)) -> Principal:
     """Any role: queries, retrievals, reading nodes, spans and records."""
     return principal
 
 
-def require_admin(principal: Principal = Depends(authenticate)) -> Principal:
+async def require_admin(principal: Principal = Depends(authenticate)) -> Principal:
     """Role admin: changing nodes and spans, the audit trail."""
     if principal.role is not ApiRole.ADMIN:
         raise Forbidden(f"API key {principal.name!r} has role {principal.role.value!r}; this needs an "

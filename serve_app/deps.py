@@ -14,7 +14,7 @@ from fastapi import Depends, Request
 from serve_app.services import Services
 
 
-def services(request: Request) -> Services:
+async def services(request: Request) -> Services:  # async: FastAPI would run a plain def in a thread
     found = getattr(request.app.state, "services", None)
     if not isinstance(found, Services):
         raise RuntimeError("this app was not built by serve_app.ingress.create_app: it holds no Services")

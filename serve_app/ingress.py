@@ -58,6 +58,9 @@ class Ingress:
     async def _amqp_query(self, request: AmqpRequest) -> tuple[dict[str, Any], int]:
         return await amqp_requests.answer(self.services, request)
 
-    def __del__(self) -> None:
+    async def __del__(self) -> None:
+        """Serve awaits this at shutdown: no more AMQP requests, then the queued records are written."""
         if getattr(self, "consumer", None) is not None:
             self.consumer.stop()  # type: ignore[union-attr]
+        if getattr(self, "services", None) is not None:
+            await self.services.records.close()

@@ -12,6 +12,7 @@ from actors import event_relay, registry
 from serve_app.admission import Admission
 from serve_app.coordinator import Coordinator
 from serve_app.keys import KeyCache
+from serve_app.records import RecordWriter
 from serve_app.retrieval import Retriever
 from spanner.cache import make_cache
 from spanner.config_file import apply_config
@@ -96,6 +97,12 @@ class Services:
         self.janitor = AuditJanitor(self.repo, settings.audit_retention_days)
         self.janitor.purge()  # at start, then at most hourly from the request paths
         self.relay = self._start_relay()
+        self.records = RecordWriter(after_batch=self._after_records)
+
+    def _after_records(self) -> None:
+        """After a batch of query records: the relay hears of their events; old records go when due."""
+        self.nudge_events()
+        self.janitor.purge_if_due()
 
     # -- events ---------------------------------------------------------------------------------------
     @property

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import datetime
 from typing import Literal
 
@@ -16,7 +17,7 @@ router = APIRouter(prefix="/api/v1/audit", tags=["audit"], dependencies=[Depends
 
 
 @router.get("", response_model=list[AuditEntryOut])
-def list_audit(
+async def list_audit(
     s: ServicesDep,
     since: datetime | None = Query(None, description="ISO 8601; entries at or after this"),
     until: datetime | None = Query(None, description="ISO 8601; entries before this"),
@@ -30,5 +31,7 @@ def list_audit(
     for name, moment in (("since", since), ("until", until)):
         if moment is not None and moment.tzinfo is None:
             raise InvalidQuery(f"{name}: give a time zone, e.g. 2026-01-02T03:04:05Z")
-    return s.repo.list_audit(since=since, until=until, principal=requester, patient_id=patient_id,
-                             status=status, kind=kind, limit=limit, offset=offset)
+    await s.records.settled()  # this replica's query records are written after the answers
+    return await asyncio.to_thread(s.repo.list_audit, since=since, until=until, principal=requester,
+                                   patient_id=patient_id, status=status, kind=kind, limit=limit,
+                                   offset=offset)

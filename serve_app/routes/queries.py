@@ -7,10 +7,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import functools
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
+from starlette.types import Receive, Scope, Send
 
 from serve_app.api_models import QueryIn, QueryOut
 from serve_app.auth import Principal, audit_of, require_query
@@ -36,20 +40,39 @@ async def run_query(
 ) -> JSONResponse:
     directives = cache_directives(request.headers.get("cache-control"))
     requester = request.client.host if request.client else "unknown"
-    answer, status = await query.run_query(
+    answer = await query.run_query(
         s, body, audit_of(request, principal, None), requester,
         read_cache="no-cache" not in directives, store="no-store" not in directives,
     )
-    return JSONResponse(answer, status_code=status)
+    s.records.reserve()
+    return RecordedResponse(answer.body, answer.status, functools.partial(s.records.hand_over, answer.record))
+
+
+class RecordedResponse(JSONResponse):
+    """Hands the query's record to the writer once the answer is sent (or failed to be sent: a client
+    that went away does not take the record with it), so writing does not compete with sending."""
+
+    def __init__(self, content: Any, status_code: int, hand_over: Callable[[], Awaitable[None]]) -> None:
+        super().__init__(content, status_code=status_code)
+        self._hand_over = hand_over
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self._hand_over()
 
 
 @router.get("", response_model=list[QueryRecordOut])
-def list_queries(
+async def list_queries(
     s: ServicesDep, limit: int = Query(50, ge=1, le=1000), offset: int = Query(0, ge=0)
 ) -> list[QueryRecordOut]:
-    return s.repo.list_queries(limit=min(limit, s.settings.query_history), offset=offset)
+    await s.records.settled()  # this replica's answers are recorded after they have gone
+    return await asyncio.to_thread(s.repo.list_queries, limit=min(limit, s.settings.query_history),
+                                   offset=offset)
 
 
 @router.get("/{query_id}", response_model=QueryRecordOut)
-def get_query(query_id: str, s: ServicesDep) -> QueryRecordOut:
-    return s.repo.get_query(query_id)
+async def get_query(query_id: str, s: ServicesDep) -> QueryRecordOut:
+    await s.records.settled()
+    return await asyncio.to_thread(s.repo.get_query, query_id)

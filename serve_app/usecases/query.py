@@ -1,19 +1,23 @@
 """One spanning query, whichever door it came through (HTTP, or an AMQP request): plan, cache, fan-out,
-merge, record with its events, and the one INFO line. Returns the answer and its HTTP-style status."""
+merge, the one INFO line, and the record with its events, which the door hands to the record writer
+(serve_app.records) once the answer has gone."""
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import time
 import uuid
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from serve_app.api_models import QueryIn
 from serve_app.metrics import record_span_query
 from serve_app.plan import QueryPlan
+from serve_app.records import Job
 from serve_app.services import Services
 from spanner.cache import NO_LOOKUP, Lookup, QueryIdentity
 from spanner.errors import InvalidQuery
@@ -107,18 +111,28 @@ def prepare_query(s: Services, q: QueryIn, *, read_cache: bool = True) -> Prepar
 
 
 # -- running --------------------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class Answer:
+    body: dict[str, Any]
+    """As POST /api/v1/queries returns it."""
+    status: int
+    """200, or 502 when the query failed under its failure strategy."""
+    record: Job
+    """Writes the query's record (with its events) and stores a fresh answer in the cache: give it to
+    ``Services.records`` once the answer has gone (a blocking call, run by the writer's thread)."""
+
+
 async def run_query(
     s: Services, body: QueryIn, audit: Audit, requester: str, *, read_cache: bool = True, store: bool = True
-) -> tuple[dict[str, Any], int]:
-    """The answer (as POST /api/v1/queries returns it) and 200, or 502 when it failed under its strategy.
-    Spanner errors (unknown span, bad value) propagate for the caller's door to translate. ``audit``
+) -> Answer:
+    """Spanner errors (unknown span, bad value) propagate for the caller's door to translate. ``audit``
     says who asked; the PatientID asked about is added here, once the filters are normalised."""
     started = time.monotonic()
     prepared = await asyncio.to_thread(prepare_query, s, body, read_cache=read_cache)
     plan = prepared.plan
     audit = dataclasses.replace(audit, patient_id=plan.query.filters.get("PatientID") or None)
     if prepared.lookup.answer is not None:
-        return await _answer_hit(s, plan, prepared.lookup.answer, requester, audit, started)
+        return _answer_hit(s, plan, prepared.lookup.answer, requester, audit, started)
 
     async with s.admission.slot(plan.timeout_s, started) as remaining_s:  # or Overloaded (503)
         result = await s.coordinator.run(dataclasses.replace(plan, timeout_s=remaining_s))
@@ -137,9 +151,11 @@ async def run_query(
         "cache": "miss",
     }
     store_key = prepared.lookup.key if store else None
+    answered_at = datetime.now(UTC)
 
     def record_and_store() -> None:
         s.repo.record_query(
+            created_at=answered_at,
             query_id=query_id,
             span=plan.span,
             level=plan.query.level,
@@ -155,23 +171,21 @@ async def run_query(
             emit=s.events_enabled,
         )
         s.cache.store(store_key, answer, prepared.cache_ttl_s)
-        s.janitor.purge_if_due()
 
-    await asyncio.to_thread(record_and_store)
-    s.nudge_events()
     _completed(query_id, plan, result.status, result.total, result.elapsed_ms, "miss")
-    return answer, 502 if result.status == "failed" else 200
+    return Answer(answer, 502 if result.status == "failed" else 200, record_and_store)
 
 
-async def _answer_hit(
+def _answer_hit(
     s: Services, plan: QueryPlan, cached: dict[str, Any], requester: str, audit: Audit, started: float
-) -> tuple[dict[str, Any], int]:
+) -> Answer:
     """A cached answer under a fresh query_id, recorded like any query with the hit's own elapsed time."""
     query_id = uuid.uuid4().hex
     elapsed_ms = round((time.monotonic() - started) * 1000, 2)
     answer = {"query_id": query_id, **cached, "elapsed_ms": elapsed_ms, "cache": "hit"}
-    await asyncio.to_thread(
+    record = functools.partial(
         s.repo.record_query,
+        created_at=datetime.now(UTC),
         query_id=query_id,
         span=plan.span,
         level=plan.query.level,
@@ -186,9 +200,8 @@ async def _answer_hit(
         audit=audit,
         emit=s.events_enabled,
     )
-    s.nudge_events()
     _completed(query_id, plan, str(answer.get("status")), int(answer.get("total", 0)), elapsed_ms, "hit")
-    return answer, 502 if answer.get("status") == "failed" else 200
+    return Answer(answer, 502 if answer.get("status") == "failed" else 200, record)
 
 
 def _completed(

@@ -59,7 +59,7 @@ def to_match(identifier: Dataset, little_endian: bool = True) -> DicomJson:
                 raise _Unsupported
             elements.append((int(tag), element.VR or _vr(tag), element.value or b""))
         return _convert(elements, little_endian)
-    except _Unsupported:
+    except (_Unsupported, ValueError):  # ValueError: undecodable text or a malformed number
         return _reference(identifier)
 
 
@@ -67,7 +67,7 @@ def from_bytes(raw: bytes, implicit: bool) -> DicomJson:
     """A response identifier straight from its encoded bytes (Little Endian, ``implicit`` VR or not)."""
     try:
         return _convert(_elements(raw, implicit), True)
-    except _Unsupported:
+    except (_Unsupported, ValueError):  # ValueError: undecodable text or a malformed number
         return _reference(read_dataset(BytesIO(raw), implicit, True))
 
 
@@ -131,7 +131,11 @@ def _elements(raw: bytes, implicit: bool) -> list[tuple[int, str, bytes]]:
 
 
 def _encoding(elements: list[tuple[int, str, bytes]]) -> str:
-    raw = next((value for tag, _, value in elements if tag == CHARSET), None)
+    raw = None
+    for tag, _, value in elements:  # in tag order: (0008,0005) comes before nearly everything
+        if tag >= CHARSET:
+            raw = value if tag == CHARSET else None
+            break
     if raw is None:
         return "ascii"
     text = raw.decode("ascii", "replace")
@@ -144,41 +148,48 @@ def _encoding(elements: list[tuple[int, str, bytes]]) -> str:
         raise _Unsupported from None
 
 
+# How each VR's value is read: "multi" backslash-separated and stripped; "single" one value, right-stripped.
+_SINGLE = ("LT", "ST", "UT", "UR")
+_KIND = {**dict.fromkeys(_TEXT - set(_SINGLE), "multi"), **dict.fromkeys(_SINGLE, "single"),
+         "PN": "pn", "IS": "is", "DS": "ds", **dict.fromkeys((*_INTS, *_FLOATS), "number")}
+_KEYS: dict[int, str] = {}
+
+
 def _convert(elements: list[tuple[int, str, bytes]], little_endian: bool) -> DicomJson:
     encoding = _encoding(elements)
-    order = "<" if little_endian else ">"
     out: dict[str, Any] = {}
     for tag, vr, raw in elements:
         if tag in DROP:
             continue
-        key = f"{tag:08X}"
-        if len(raw) == 0:
+        key = _KEYS.get(tag)
+        if key is None:
+            key = _KEYS[tag] = f"{tag:08X}"
+        if not raw:
             out[key] = {"vr": vr}
             continue
-        if vr in _TEXT or vr == "PN" or vr in ("IS", "DS"):
-            text = raw.decode(
-                encoding if vr in _SPECIFIC else "ascii", "replace" if vr in _SPECIFIC else "strict"
-            )
-            values = (
-                [v.strip(" \0") if vr != "UT" else v.rstrip(" \0") for v in text.split("\\")]
-                if vr not in ("LT", "ST", "UT", "UR")
-                else [text.rstrip(" \0")]
-            )
-            if vr == "PN":
-                out[key] = {"vr": vr, "Value": [_person(v) for v in values]}
-            elif vr == "IS":
-                out[key] = {"vr": vr, "Value": [int(v) if v else None for v in values]}
-            elif vr == "DS":
-                out[key] = {"vr": vr, "Value": [_ds(v) if v else None for v in values]}
-            else:
-                out[key] = {"vr": vr, "Value": [v if v else None for v in values]}
-        elif vr in _INTS or vr in _FLOATS:
+        kind = _KIND.get(vr)
+        if kind is None:
+            raise _Unsupported  # SQ, AT, OB, OW, UN, ...
+        if kind == "number":
             code = _INTS.get(vr) or _FLOATS[vr]
             size = struct.calcsize(code)
             count = len(raw) // size
+            order = "<" if little_endian else ">"
             out[key] = {"vr": vr, "Value": list(struct.unpack(f"{order}{count}{code}", raw[:count * size]))}
+            continue
+        text = raw.decode(encoding, "replace") if vr in _SPECIFIC else raw.decode("ascii")
+        if kind == "single":
+            out[key] = {"vr": vr, "Value": [text.rstrip(" \0") or None]}
+            continue
+        values = [text.strip(" \0")] if "\\" not in text else [v.strip(" \0") for v in text.split("\\")]
+        if kind == "pn":
+            out[key] = {"vr": vr, "Value": [_person(v) for v in values]}
+        elif kind == "is":
+            out[key] = {"vr": vr, "Value": [int(v) if v else None for v in values]}
+        elif kind == "ds":
+            out[key] = {"vr": vr, "Value": [_ds(v) if v else None for v in values]}
         else:
-            raise _Unsupported  # SQ, AT, OB, OW, UN, ...
+            out[key] = {"vr": vr, "Value": [v if v else None for v in values]}
     return out
 
 

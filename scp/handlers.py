@@ -35,6 +35,7 @@ T = TypeVar("T")
 
 PENDING_BURST = 32
 PENDING_PER_S = 20_000.0
+PACE_STEP_S = 0.001
 """C-FIND pending responses go out in a first burst, then at most this many per second. DIMSE has no
 flow control: socket buffers on both ends hold a thousand small responses, so an unpaced stream would
 have sent most of a large answer before the client's C-CANCEL arrives. Paced, a C-CANCEL sent after the
@@ -84,7 +85,7 @@ class Pacer:
             self._started = loop.time()
         self._sent += 1
         ahead = (self._sent - self._burst) / self._per_s - (loop.time() - self._started)
-        if ahead > 0:
+        if ahead > PACE_STEP_S:  # sleep in steps, so that responses leave in batches, not one by one
             await asyncio.sleep(ahead)
 
 

@@ -41,10 +41,10 @@ PENDING_BURST = 32
 PENDING_PER_S = 20_000.0
 PACE_STEP_S = 0.001
 """C-FIND pending responses go out in a first burst, then at most this many per second. DIMSE has no
-flow control: socket buffers on both ends hold a thousand small responses, so an unpaced stream would
-have sent most of a large answer before the client's C-CANCEL arrives. Paced, a C-CANCEL sent after the
-first response stops the stream within the burst plus a few milliseconds' worth; 1,000 matches take at
-least 48 ms to send (dcmtk's findscu reads a response in about 30 us)."""
+flow control: socket buffers on both ends hold a thousand or more small responses, so an unpaced stream
+would have sent most of a large answer before the client's C-CANCEL arrives. Paced, a C-CANCEL sent after
+the first response stops the stream within the burst plus a few milliseconds' worth; 1,000 matches take
+at least 48 ms to send."""
 
 REJECT_CALLED_AE = AssociateReject(RejectResult.PERMANENT, RejectSource.SERVICE_USER,
                                    RejectReason.CALLED_AE_NOT_RECOGNIZED)

@@ -68,9 +68,5 @@ def header_value(hops: Sequence[str]) -> str:
     return ",".join(hops)
 
 
-def parse_header(value: str | None) -> tuple[str, ...]:
-    return tuple(item.strip() for item in (value or "").split(",") if item.strip())
-
-
 def is_loop(hops: Sequence[str], own_id: str) -> bool:
     return own_id in hops or len(hops) >= MAX_HOPS

@@ -23,6 +23,10 @@ class UnsupportedRequest(ScpError):
     """A valid request this front does not serve, such as a PATIENT level C-MOVE (DIMSE 0xC0xx)."""
 
 
+class LoopDetected(ScpError):
+    """A dicom-spanner sent a query whose hop chain already holds this deployment (spanner.hops)."""
+
+
 class ApiError(ScpError):
     """The Serve API did not give a usable answer; ``http_status`` is 0 when it was not reached."""
 

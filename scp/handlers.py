@@ -14,6 +14,8 @@ from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from pydicom.dataset import Dataset
+
 from scp import translate
 from scp.client import SpannerClient
 from scp.encode import decode
@@ -24,10 +26,12 @@ from scp.errors import (
     ApiRejected,
     InvalidIdentifier,
     KeyRefused,
+    LoopDetected,
     ScpError,
     SpansUnavailable,
 )
 from scp.spans import SpanDirectory, SpanInfo
+from spanner import hops
 from spanner.dimse.acceptor import LOCAL_LIMIT_EXCEEDED, FindResult, MoveResult, Request
 from spanner.dimse.pdu import AssociateReject, AssociateRequest, RejectReason, RejectResult, RejectSource
 
@@ -36,11 +40,12 @@ T = TypeVar("T")
 
 PENDING_BURST = 32
 PENDING_PER_S = 20_000.0
+PACE_STEP_S = 0.001
 """C-FIND pending responses go out in a first burst, then at most this many per second. DIMSE has no
-flow control: socket buffers on both ends hold a thousand small responses, so an unpaced stream would
-have sent most of a large answer before the client's C-CANCEL arrives. Paced, a C-CANCEL sent after the
-first response stops the stream within the burst plus a few milliseconds' worth; 1,000 matches take at
-least 48 ms to send (dcmtk's findscu reads a response in about 30 us)."""
+flow control: socket buffers on both ends hold a thousand or more small responses, so an unpaced stream
+would have sent most of a large answer before the client's C-CANCEL arrives. Paced, a C-CANCEL sent after
+the first response stops the stream within the burst plus a few milliseconds' worth; 1,000 matches take
+at least 48 ms to send."""
 
 REJECT_CALLED_AE = AssociateReject(RejectResult.PERMANENT, RejectSource.SERVICE_USER,
                                    RejectReason.CALLED_AE_NOT_RECOGNIZED)
@@ -85,7 +90,7 @@ class Pacer:
             self._started = loop.time()
         self._sent += 1
         ahead = (self._sent - self._burst) / self._per_s - (loop.time() - self._started)
-        if ahead > 0:
+        if ahead > PACE_STEP_S:  # sleep in steps, so that responses leave in batches, not one by one
             await asyncio.sleep(ahead)
 
 
@@ -95,13 +100,23 @@ def origin(request: Request) -> dict[str, str]:
 
 
 @dataclass(frozen=True, slots=True)
+class Admission:
+    """What an accepted association's requests share: its span, and whether the caller is a dicom-spanner
+    (then its identifiers may carry the hop chain of loop protection, spanner.hops)."""
+
+    span: SpanInfo
+    from_spanner: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class Front:
-    """What the handlers share: the span table and the API client."""
+    """What the handlers share: the span table, the API client and this deployment's instance ID."""
 
     spans: SpanDirectory
     client: SpannerClient
+    instance_id: str = ""
 
-    async def admit(self, request: AssociateRequest, peer: str) -> AssociateReject | SpanInfo:
+    async def admit(self, request: AssociateRequest, peer: str) -> AssociateReject | Admission:
         """The called AE title selects the span; its allowed_calling_aets select the callers."""
         called, calling = request.called_ae.strip(), request.calling_ae.strip()
         try:
@@ -119,7 +134,21 @@ class Front:
             LOG.info("association %s -> %s rejected: caller not allowed on span %s", calling, called,
                      span.name)
             return REJECT_CALLING_AE
-        return span
+        return Admission(span, hops.is_spanner(request.user.implementation_class_uid))
+
+    def _forwarded(self, request: Request, admission: Admission, identifier: Dataset) -> dict[str, str]:
+        """The headers for the API; raises LoopDetected when the query already passed this deployment."""
+        headers = origin(request)
+        if not admission.from_spanner:
+            return headers
+        chain = hops.read_hops(identifier)
+        if hops.is_loop(chain, self.instance_id):
+            LOG.warning("request from %s refused: its hop chain %s already holds this deployment (%s)",
+                        request.calling_ae, " > ".join(chain), self.instance_id)
+            raise LoopDetected(f"loop: query already passed dicom-spanner {self.instance_id}")
+        if chain:
+            headers[hops.HOPS_HEADER] = hops.header_value(chain)
+        return headers
 
     async def echo(self, request: Request) -> int:
         return translate.SUCCESS
@@ -127,10 +156,13 @@ class Front:
     async def find(self, request: Request) -> AsyncIterator[FindResult]:
         """POST /api/v1/queries, then one pending response per merged match, then the final status."""
         try:
-            span = _span(request)
+            admission = _admission(request)
+            span = admission.span
             model = translate.MODELS[request.sop_class]
-            query = translate.find_request(_identifier(request), model, span)
-            answer = await first_or_cancel(self.client.query(query.body, origin(request)), request.cancelled)
+            identifier = _identifier(request)
+            query = translate.find_request(identifier, model, span)
+            headers = self._forwarded(request, admission, identifier)
+            answer = await first_or_cancel(self.client.query(query.body, headers), request.cancelled)
             encoder = translate.AnswerEncoder(query, span, request.implicit)
             pace = Pacer(PENDING_BURST, PENDING_PER_S)
             for match in answer["matches"]:
@@ -153,13 +185,16 @@ class Front:
         """POST /api/v1/retrievals and relay its progress lines as pending responses, then the result."""
         progress: dict[str, Any] | None = None
         try:
-            span = _span(request)
+            admission = _admission(request)
             model = translate.MODELS[request.sop_class]
-            body = translate.move_request(_identifier(request), model, span, request.move_destination)
+            identifier = _identifier(request)
+            body = translate.move_request(identifier, model, admission.span, request.move_destination)
+            headers = self._forwarded(request, admission, identifier)
         except ScpError as exc:
+            _log_failure("C-MOVE", exc)
             yield translate.move_failure(exc, None)
             return
-        events = self.client.retrieve(body, origin(request))
+        events = self.client.retrieve(body, headers)
         try:
             while True:
                 item = await first_or_cancel(anext(events, None), request.cancelled)
@@ -184,13 +219,13 @@ class Front:
             await events.aclose()
 
 
-def _span(request: Request) -> SpanInfo:
-    if not isinstance(request.state, SpanInfo):
+def _admission(request: Request) -> Admission:
+    if not isinstance(request.state, Admission):
         raise ApiFailed("no span is bound to this association")
     return request.state
 
 
-def _identifier(request: Request) -> Any:
+def _identifier(request: Request) -> Dataset:
     try:
         return decode(request.identifier or b"", request.implicit)
     except Exception as exc:  # bytes pydicom cannot decode

@@ -17,6 +17,7 @@ from types import FrameType
 from scp import handlers, translate
 from scp.client import SpannerClient
 from scp.spans import SpanDirectory
+from spanner import hops
 from spanner.dimse.acceptor import Acceptor, AcceptorConfig, Handlers
 from spanner.dimse.background import LoopThread
 from spanner.logs import configure_logging
@@ -50,6 +51,11 @@ class SpannerScp:
         return self._acceptor.active_associations if self._acceptor is not None else 0
 
     @property
+    def cpu_s(self) -> float:
+        """CPU time of the front's loop thread so far (every association and HTTP call runs there)."""
+        return self._runner.cpu_s
+
+    @property
     def host(self) -> str:
         return self._settings.scp_host
 
@@ -73,7 +79,7 @@ class SpannerScp:
                                api_key=s.scp_api_key)
         self._client = await client.start()
         spans = SpanDirectory(lambda: client.spans(SPAN_LOOKUP_TIMEOUT_S), ttl_s=s.scp_span_cache_ttl_s)
-        front = handlers.Front(spans, client)
+        front = handlers.Front(spans, client, hops.instance_id(s))
         config = AcceptorConfig(
             s.ae_title, translate.SUPPORTED,
             artim_s=s.scp_acse_timeout_s,

@@ -94,7 +94,7 @@ class Settings(BaseSettings):
     )
     scp_max_connections_per_peer: int = Field(
         default=16, ge=1,
-        description="DICOM front: open connections from one IP address (established or not); more are rejected",
+        description="DICOM front: open connections from one IP address, associated or not; more are rejected",
     )
     scp_acse_timeout_s: float = Field(
         default=5.0, gt=0, le=300,
@@ -102,6 +102,10 @@ class Settings(BaseSettings):
     )
     scp_network_timeout_s: float = Field(
         default=60.0, gt=0, description="DICOM front: an association idle this long (no request) is aborted"
+    )
+    instance_id: str = Field(
+        default="", max_length=32, pattern=r"^[A-Za-z0-9._-]*$",
+        description="This deployment's ID in loop protection (empty: derived from AE title, host and port)",
     )
     scp_span_cache_ttl_s: float = Field(
         default=5.0, ge=0, description="How long the DICOM front trusts its copy of the span table"

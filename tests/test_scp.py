@@ -22,6 +22,8 @@ from scp import translate
 from scp.server import SpannerScp
 from simulator.dataset import generate_fleet
 from simulator.scp import SimulatedPacs, SimulatorConfig
+from spanner.dicom_constants import IMPLEMENTATION_CLASS_UID
+from spanner.hops import HOPS_HEADER, add_hops
 from spanner.settings import load_settings
 from tests.conftest import Api, require
 from tests.peers.fake_api import FakeApi, Reply, span
@@ -32,6 +34,7 @@ VERIFICATION = translate.VERIFICATION
 P_FIND, S_FIND = translate.PATIENT_ROOT_FIND, translate.STUDY_ROOT_FIND
 P_MOVE, S_MOVE = translate.PATIENT_ROOT_MOVE, translate.STUDY_ROOT_MOVE
 Responses = list[tuple[int, Dataset | None, Dataset | None]]
+FRONT_ID = "FRONT-A"
 
 
 # -- helpers ---------------------------------------------------------------------------------------------
@@ -113,7 +116,7 @@ def fake_api() -> Iterator[FakeApi]:
 
 @pytest.fixture(scope="module")
 def fake_front(fake_api: FakeApi) -> Iterator[SpannerScp]:
-    scp = start_front(fake_api.base_url)
+    scp = start_front(fake_api.base_url, instance_id=FRONT_ID)
     yield scp
     scp.stop()
 
@@ -124,6 +127,7 @@ def fake(fake_api: FakeApi, fake_front: SpannerScp) -> FakeApi:
     fresh = FakeApi(spans=[span("all", "SPANNER"), span("ward", "WARD", allowed=["GOODSCU"])])
     fake_api.spans, fake_api.on_query, fake_api.on_retrieval = fresh.spans, fresh.on_query, fresh.on_retrieval
     fake_api.requests.clear()
+    fake_api.headers.clear()
     fake_api.disconnects.clear()
     assert fake_front.spans is not None
     fake_front.spans.invalidate()
@@ -283,6 +287,57 @@ def test_cancel_stops_the_pending_stream(fake: FakeApi, front: SpannerScp) -> No
     pending = len(re.findall(r"Find Response: \d+ \(Pending\)", output))
     # Paced pending responses: the burst and a few milliseconds' worth go out before the C-CANCEL is read.
     assert "Received Final Find Response (Cancel" in output and 1 <= pending < 200, (pending, output[-300:])
+
+
+# -- loop protection -------------------------------------------------------------------------------------
+def spanner_find(port: int, ds: Dataset, from_spanner: bool = True) -> Responses:
+    """A C-FIND from a requestor announcing dicom-spanner's Implementation Class UID (or not)."""
+    ae = AE(ae_title="OTHERSPAN")
+    if from_spanner:
+        ae.implementation_class_uid = IMPLEMENTATION_CLASS_UID
+    ae.add_requested_context(S_FIND)
+    assoc = ae.associate("127.0.0.1", port, ae_title="SPANNER")
+    assert assoc.is_established
+    try:
+        return [(int(st.Status), st, ident) for st, ident in assoc.send_c_find(ds, S_FIND)]
+    finally:
+        assoc.release()
+
+
+def with_hops(chain: list[str]) -> Dataset:
+    ds = identifier("STUDY", PatientID="P1", StudyInstanceUID="")
+    add_hops(ds, chain)
+    return ds
+
+
+def test_a_query_that_already_passed_this_front_is_refused(fake: FakeApi, front: SpannerScp) -> None:
+    code, st = final(spanner_find(front.port, with_hops(["SPANNER-B", FRONT_ID])))
+    assert code == translate.LOOP_DETECTED and "loop" in st.ErrorComment and FRONT_ID in st.ErrorComment
+    assert fake.posted("/api/v1/queries") == []
+
+
+def test_the_hop_chain_of_another_spanner_goes_to_the_api(fake: FakeApi, front: SpannerScp) -> None:
+    assert final(spanner_find(front.port, with_hops(["SPANNER-B", "SPANNER-C"])))[0] == 0x0000
+    assert fake.posted("/api/v1/queries")[0]["filters"] == {"PatientID": "P1"}  # the private block is not
+    assert fake.headers[0][HOPS_HEADER.lower()] == "SPANNER-B,SPANNER-C"
+
+
+def test_a_move_that_already_passed_this_front_is_refused(fake: FakeApi, front: SpannerScp) -> None:
+    ae = AE(ae_title="OTHERSPAN")
+    ae.implementation_class_uid = IMPLEMENTATION_CLASS_UID
+    ae.add_requested_context(S_MOVE)
+    assoc = ae.associate("127.0.0.1", front.port, ae_title="SPANNER")
+    ds = identifier("STUDY", StudyInstanceUID="1.2")
+    add_hops(ds, [FRONT_ID])
+    statuses = [st for st, _ in assoc.send_c_move(ds, "DEST", S_MOVE)]
+    assoc.release()
+    assert int(statuses[-1].Status) == translate.LOOP_DETECTED and "loop" in statuses[-1].ErrorComment
+    assert fake.posted("/api/v1/retrievals") == []
+
+
+def test_a_hop_chain_from_a_client_that_is_no_spanner_is_ignored(fake: FakeApi, front: SpannerScp) -> None:
+    assert final(spanner_find(front.port, with_hops([FRONT_ID]), from_spanner=False))[0] == 0x0000
+    assert HOPS_HEADER.lower() not in fake.headers[0]
 
 
 # -- C-MOVE ----------------------------------------------------------------------------------------------

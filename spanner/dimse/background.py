@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
@@ -26,6 +27,14 @@ class LoopThread:
     @property
     def running(self) -> bool:
         return self._loop is not None
+
+    @property
+    def cpu_s(self) -> float:
+        """CPU time the loop's thread has used (0 when not running): what serving costs, per process."""
+        thread = self._thread
+        if thread is None or thread.ident is None:
+            return 0.0
+        return time.clock_gettime(time.pthread_getcpuclockid(thread.ident))
 
     def start(self) -> LoopThread:
         if self._loop is None:

@@ -45,6 +45,7 @@ class FakeApi:
     on_retrieval: Callable[[Json], Reply] = lambda body: Reply(404, {"detail": "Not Found"})
     spans_reply: Reply | None = None
     requests: list[tuple[str, Json]] = field(default_factory=list)
+    headers: list[dict[str, str]] = field(default_factory=list)  # of each POST, in order
     disconnects: list[str] = field(default_factory=list)
     _server: ThreadingHTTPServer | None = None
 
@@ -71,6 +72,7 @@ class FakeApi:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = json.loads(self.rfile.read(length) or b"{}")
                 api.requests.append((self.path, body))
+                api.headers.append({key.lower(): value for key, value in self.headers.items()})
                 if self.path == "/api/v1/queries":
                     self._reply(api.on_query(body))
                 elif self.path == "/api/v1/retrievals":

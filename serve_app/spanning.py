@@ -13,7 +13,7 @@ from typing import Any
 from serve_app.api_models import QueryIn
 from serve_app.metrics import record_span_query
 from serve_app.plan import QueryPlan
-from serve_app.services import Services
+from serve_app.services import PreparedQuery, Services
 from spanner.logs import query_log_fields
 from spanner.storage import Audit
 
@@ -27,14 +27,25 @@ async def run_query(
     Spanner errors (unknown span, bad value) propagate for the caller's door to translate. ``audit``
     says who asked; the PatientID asked about is added here, once the filters are normalised."""
     started = time.monotonic()
+    s.admission.precheck(body.span, body.timeout_s)  # or Overloaded (503) before any database work
     prepared = await asyncio.to_thread(s.prepare_query, body, read_cache=read_cache)
     plan = prepared.plan
     audit = dataclasses.replace(audit, patient_id=plan.query.filters.get("PatientID") or None)
     if prepared.lookup.answer is not None:
         return await _answer_hit(s, plan, prepared.lookup.answer, requester, audit, started)
 
-    async with s.admission.slot(plan.timeout_s, started) as remaining_s:  # or Overloaded (503)
-        result = await s.coordinator.run(dataclasses.replace(plan, timeout_s=remaining_s))
+    # Admission (serve_app/admission.py) holds a slot from the fan-out until the record is written, so
+    # its measure of how long a query takes includes the database; or it raises Overloaded (503).
+    async with s.admission.slot(plan.timeout_s, started, plan.span) as remaining_s:
+        return await _answer_miss(s, prepared, audit, requester, remaining_s, store)
+
+
+async def _answer_miss(
+    s: Services, prepared: PreparedQuery, audit: Audit, requester: str, remaining_s: float, store: bool
+) -> tuple[dict[str, Any], int]:
+    """Ask the archives with what is left of the deadline, record, store in the cache, answer."""
+    plan = prepared.plan
+    result = await s.coordinator.run(dataclasses.replace(plan, timeout_s=remaining_s))
     query_id = uuid.uuid4().hex
     outcomes = [o.to_json() for o in result.outcomes]
     answer = {

@@ -51,6 +51,7 @@ bench-quick: $(VENV)/.installed-bench peers
 	$(BIN)/python -m benchmarks.merge --quick
 	$(BIN)/python -m benchmarks.throughput --quick
 	$(BIN)/python -m benchmarks.orthanc --quick
+	$(BIN)/python -m benchmarks.soak --quick
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check spanner serve_app actors cluster scp simulator cli tests benchmarks

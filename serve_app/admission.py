@@ -37,46 +37,89 @@ class Overloaded(SpannerError):
 
 
 class Admission:
-    """Slots for spanning queries on one replica (one event loop)."""
+    """Slots for spanning queries on one replica (one event loop).
+
+    The number of slots adapts (additive increase, multiplicative decrease): a query that ends more
+    than ``LATE_S`` past its deadline shrinks the limit by a quarter, one that ends in time grows it by
+    about one per ``limit`` queries, up to ``max_active``. So when the machine, the database or the
+    archives cannot keep up, fewer queries run at once and each still ends by its deadline; the rest
+    wait or are refused. A waiting query is refused at once when the expected wait (its place in the
+    queue times the recent slot time, over the limit) would leave it too little of its deadline.
+    """
+
+    LATE_S = 0.75
+    """Past its deadline by more than this, a query counts as late (the promise is deadline + 1 s)."""
 
     def __init__(self, max_active: int, max_waiting: int) -> None:
         self.max_active = max_active
         self.max_waiting = max_waiting
+        self.limit = float(max_active)
         self.active = 0
         self._waiters: deque[asyncio.Future[None]] = deque()
-        self._recent: deque[float] = deque(maxlen=64)  # durations of recent queries, for Retry-After
+        self._slot_s = 0.0  # moving average of how long a slot is held
+        self._span_timeout_s: dict[str, float] = {}  # the last deadline seen per span, for ``precheck``
 
     @property
     def waiting(self) -> int:
         return len(self._waiters)
 
+    @property
+    def capacity(self) -> int:
+        return max(1, int(self.limit))
+
+    def expected_wait_s(self, place: int) -> float:
+        """About how long the ``place``-th waiter waits for a slot."""
+        return place * self._slot_s / self.capacity
+
     def retry_after_s(self) -> int:
         """A hint for the caller: about how long until a slot frees, in whole seconds (1 to 60)."""
-        if not self._recent:
-            return 1
-        mean = sum(self._recent) / len(self._recent)
-        return max(1, min(60, math.ceil(mean * (1 + self.waiting / max(1, self.max_active)))))
+        return max(1, min(60, math.ceil(self.expected_wait_s(self.waiting + 1))))
+
+    def precheck(self, span: str, timeout_s: float | None) -> None:
+        """Refuse at once, before any database work, a query that could not get a slot in time: its
+        ``timeout_s``, else the last one seen for its span. Planning a doomed query would only slow the
+        rest (its reads queue with the records of running queries)."""
+        deadline_s = timeout_s if timeout_s is not None else self._span_timeout_s.get(span)
+        if deadline_s is None or (self.active < self.capacity and not self._waiters):
+            return
+        self._refuse_if_hopeless(time.monotonic() + deadline_s)
+
+    def _refuse_if_hopeless(self, deadline: float) -> None:
+        if len(self._waiters) >= self.max_waiting:
+            raise Overloaded(f"the spanner is at capacity ({self.active} queries running, {self.waiting} "
+                             "waiting); retry later", self.retry_after_s())
+        expected = self.expected_wait_s(self.waiting + 1)
+        if time.monotonic() + expected > deadline - MIN_RUN_S:
+            raise Overloaded(f"the spanner is at capacity: a slot would free in about {expected:.1f} s, too "
+                             "late for this query's deadline; retry later", self.retry_after_s())
 
     @asynccontextmanager
-    async def slot(self, timeout_s: float, arrived: float) -> AsyncIterator[float]:
+    async def slot(self, timeout_s: float, arrived: float, span: str = "") -> AsyncIterator[float]:
         """Hold a slot while the body runs; yields the seconds left of the deadline
         (``arrived`` + ``timeout_s``, monotonic clock). Raises Overloaded instead of running late."""
+        self._span_timeout_s[span] = timeout_s
         deadline = arrived + timeout_s
-        if self.active >= self.max_active or self._waiters:
-            await self._wait(deadline)
-        else:
+        if self.active < self.capacity and not self._waiters:
             self.active += 1
+        else:
+            await self._wait(deadline)
         started = time.monotonic()
         try:
             yield max(0.0, deadline - started)
         finally:
-            self._recent.append(time.monotonic() - started)
+            ended = time.monotonic()
+            self._learn(ended - started, ended - deadline)
             self._release()
 
+    def _learn(self, held_s: float, late_s: float) -> None:
+        self._slot_s = held_s if self._slot_s == 0.0 else 0.9 * self._slot_s + 0.1 * held_s
+        if late_s > self.LATE_S:
+            self.limit = max(1.0, self.limit * 0.75)
+        else:
+            self.limit = min(float(self.max_active), self.limit + 1.0 / self.limit)
+
     async def _wait(self, deadline: float) -> None:
-        if len(self._waiters) >= self.max_waiting:
-            raise Overloaded(f"the spanner is at capacity ({self.active} queries running, {self.waiting} "
-                             "waiting); retry later", self.retry_after_s())
+        self._refuse_if_hopeless(deadline)
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
         try:
@@ -96,10 +139,10 @@ class Admission:
                 self._waiters.remove(waiter)
 
     def _release(self) -> None:
-        """Hand the slot to the longest waiter still waiting, else free it."""
-        while self._waiters:
+        """Free the slot, then hand free slots to the longest waiters still waiting."""
+        self.active -= 1
+        while self._waiters and self.active < self.capacity:
             waiter = self._waiters.popleft()
             if not waiter.done():
-                waiter.set_result(None)  # the slot passes on: ``active`` stays
-                return
-        self.active -= 1
+                self.active += 1
+                waiter.set_result(None)

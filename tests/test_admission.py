@@ -138,3 +138,16 @@ def test_under_overload_every_query_is_answered_by_its_deadline_or_refused_at_on
     assert at_once, "with one slot and one waiting place, some of 6 must be refused at once"
     for _, _, headers, answer in refused:
         assert int(headers["retry-after"]) >= 1 and "capacity" in str(answer["detail"])
+
+
+def test_late_queries_shrink_the_number_of_slots() -> None:
+    """Queries ending well past their deadline (the machine cannot keep up) leave fewer slots."""
+
+    async def scenario() -> int:
+        admission = Admission(max_active=4, max_waiting=4)
+        for _ in range(3):
+            async with admission.slot(0.2, time.monotonic()) as left:
+                await asyncio.sleep(left + 0.9)
+        return admission.capacity
+
+    assert asyncio.run(scenario()) < 4

@@ -6,7 +6,6 @@ port nothing listens on, and timeouts are kept short so a generated query cannot
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Iterator
 from typing import Any
 
@@ -15,17 +14,11 @@ import pytest
 import schemathesis
 
 from tests.conftest import Api, migrate
+from tests.peers.ports import ClosedPort
 
 MAX_EXAMPLES = 50
 SHORT_S = 1.0
 FUZZ_PHASES = (hypothesis.Phase.explicit, hypothesis.Phase.generate)  # no shrinking: bounded time
-
-
-def _closed_port() -> int:
-    """A loopback port nothing listens on (bound, then released)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @pytest.fixture(scope="module")
@@ -58,9 +51,6 @@ def _loopback_only(body: Any, port: int) -> Any:
     return body
 
 
-CLOSED_PORT = _closed_port()
-
-
 def test_the_api_matches_its_openapi_document(fuzz_api: Api) -> None:
     """Each operation in turn (schemathesis' Python API: its pytest plugin does not load under this
     pytest); the first failing case of an operation is kept, and all are reported together."""
@@ -74,6 +64,7 @@ def test_the_api_matches_its_openapi_document(fuzz_api: Api) -> None:
     checks = [not_a_server_error, status_code_conformance, content_type_conformance,
               response_schema_conformance]
     loaded = schemathesis.openapi.from_url(f"{fuzz_api.base_url}/openapi.json")
+    closed = ClosedPort()  # bound, never listening: a node there refuses at once, and nobody else has it
     failures: list[str] = []
     operations = 0
     for result in loaded.get_all_operations():
@@ -84,7 +75,7 @@ def test_the_api_matches_its_openapi_document(fuzz_api: Api) -> None:
         @hypothesis.settings(max_examples=MAX_EXAMPLES, deadline=None, derandomize=True, database=None,
                              suppress_health_check=list(hypothesis.HealthCheck), phases=FUZZ_PHASES)
         def run(case: Any) -> None:
-            case.body = _loopback_only(case.body, CLOSED_PORT)
+            case.body = _loopback_only(case.body, closed.port)
             case.call_and_validate(base_url=fuzz_api.base_url, timeout=30, checks=checks)
 
         try:
@@ -92,5 +83,6 @@ def test_the_api_matches_its_openapi_document(fuzz_api: Api) -> None:
         except Exception as exc:
             where = f"{operation.method.upper()} {operation.path}"
             failures.append(f"{where}: {type(exc).__name__}: {exc}"[:3000])
+    closed.release()
     assert operations >= 15
     assert not failures, "\n\n".join(failures)

@@ -128,13 +128,14 @@ async def run_query(
     """Spanner errors (unknown span, bad value) propagate for the caller's door to translate. ``audit``
     says who asked; the PatientID asked about is added here, once the filters are normalised."""
     started = time.monotonic()
+    s.admission.precheck(body.span, body.timeout_s)  # or Overloaded (503) before any database work
     prepared = await asyncio.to_thread(prepare_query, s, body, read_cache=read_cache)
     plan = prepared.plan
     audit = dataclasses.replace(audit, patient_id=plan.query.filters.get("PatientID") or None)
     if prepared.lookup.answer is not None:
         return _answer_hit(s, plan, prepared.lookup.answer, requester, audit, started)
 
-    async with s.admission.slot(plan.timeout_s, started) as remaining_s:  # or Overloaded (503)
+    async with s.admission.slot(plan.timeout_s, started, plan.span) as remaining_s:  # or Overloaded (503)
         result = await s.coordinator.run(dataclasses.replace(plan, timeout_s=remaining_s))
     query_id = uuid.uuid4().hex
     outcomes = [o.to_json() for o in result.outcomes]

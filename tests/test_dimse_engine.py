@@ -498,3 +498,35 @@ def test_a_malformed_response_ends_the_requestors_association_only() -> None:
     error, tail = asyncio.run(body())
     assert isinstance(error, AssociationAborted) and "malformed" in str(error)
     assert tail.endswith(bytes([0x07, 0, 0, 0, 0, 4, 0, 0, 2, 0]))  # A-ABORT, source 2 (provider)
+
+
+def test_acceptor_move_handler_reports_suboperations() -> None:
+    """C-MOVE on the acceptor: pending results carry sub-operation counts, the final one a failure
+    list; the requestor sees the destination it named."""
+    from spanner.dicom_constants import STUDY_ROOT_MOVE
+    from spanner.dimse.acceptor import Acceptor, AcceptorConfig, Handlers, MoveResult, Request
+
+    destinations: list[str] = []
+
+    async def on_move(request: Request) -> AsyncIterator[MoveResult]:
+        destinations.append(request.move_destination)
+        for done in range(3):
+            yield MoveResult(Status.PENDING, remaining=3 - done, completed=done)
+        yield MoveResult(Status.SUBOPERATIONS_FAILED, completed=2, failed=1, comment="one instance failed")
+
+    async def body() -> list[tuple[int, dict[str, int], str | None]]:
+        acceptor = Acceptor(AcceptorConfig("MOVER", (STUDY_ROOT_MOVE,)), Handlers(move=on_move))
+        port = await acceptor.start()
+        assoc = await connect("127.0.0.1", port, calling_ae="ENGINE", called_ae="MOVER",
+                              contexts=[(STUDY_ROOT_MOVE, (IMPLICIT_VR_LE,))])
+        got = [(r.status, r.suboperations(), r.comment)
+               async for r in assoc.move(STUDY_ROOT_MOVE, encoder(identifier("STUDY")), "STORE_HERE", 3)]
+        await assoc.release()
+        await acceptor.close()
+        return got
+
+    got = asyncio.run(body())
+    assert destinations == ["STORE_HERE"]
+    assert [status for status, _, _ in got] == [Status.PENDING] * 3 + [Status.SUBOPERATIONS_FAILED]
+    assert got[1][1] == {"remaining": 2, "completed": 1, "failed": 0, "warning": 0}
+    assert got[-1][1]["failed"] == 1 and got[-1][2] == "one instance failed"

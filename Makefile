@@ -39,6 +39,7 @@ $(VENV)/.installed-bench: pyproject.toml $(VENV)/.installed
 ## Benchmarks at full size (about 25 minutes); results in benchmarks/results/ (JSON, markdown, PNG).
 bench: $(VENV)/.installed-bench peers
 	$(BIN)/python -m benchmarks.fanout
+	$(BIN)/python -m benchmarks.fanout --archives orthanc --nodes 1,4,16,64
 	$(BIN)/python -m benchmarks.merge
 	$(BIN)/python -m benchmarks.throughput
 	$(BIN)/python -m benchmarks.orthanc
@@ -46,6 +47,7 @@ bench: $(VENV)/.installed-bench peers
 ## The same, small (under 3 minutes on a quiet machine); results in benchmarks/results/*-quick.*
 bench-quick: $(VENV)/.installed-bench peers
 	$(BIN)/python -m benchmarks.fanout --quick
+	$(BIN)/python -m benchmarks.fanout --quick --archives orthanc
 	$(BIN)/python -m benchmarks.merge --quick
 	$(BIN)/python -m benchmarks.throughput --quick
 	$(BIN)/python -m benchmarks.orthanc --quick

@@ -10,11 +10,13 @@ not know), keeping the result identical to pydicom's.
 from __future__ import annotations
 
 import struct
+from io import BytesIO
 from typing import Any
 
 from pydicom.datadict import dictionary_VR
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
+from pydicom.filereader import read_dataset
 from pydicom.tag import BaseTag
 
 from spanner.outcome import DicomJson
@@ -49,23 +51,95 @@ class _Unsupported(Exception):
 
 
 def to_match(identifier: Dataset, little_endian: bool = True) -> DicomJson:
-    """A response identifier as DICOM JSON, decoded with its own SpecificCharacterSet."""
+    """A decoded response identifier as DICOM JSON, decoded with its own SpecificCharacterSet."""
     try:
-        return _fast(identifier, little_endian)
-    except _Unsupported:
-        out: dict[str, Any] = identifier.to_json_dict(suppress_invalid_tags=True)
-        for tag in DROP:
-            out.pop(f"{tag:08X}", None)
-        return out
+        elements = []
+        for tag, element in identifier._dict.items():
+            if not isinstance(element, RawDataElement):
+                raise _Unsupported
+            elements.append((int(tag), element.VR or _vr(tag), element.value or b""))
+        return _convert(elements, little_endian)
+    except (_Unsupported, ValueError):  # ValueError: undecodable text or a malformed number
+        return _reference(identifier)
 
 
-def _encoding(identifier: Dataset) -> str:
-    raw = identifier._dict.get(CHARSET)
+def from_bytes(raw: bytes, implicit: bool) -> DicomJson:
+    """A response identifier straight from its encoded bytes (Little Endian, ``implicit`` VR or not)."""
+    try:
+        return _convert(_elements(raw, implicit), True)
+    except (_Unsupported, ValueError):  # ValueError: undecodable text or a malformed number
+        return _reference(read_dataset(BytesIO(raw), implicit, True))
+
+
+def _reference(identifier: Dataset) -> DicomJson:
+    out: dict[str, Any] = identifier.to_json_dict(suppress_invalid_tags=True)
+    for tag in DROP:
+        out.pop(f"{tag:08X}", None)
+    return out
+
+
+_VRS: dict[int, str | None] = {}  # the data dictionary's VR by tag, None where pydicom must decide
+
+
+def _vr(tag: int) -> str:
+    vr = _VRS.get(tag, "")
+    if vr == "":
+        try:
+            found = str(dictionary_VR(tag))
+        except KeyError:
+            found = ""  # private or unknown: pydicom decides (UN)
+        vr = _VRS[tag] = found if found and " " not in found else None  # not "US or SS" and the like
+    if vr is None:
+        raise _Unsupported
+    return vr
+
+
+_IMPLICIT = struct.Struct("<HHI")
+_EXPLICIT = struct.Struct("<HH2sH")
+_LONG = frozenset({b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"UC", b"UN", b"UR", b"UT"})
+
+
+def _elements(raw: bytes, implicit: bool) -> list[tuple[int, str, bytes]]:
+    """(tag, VR, value) of every element of a flat data set; sequences and undefined lengths are not flat."""
+    out: list[tuple[int, str, bytes]] = []
+    offset, end = 0, len(raw)
+    while offset < end:
+        if implicit:
+            if offset + 8 > end:
+                raise _Unsupported
+            group, element, length = _IMPLICIT.unpack_from(raw, offset)
+            tag = group << 16 | element
+            vr = _vr(tag)
+            offset += 8
+        else:
+            if offset + 8 > end:
+                raise _Unsupported
+            group, element, vr_raw, length = _EXPLICIT.unpack_from(raw, offset)
+            tag = group << 16 | element
+            offset += 8
+            if vr_raw in _LONG:
+                if offset + 4 > end:
+                    raise _Unsupported
+                (length,) = struct.unpack_from("<I", raw, offset)
+                offset += 4
+            vr = vr_raw.decode("ascii", "replace")
+        if length == 0xFFFFFFFF or offset + length > end or vr == "SQ":
+            raise _Unsupported
+        out.append((tag, vr, raw[offset:offset + length]))
+        offset += length
+    return out
+
+
+def _encoding(elements: list[tuple[int, str, bytes]]) -> str:
+    raw = None
+    for tag, _, value in elements:  # in tag order: (0008,0005) comes before nearly everything
+        if tag >= CHARSET:
+            raw = value if tag == CHARSET else None
+            break
     if raw is None:
         return "ascii"
-    value = raw.value
-    text = value.decode("ascii", "replace") if isinstance(value, bytes) else str(value or "")
-    terms = [t.strip() for t in text.split("\\")]
+    text = raw.decode("ascii", "replace")
+    terms = [t.strip(" \0") for t in text.split("\\")]
     if len(terms) > 1 or "2022" in text:
         raise _Unsupported  # code extensions need pydicom's ISO 2022 handling
     try:
@@ -74,44 +148,48 @@ def _encoding(identifier: Dataset) -> str:
         raise _Unsupported from None
 
 
-def _fast(identifier: Dataset, little_endian: bool) -> DicomJson:
-    encoding = _encoding(identifier)
-    order = "<" if little_endian else ">"
+# How each VR's value is read: "multi" backslash-separated and stripped; "single" one value, right-stripped.
+_SINGLE = ("LT", "ST", "UT", "UR")
+_KIND = {**dict.fromkeys(_TEXT - set(_SINGLE), "multi"), **dict.fromkeys(_SINGLE, "single"),
+         "PN": "pn", "IS": "is", "DS": "ds", **dict.fromkeys((*_INTS, *_FLOATS), "number")}
+_KEYS: dict[int, str] = {}
+
+
+def _convert(elements: list[tuple[int, str, bytes]], little_endian: bool) -> DicomJson:
+    encoding = _encoding(elements)
     out: dict[str, Any] = {}
-    for tag, element in identifier._dict.items():
+    for tag, vr, raw in elements:
         if tag in DROP:
             continue
-        if not isinstance(element, RawDataElement):
-            raise _Unsupported
-        vr = element.VR or dictionary_VR(tag)
-        key = f"{tag:08X}"
-        raw = element.value
-        if raw is None or len(raw) == 0:
+        key = _KEYS.get(tag)
+        if key is None:
+            key = _KEYS[tag] = f"{tag:08X}"
+        if not raw:
             out[key] = {"vr": vr}
             continue
-        if vr in _TEXT or vr == "PN" or vr in ("IS", "DS"):
-            text = raw.decode(
-                encoding if vr in _SPECIFIC else "ascii", "replace" if vr in _SPECIFIC else "strict"
-            )
-            values = (
-                [v.strip(" \0") if vr != "UT" else v.rstrip(" \0") for v in text.split("\\")]
-                if vr not in ("LT", "ST", "UT", "UR")
-                else [text.rstrip(" \0")]
-            )
-            if vr == "PN":
-                out[key] = {"vr": vr, "Value": [_person(v) for v in values]}
-            elif vr == "IS":
-                out[key] = {"vr": vr, "Value": [int(v) if v else None for v in values]}
-            elif vr == "DS":
-                out[key] = {"vr": vr, "Value": [_ds(v) if v else None for v in values]}
-            else:
-                out[key] = {"vr": vr, "Value": [v if v else None for v in values]}
-        elif vr in _INTS or vr in _FLOATS:
-            code = _INTS.get(vr) or _FLOATS[vr]
-            count = len(raw) // struct.calcsize(code)
-            out[key] = {"vr": vr, "Value": list(struct.unpack(f"{order}{count}{code}", raw))}
-        else:
+        kind = _KIND.get(vr)
+        if kind is None:
             raise _Unsupported  # SQ, AT, OB, OW, UN, ...
+        if kind == "number":
+            code = _INTS.get(vr) or _FLOATS[vr]
+            size = struct.calcsize(code)
+            count = len(raw) // size
+            order = "<" if little_endian else ">"
+            out[key] = {"vr": vr, "Value": list(struct.unpack(f"{order}{count}{code}", raw[:count * size]))}
+            continue
+        text = raw.decode(encoding, "replace") if vr in _SPECIFIC else raw.decode("ascii")
+        if kind == "single":
+            out[key] = {"vr": vr, "Value": [text.rstrip(" \0") or None]}
+            continue
+        values = [text.strip(" \0")] if "\\" not in text else [v.strip(" \0") for v in text.split("\\")]
+        if kind == "pn":
+            out[key] = {"vr": vr, "Value": [_person(v) for v in values]}
+        elif kind == "is":
+            out[key] = {"vr": vr, "Value": [int(v) if v else None for v in values]}
+        elif kind == "ds":
+            out[key] = {"vr": vr, "Value": [_ds(v) if v else None for v in values]}
+        else:
+            out[key] = {"vr": vr, "Value": [v if v else None for v in values]}
     return out
 
 

@@ -1,101 +1,115 @@
-"""The pynetdicom side of a node actor: the AE, TCP_NODELAY, and errors translated to node errors.
-
-Everything here blocks; the actor runs it in threads. pynetdicom never sets TCP_NODELAY, and
-without it every DIMSE message stalls about 40 ms (shared/GUIDE.md), so every socket gets it.
+"""The DIMSE side of a node actor: associations of the spanner's engine (``spanner.dimse``), the
+presentation contexts a node is asked for, and engine errors translated to node errors at this boundary.
 """
 
 from __future__ import annotations
 
-import socket
-from typing import Any
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
 
-from pydicom.uid import UID
-from pynetdicom import AE, _config, evt
-from pynetdicom.association import Association
+from pydicom.dataset import Dataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset
 
-from spanner import reactor
-from spanner.errors import AssociationAborted, AssociationRejected, NodeUnreachable
+from spanner import dimse
+from spanner.dicom_constants import (
+    EXPLICIT_VR_LE,
+    IMPLICIT_VR_LE,
+    PATIENT_ROOT_FIND,
+    PATIENT_ROOT_MOVE,
+    STUDY_ROOT_FIND,
+    STUDY_ROOT_MOVE,
+    VERIFICATION,
+)
+from spanner.dimse import errors as engine
+from spanner.dimse.association import Association, connect
+from spanner.errors import AssociationAborted, AssociationRejected, DimseFailure, NodeError, NodeUnreachable
 from spanner.nodespec import NodeSpec
 from spanner.query import InformationModel
 
-Verification = UID("1.2.840.10008.1.1")
-PatientRootQueryRetrieveInformationModelFind = UID("1.2.840.10008.5.1.4.1.2.1.1")
-StudyRootQueryRetrieveInformationModelFind = UID("1.2.840.10008.5.1.4.1.2.2.1")
+__all__ = ["FIND_MODELS", "MOVE_MODELS", "Association", "EncodedQueries", "encoder", "node_error",
+           "open_association"]
 
-PatientRootQueryRetrieveInformationModelMove = UID("1.2.840.10008.5.1.4.1.2.1.2")
-StudyRootQueryRetrieveInformationModelMove = UID("1.2.840.10008.5.1.4.1.2.2.2")
-
-MOVE_MODELS: dict[InformationModel, UID] = {
-    InformationModel.PATIENT_ROOT: PatientRootQueryRetrieveInformationModelMove,
-    InformationModel.STUDY_ROOT: StudyRootQueryRetrieveInformationModelMove,
+FIND_MODELS: dict[InformationModel, str] = {
+    InformationModel.PATIENT_ROOT: PATIENT_ROOT_FIND,
+    InformationModel.STUDY_ROOT: STUDY_ROOT_FIND,
 }
-
-FIND_MODELS: dict[InformationModel, UID] = {
-    InformationModel.PATIENT_ROOT: PatientRootQueryRetrieveInformationModelFind,
-    InformationModel.STUDY_ROOT: StudyRootQueryRetrieveInformationModelFind,
+MOVE_MODELS: dict[InformationModel, str] = {
+    InformationModel.PATIENT_ROOT: PATIENT_ROOT_MOVE,
+    InformationModel.STUDY_ROOT: STUDY_ROOT_MOVE,
 }
+TRANSFER_SYNTAXES = (EXPLICIT_VR_LE, IMPLICIT_VR_LE)
+assert dimse  # the engine package is documented in its __init__
 
 
-def set_nodelay(event: evt.Event) -> None:
-    """EVT_CONN_OPEN handler: turn Nagle off, and note that TCP got through (see open_association)."""
-    event.assoc.spanner_connected = True  # type: ignore[attr-defined]
-    sock = getattr(getattr(event.assoc.dul, "socket", None), "socket", None)
-    if sock is not None:
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
-NODELAY_HANDLERS: list[Any] = [(evt.EVT_CONN_OPEN, set_nodelay)]
-
-
-def quiet_pynetdicom() -> None:
-    """pynetdicom formats every identifier for its INFO log, listened to or not: ~20% of a match's CPU."""
-    _config.LOG_REQUEST_IDENTIFIERS = False
-    _config.LOG_RESPONSE_IDENTIFIERS = False
-    _config.LOG_HANDLER_LEVEL = "none"  # the "standard" handlers format a line for every PDU, logged or not
-
-
-def build_ae(spec: NodeSpec) -> AE:
-    quiet_pynetdicom()
-    reactor.install()  # DUL threads wait on their sockets instead of polling every millisecond
-    ae = AE(ae_title=spec.calling_ae_title)
-    ae.add_requested_context(Verification)
+def contexts_for(spec: NodeSpec) -> list[tuple[str, tuple[str, ...]]]:
+    proposed: list[tuple[str, tuple[str, ...]]] = [(VERIFICATION, TRANSFER_SYNTAXES)]
     for model in spec.query_models:
-        ae.add_requested_context(FIND_MODELS[model])
-        ae.add_requested_context(MOVE_MODELS[model])
-    ae.connection_timeout = spec.connect_timeout_s
-    ae.acse_timeout = spec.connect_timeout_s
-    ae.dimse_timeout = spec.dimse_timeout_s
-    ae.network_timeout = max(60.0, spec.dimse_timeout_s)
-    ae.maximum_associations = max(1, spec.max_associations)
-    return ae
+        proposed += [(FIND_MODELS[model], TRANSFER_SYNTAXES), (MOVE_MODELS[model], TRANSFER_SYNTAXES)]
+    return proposed
 
 
-def open_association(ae: AE, spec: NodeSpec) -> Association:
+async def open_association(spec: NodeSpec) -> Association:
     """A new established association, or a NodeError saying why not."""
     try:
-        assoc = ae.associate(spec.host, spec.port, ae_title=spec.ae_title, evt_handlers=NODELAY_HANDLERS)
-    except (OSError, RuntimeError) as exc:
-        raise NodeUnreachable(f"cannot connect to {spec.host}:{spec.port}: {exc}", spec.name) from exc
-    if assoc.is_established:
-        return assoc
-    if not getattr(assoc, "spanner_connected", False):
-        # pynetdicom reports a refused or timed-out TCP connect as an abort; it is not one.
-        raise NodeUnreachable(
-            f"cannot connect to {spec.host}:{spec.port} within {spec.connect_timeout_s:g} s "
-            "(connection refused or timed out)",
-            spec.name,
+        return await connect(
+            spec.host, spec.port, calling_ae=spec.calling_ae_title, called_ae=spec.ae_title,
+            contexts=contexts_for(spec), connect_timeout_s=spec.connect_timeout_s,
+            acse_timeout_s=spec.connect_timeout_s, dimse_timeout_s=spec.dimse_timeout_s,
         )
-    if assoc.is_rejected:
-        raise AssociationRejected(
-            f"{spec.ae_title}@{spec.host}:{spec.port} rejected the association "
-            f"(calling AE {spec.calling_ae_title!r}); check both AE titles and that the PACS "
-            "knows the spanner",
-            spec.name,
-        )
-    if assoc.is_aborted:
-        raise AssociationAborted(f"{spec.host}:{spec.port} aborted the association request", spec.name)
-    raise AssociationAborted(
-        f"{spec.host}:{spec.port} accepted the connection but no association followed within "
-        f"{spec.connect_timeout_s:g} s",
-        spec.name,
-    )
+    except engine.DimseError as exc:
+        raise node_error(exc, spec) from exc
+
+
+def node_error(exc: engine.DimseError, spec: NodeSpec) -> NodeError:
+    """An engine error as the node error (and so the outcome) it stands for."""
+    where = f"{spec.host}:{spec.port}"
+    if isinstance(exc, engine.ConnectFailed):
+        return NodeUnreachable(f"cannot connect to {where} within {spec.connect_timeout_s:g} s: {exc}",
+                               spec.name)
+    if isinstance(exc, engine.AssociationRejected):
+        return AssociationRejected(
+            f"{spec.ae_title}@{where} rejected the association (calling AE {spec.calling_ae_title!r}; "
+            f"result {exc.result}, source {exc.source}, reason {exc.reason}); check both AE titles and "
+            "that the PACS knows the spanner", spec.name)
+    if isinstance(exc, engine.DimseTimeout):
+        return AssociationAborted(f"{where}: {exc}", spec.name)
+    if isinstance(exc, engine.NoAcceptedContext):
+        return DimseFailure(f"{where}: {exc}", spec.name)
+    return AssociationAborted(f"{where}: {exc}", spec.name)
+
+
+def encoder(identifier: Dataset) -> dimse.association.Identifier:
+    """``identifier`` encoded by pydicom once per transfer syntax asked for (one, for one query)."""
+    cache: dict[str, bytes] = {}
+
+    def encode(transfer_syntax: str) -> bytes:
+        data = cache.get(transfer_syntax)
+        if data is None:
+            buffer = DicomBytesIO()
+            buffer.is_little_endian = True
+            buffer.is_implicit_VR = transfer_syntax == IMPLICIT_VR_LE
+            write_dataset(buffer, identifier)
+            data = cache[transfer_syntax] = buffer.getvalue()
+        return data
+
+    return encode
+
+
+class EncodedQueries:
+    """The encoded identifiers of an actor's last ``size`` distinct queries: a query asked again (a
+    worklist polled, a page re-read) costs no pydicom Dataset and no encoding (about 0.3 ms each)."""
+
+    def __init__(self, size: int = 128) -> None:
+        self._size = size
+        self._encoders: OrderedDict[Hashable, dimse.association.Identifier] = OrderedDict()
+
+    def get(self, key: Hashable, build: Callable[[], Dataset]) -> dimse.association.Identifier:
+        found = self._encoders.get(key)
+        if found is not None:
+            self._encoders.move_to_end(key)
+            return found
+        made = self._encoders[key] = encoder(build())
+        if len(self._encoders) > self._size:
+            self._encoders.popitem(last=False)
+        return made

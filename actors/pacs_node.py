@@ -8,9 +8,9 @@ the deadline it is given, and stops dialling a PACS that keeps refusing (circuit
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
-import threading
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
@@ -19,7 +19,7 @@ from typing import Any, Protocol
 import ray
 
 from actors.circuit import CircuitBreaker, CircuitState, Decision
-from actors.dimse import FIND_MODELS, MOVE_MODELS, build_ae
+from actors.dimse import FIND_MODELS, MOVE_MODELS, EncodedQueries
 from actors.metrics import NodeMetrics
 from actors.operations import CANCELLED, EchoOperation, FindOperation, MoveOperation
 from actors.pool import AssociationPool
@@ -36,9 +36,9 @@ PACK_ON_LOOP_MAX = 1000  # matches packed on the actor's event loop; more go to 
 
 
 class _Operation(Protocol):
-    finished: threading.Event
+    finished: asyncio.Event
 
-    def run(self) -> None: ...
+    async def run(self) -> None: ...
     def cancel(self) -> None: ...
     def abort_if_running(self) -> None: ...
 
@@ -49,12 +49,16 @@ class PacsNodeImpl:
     def __init__(self, spec: NodeSpec, tuning: ActorTuning) -> None:
         self.spec = spec
         self.tuning = tuning
-        self._pool = AssociationPool(build_ae(spec), spec, tuning.pool_idle_s)
+        self._pool = AssociationPool(spec, tuning.pool_idle_s)
         self._limiter = RateLimiter(spec.max_queries_per_s)
         self._circuit = CircuitBreaker(tuning.circuit_failures, tuning.circuit_cooldown_s)
         self._slots: asyncio.Semaphore | None = None
         self._msg_ids = itertools.count(1)
-        self._reaper: asyncio.Task[None] | None = None
+        self._identifiers = EncodedQueries()
+        self._stopping: set[asyncio.Task[None]] = set()
+        self._ends: dict[int, float] = {}  # in-flight operation -> when it is expected to end at the latest
+        self._waiting = 0  # queries waiting for a slot
+        self._typical_s: float | None = None  # moving average of how long an operation holds its slot
         self.in_flight = 0
         self.outcomes: Counter[str] = Counter()
         self.metrics = NodeMetrics(spec.name)
@@ -120,7 +124,6 @@ class PacsNodeImpl:
             assert refused is not None
             yield result | refused.to_json() | {"completed": 0, "failed": 0, "warning": 0, "failed_uids": []}
             return
-        loop = asyncio.get_running_loop()
         progress: asyncio.Queue[dict[str, int]] = asyncio.Queue()
         op = MoveOperation(
             self._pool,
@@ -129,7 +132,7 @@ class PacsNodeImpl:
             query.destination,
             next(self._msg_ids) % 65535 + 1,
             dimse_timeout_s=min(self.spec.dimse_timeout_s, timeout_s + self.tuning.cancel_grace_s + 1.0),
-            on_progress=lambda counts: _post(loop, progress, counts),
+            on_progress=progress.put_nowait,
         )
         runner = asyncio.ensure_future(self._run(op, deadline))
         try:
@@ -218,10 +221,10 @@ class PacsNodeImpl:
             "outcomes": dict(self.outcomes),
         }
 
-    def close(self) -> None:
-        if self._reaper is not None:
-            self._reaper.cancel()
-        self._pool.close_all()
+    async def close(self) -> None:
+        if self._stopping:
+            await asyncio.wait(list(self._stopping), timeout=self.tuning.cancel_grace_s + 1)
+        await self._pool.close_all()
 
     # -- the query ------------------------------------------------------------------------------------
     async def _find(self, query: NodeQuery, deadline: float) -> tuple[NodeOutcome, list[DicomJson]]:
@@ -242,7 +245,8 @@ class PacsNodeImpl:
         remaining = deadline - time.monotonic()
         op = FindOperation(
             self._pool,
-            query.identifier(dict(self.spec.additional_filters)),
+            self._identifiers.get((query.level, tuple(sorted(query.filters.items())), query.return_keys),
+                                  lambda: query.identifier(dict(self.spec.additional_filters))),
             FIND_MODELS[model],
             next(self._msg_ids) % 65535 + 1,
             dimse_timeout_s=min(self.spec.dimse_timeout_s, remaining + self.tuning.cancel_grace_s + 1.0),
@@ -354,7 +358,6 @@ class PacsNodeImpl:
     # -- admission: circuit, rate, slots ------------------------------------------------------------------
     async def _admit(self, deadline: float, probe_allowed: bool) -> NodeOutcome | None:
         """None when the caller may go ahead holding no slot yet; else the outcome that refuses it."""
-        self._start_reaper()
         name = self.spec.name
         decision = self._circuit.decide()
         if decision is Decision.PROBE and probe_allowed:
@@ -395,55 +398,57 @@ class PacsNodeImpl:
         return self._slots
 
     async def _run(self, op: _Operation, deadline: float) -> bool:
-        """Run ``op`` in its own thread holding a slot; True when it finished before ``deadline``."""
+        """Run ``op`` as a task holding a slot; True when it finished before ``deadline``.
+
+        When every slot is busy and none is expected to free before ``deadline`` (each running operation
+        ends by its own deadline plus the cancel grace, or sooner by the node's typical time), the query
+        is refused at once rather than at its deadline.
+        """
         slots = self._slots_sem()
+        now = time.monotonic()
+        if slots.locked():
+            ends = sorted(self._ends.values())
+            if ends and ends[min(self._waiting, len(ends) - 1)] > deadline:
+                raise _Throttled(self.spec)
+        self._waiting += 1
         try:
-            await asyncio.wait_for(slots.acquire(), max(0.0, deadline - time.monotonic()))
+            await asyncio.wait_for(slots.acquire(), max(0.0, deadline - now))
         except TimeoutError:
             raise _Throttled(self.spec) from None
-        loop = asyncio.get_running_loop()
-        done: asyncio.Future[None] = loop.create_future()
+        finally:
+            self._waiting -= 1
+        started = time.monotonic()
+        latest = deadline + self.tuning.cancel_grace_s
+        key = id(op)
+        self._ends[key] = latest if self._typical_s is None else min(latest, started + self._typical_s)
         self.in_flight += 1
         self._publish()
+        task = asyncio.get_running_loop().create_task(op.run())
 
-        def finish() -> None:
+        def finish(_: asyncio.Task[None]) -> None:
             self.in_flight -= 1
+            self._ends.pop(key, None)
+            held = time.monotonic() - started
+            self._typical_s = held if self._typical_s is None else 0.8 * self._typical_s + 0.2 * held
             slots.release()
-            if not done.done():
-                done.set_result(None)
 
-        def body() -> None:
-            try:
-                op.run()
-            finally:
-                loop.call_soon_threadsafe(finish)
-
-        threading.Thread(target=body, name=f"dimse-{self.spec.name}", daemon=True).start()
+        task.add_done_callback(finish)
         try:
-            await asyncio.wait_for(asyncio.shield(done), max(0.0, deadline - time.monotonic()))
+            await asyncio.wait_for(asyncio.shield(task), max(0.0, deadline - time.monotonic()))
             return True
         except TimeoutError:
-            self._stop(op)
+            self._stop(op, task)
             return False
         except asyncio.CancelledError:
-            self._stop(op)
+            self._stop(op, task)
             raise
 
-    def _stop(self, op: _Operation) -> None:
+    def _stop(self, op: _Operation, task: asyncio.Task[None]) -> None:
         """C-CANCEL now; abort after the grace period if the peer keeps going."""
-        threading.Thread(
-            target=_cancel_then_abort, args=(op, self.tuning.cancel_grace_s), daemon=True
-        ).start()
-
-    def _start_reaper(self) -> None:
-        if self._reaper is None:
-            self._reaper = asyncio.get_running_loop().create_task(self._reap_forever())
-
-    async def _reap_forever(self) -> None:
-        interval = max(0.5, self.tuning.pool_idle_s / 2)
-        while True:
-            await asyncio.sleep(interval)
-            await asyncio.to_thread(self._pool.reap)
+        grace = self.tuning.cancel_grace_s
+        stopper = asyncio.get_running_loop().create_task(_cancel_then_abort(op, task, grace))
+        self._stopping.add(stopper)
+        stopper.add_done_callback(self._stopping.discard)
 
 
 class _Throttled(Exception):
@@ -452,17 +457,14 @@ class _Throttled(Exception):
         self.spec = spec
 
 
-def _post(
-    loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[dict[str, int]], item: dict[str, int]
-) -> None:
-    """Hand a progress report from a DIMSE thread to the actor's event loop."""
-    loop.call_soon_threadsafe(queue.put_nowait, item)
-
-
-def _cancel_then_abort(op: _Operation, grace_s: float) -> None:
+async def _cancel_then_abort(op: _Operation, task: asyncio.Task[None], grace_s: float) -> None:
     op.cancel()
-    if not op.finished.wait(grace_s):
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(asyncio.shield(task), grace_s)
+    if not task.done():
         op.abort_if_running()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(task), grace_s)
 
 
 def _throttled(spec: NodeSpec) -> NodeOutcome:
@@ -528,7 +530,7 @@ class PacsNode:
         return self._impl.stats()
 
     async def close(self) -> None:
-        await asyncio.to_thread(self._impl.close)
+        await self._impl.close()
 
 
 async def _guard(spec: NodeSpec, call: Callable[[], Any], empty: Any) -> Any:

@@ -533,3 +533,88 @@ class SpannerApp:
         except Exception:  # private API: accounting is best effort
             pass
         return groups
+
+
+# -- real archives behind delay relays ----------------------------------------------------------------
+class OrthancFleet:
+    """``count`` real Orthanc archives (answering C-FIND from their index: ``StorageAccessOnFind: Never``),
+    ``studies`` studies each (generate_uniform: every STUDY C-FIND matches all of them), each behind a
+    delay relay (benchmarks.relay, one helper process) that holds client-to-archive bytes ``latency_ms``.
+
+    ``nodes`` point at the relays; ``direct_ports`` at the archives themselves.
+    """
+
+    def __init__(self, count: int, studies: int, latency_ms: float, *, seed: int = 1,
+                 prefix: str = "orthanc") -> None:
+        self.count = count
+        self.studies = studies
+        self.latency_ms = latency_ms
+        self.seed = seed
+        self.prefix = prefix
+        self.nodes: list[SimNode] = []
+        self.direct_ports: list[int] = []
+        self._peers: list[Any] = []
+        self._relay: subprocess.Popen[str] | None = None
+
+    @property
+    def pids(self) -> list[int]:
+        return [int(peer.pid) for peer in self._peers if peer.pid]
+
+    @property
+    def relay_pids(self) -> list[int]:
+        return [self._relay.pid] if self._relay is not None else []
+
+    def start(self) -> OrthancFleet:
+        from simulator.dataset import generate_uniform
+        from tests.peers.orthanc import OrthancPeer
+
+        try:
+            for i in range(self.count):
+                peer = OrthancPeer(aet=f"ORTHANC{i:03d}", default_encoding="Utf8",
+                                   extra_config={"StorageAccessOnFind": "Never"})
+                peer.start()
+                self._peers.append(peer)
+                peer.upload_datasets(generate_uniform(self.seed, i, studies=self.studies))
+            self.direct_ports = [int(peer.dicom_port) for peer in self._peers]
+            repo = Path(__file__).resolve().parent.parent
+            targets = ",".join(map(str, self.direct_ports))
+            cmd = [sys.executable, "-m", "benchmarks.relay", "--targets", targets,
+                   "--delay-ms", str(self.latency_ms)]
+            self._relay = subprocess.Popen(cmd, cwd=repo, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                           text=True)
+            assert self._relay.stdout is not None
+            ready, _, _ = select.select([self._relay.stdout], [], [], 30)
+            line = self._relay.stdout.readline() if ready else ""
+            if not line:
+                raise RuntimeError(f"relay helper {self._relay.pid} did not report its ports")
+            ports = json.loads(line)["ports"]
+        except BaseException:
+            self.stop()
+            raise
+        self.nodes = [SimNode(i, f"{self.prefix}-{i:03d}", peer.aet, int(port))
+                      for i, (peer, port) in enumerate(zip(self._peers, ports, strict=True))]
+        return self
+
+    def stop(self) -> None:
+        from tests.peers.orthanc import stop_all
+
+        if self._relay is not None:
+            if self._relay.stdin is not None:
+                with contextlib.suppress(OSError):
+                    self._relay.stdin.close()
+            try:
+                self._relay.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self._relay.kill()
+                self._relay.wait(timeout=5)
+            if self._relay.stdout is not None:
+                self._relay.stdout.close()
+            self._relay = None
+        stop_all(self._peers)
+        self._peers = []
+
+    def __enter__(self) -> OrthancFleet:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()

@@ -3,7 +3,13 @@
 - spanner: POST /api/v1/queries end to end (one node actor per PACS, pooled associations);
 - sequential: a pynetdicom loop, a fresh association per node, default sockets (what a script does);
 - threadpool: a ThreadPoolExecutor fan-out, a fresh association per node, TCP_NODELAY on;
+- pooled: a ThreadPoolExecutor fan-out over one kept pynetdicom association per node (TCP_NODELAY);
+- own: one archive's own answer time, a kept pynetdicom association to the first node alone;
 - limit: the simulators' latency L itself, the floor no method can beat.
+
+``--archives orthanc`` runs the same against real Orthanc archives (C-FIND from their index, K studies
+each) behind delay relays (benchmarks.relay) that hold client-to-archive bytes L ms, instead of the
+lean simulators; the simulators' own latency is then 0 and the relay stands for L.
 
 Latency of the baselines is the time until the caller holds every node's matches (releases that
 are still on the critical path, as in the sequential loop, count). Per N it also reports the time
@@ -22,6 +28,7 @@ from typing import Any
 from benchmarks import profiling
 from benchmarks.common import (
     CpuMeter,
+    OrthancFleet,
     SimFleet,
     SimNode,
     SpannerApp,
@@ -43,7 +50,8 @@ from benchmarks.common import (
 
 PENDING = (0xFF00, 0xFF01)
 STUDY_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.2.1"
-METHODS = ("spanner", "threadpool", "sequential", "limit")
+METHODS = ("spanner", "pooled", "own", "threadpool", "sequential", "limit")
+IDLE_WINDOW_S = 2.0
 Parts = tuple[float, float, float]  # HTTP round trip, coordinator elapsed, slowest node actor elapsed (ms)
 
 
@@ -100,12 +108,49 @@ def threadpool_once(pool: ThreadPoolExecutor, ae: Any, nodes: list[SimNode], ide
     return (max(answered for _, answered in results) - started) * 1000.0
 
 
+class PooledClient:
+    """One kept pynetdicom association per node (TCP_NODELAY): the 30-line script a person would pool."""
+
+    def __init__(self, ae: Any, nodes: list[SimNode]) -> None:
+        from pynetdicom import evt
+
+        from simulator.scp import enable_nodelay
+
+        self.assocs = []
+        for node in nodes:
+            assoc = ae.associate("127.0.0.1", node.port, ae_title=node.ae_title,
+                                 evt_handlers=[(evt.EVT_CONN_OPEN, enable_nodelay)])
+            if not assoc.is_established:
+                raise RuntimeError(f"no association with {node.ae_title} on port {node.port}")
+            self.assocs.append(assoc)
+        self.wrong = 0
+
+    def find(self, i: int, identifier: Any) -> int:
+        matches = 0
+        for status, identifier_rsp in self.assocs[i].send_c_find(identifier, STUDY_ROOT_FIND):
+            if "Status" in status and int(status.Status) in PENDING and identifier_rsp is not None:
+                identifier_rsp.to_json_dict()
+                matches += 1
+        return matches
+
+    def fan_out(self, pool: ThreadPoolExecutor, identifier: Any, expected: int) -> None:
+        got = sum(pool.map(lambda i: self.find(i, identifier), range(len(self.assocs))))
+        self.wrong += got != expected
+
+    def close(self) -> None:
+        for assoc in self.assocs:
+            assoc.release()
+
+
 # -- the benchmark -----------------------------------------------------------------------------------
 def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.fanout", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--nodes", default=None, help="comma-separated N values (default 1,2,4,8,16,32,64)")
-    parser.add_argument("--matches", type=int, default=20, help="study matches per node (K)")
+    parser.add_argument("--matches", type=int, default=None,
+                        help="study matches per node (K; default 20, 5 with --archives orthanc)")
+    parser.add_argument("--archives", choices=("sim", "orthanc"), default="sim",
+                        help="lean simulators, or real Orthanc archives behind delay relays")
     parser.add_argument("--latency-ms", type=float, default=50.0, help="simulator latency L before answering")
     parser.add_argument("--runs", type=int, default=None, help="measured runs per method and N (default 60)")
     parser.add_argument("--budget-s", type=float, default=None,
@@ -122,13 +167,14 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     args.nodes = sorted({int(n) for n in (args.nodes or ("1,4,16" if args.quick else "1,2,4,8,16,32,64"))
                          .split(",") if n})
     args.runs = args.runs or (10 if args.quick else 60)
+    args.matches = args.matches or (5 if args.archives == "orthanc" else 20)
     args.budget_s = args.budget_s or (2.0 if args.quick else 20.0)
     args.warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
     return args
 
 
-def _measure_n(app: SpannerApp, fleet: SimFleet, n: int, args: argparse.Namespace, ae: Any, identifier: Any,
-               paths: dict[str, Path | None]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def _measure_n(app: SpannerApp, fleet: SimFleet | OrthancFleet, n: int, args: argparse.Namespace, ae: Any,
+               identifier: Any, paths: dict[str, Path | None]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Every method at one N: result rows, and the N's own row (actors, memory, CPU, breakdown)."""
     latency, k = args.latency_ms, args.matches
     results: list[dict[str, Any]] = []
@@ -153,15 +199,23 @@ def _measure_n(app: SpannerApp, fleet: SimFleet, n: int, args: argparse.Namespac
         parts.append((elapsed, float(answer.get("elapsed_ms", 0.0)), slowest))
         return elapsed
     pids = app.pids()
-    meter = CpuMeter({"simulators": fleet.pids, "node_actors": pids["node_actors"],
+    relays = fleet.relay_pids if isinstance(fleet, OrthancFleet) else []
+    meter = CpuMeter({"simulators": fleet.pids, "relays": relays, "node_actors": pids["node_actors"],
                       "ingress": pids["ingress"], "proxy": pids["proxy"],
                       "ray_system": pids["ray_system"], "driver": [os.getpid()]})
+    # What the node actor processes burn doing nothing (Ray's own threads), to tell it from query work.
+    idle_meter = CpuMeter({"node_actors": pids["node_actors"]})
+    idle_meter.start()
+    time.sleep(IDLE_WINDOW_S)
+    idle_per_s = idle_meter.stop()["node_actors"] / IDLE_WINDOW_S
     meter.start()
+    batch_started = time.monotonic()
     samples = timed_runs(spanner_once, args.runs, args.budget_s, warmup=args.warmup)
     cpu = meter.stop()
+    actor_net = max(0.0, cpu["node_actors"] - idle_per_s * (time.monotonic() - batch_started))
     calls = len(samples) + args.warmup
     measured = parts[args.warmup:]
-    spanner_cpu = sum(v for g, v in cpu.items() if g != "simulators")
+    spanner_cpu = sum(v for g, v in cpu.items() if g not in ("simulators", "relays"))
     cores = os.cpu_count() or 1
     actor_rss = [rss_mib(pid) for pid in pids["node_actors"]]
     row: dict[str, Any] = {
@@ -173,8 +227,15 @@ def _measure_n(app: SpannerApp, fleet: SimFleet, n: int, args: argparse.Namespac
         "spanner_cpu_ms_per_query": {name: round(1000 * s / calls, 2) for name, s in cpu.items()},
         "simulator_cpu_ms_per_match": round(1000 * cpu["simulators"] / (calls * expected), 3),
         "spanner_cpu_ms_per_match": round(1000 * spanner_cpu / (calls * expected), 3),
+        # The node actors alone (ray::PacsNode processes): per match, and per archive per query.
+        "node_actor_cpu_ms_per_match": round(1000 * cpu["node_actors"] / (calls * expected), 4),
+        "node_actor_cpu_ms_per_archive_query": round(1000 * cpu["node_actors"] / (calls * n), 3),
+        # The same net of the actors' idle burn measured just before (Ray's threads, about 6-10 ms/s each).
+        "node_actor_idle_ms_per_s": round(1000 * idle_per_s, 1),
+        "node_actor_net_cpu_ms_per_match": round(1000 * actor_net / (calls * expected), 4),
+        "node_actor_net_cpu_ms_per_archive_query": round(1000 * actor_net / (calls * n), 3),
         # All CPU a query costs (simulators included) spread over every core: no schedule beats it.
-        "cpu_floor_ms": round(1000 * (spanner_cpu + cpu["simulators"]) / calls / cores, 1),
+        "cpu_floor_ms": round(1000 * (spanner_cpu + cpu["simulators"] + cpu["relays"]) / calls / cores, 1),
         # Medians: HTTP round trip minus the coordinator's own time (proxy, ingress, JSON, record);
         # coordinator minus the slowest node actor (fan-out, merge); the slowest node actor itself.
         "breakdown_ms": _breakdown(measured),
@@ -195,6 +256,27 @@ def _measure_n(app: SpannerApp, fleet: SimFleet, n: int, args: argparse.Namespac
         import ray
         ray.timeline(filename=args.timeline)
         print(f"wrote {args.timeline}")
+    pooled = PooledClient(ae, nodes)
+    try:
+        with ThreadPoolExecutor(max_workers=n) as pool:
+            meter = CpuMeter({"simulators": fleet.pids, "driver": [os.getpid()]})
+            meter.start()
+            def fan_out(pool: ThreadPoolExecutor = pool) -> None:
+                pooled.fan_out(pool, identifier, expected)
+
+            samples = timed_runs(fan_out, args.runs, args.budget_s, warmup=1)
+            cpu = meter.stop()
+        row["pooled_cpu_ms_per_query"] = {name: round(1000 * s / (len(samples) + 1), 2)
+                                          for name, s in cpu.items()}
+        row["pooled_wrong_answers"] = pooled.wrong
+        results.append({"method": "pooled", "nodes": n, **summarize(samples)})
+        def own() -> None:
+            pooled.find(0, identifier)
+
+        samples = timed_runs(own, args.runs, args.budget_s, warmup=1)
+        results.append({"method": "own", "nodes": n, **summarize(samples)})
+    finally:
+        pooled.close()
     with ThreadPoolExecutor(max_workers=n) as pool:
         meter = CpuMeter({"simulators": fleet.pids, "driver": [os.getpid()]})
         meter.start()
@@ -212,7 +294,7 @@ def _measure_n(app: SpannerApp, fleet: SimFleet, n: int, args: argparse.Namespac
     results.append({"method": "limit", "nodes": n, "p50_ms": latency, "p95_ms": latency,
                     "p99_ms": latency, "runs": 0})
     app.tear_down(names)
-    line = "  ".join(f"{r['method']} {r['p50_ms']:.1f}/{r['p99_ms']:.1f}" for r in results[-4:])
+    line = "  ".join(f"{r['method']} {r['p50_ms']:.1f}/{r['p99_ms']:.1f}" for r in results)
     print(f"N={n:3d}  (p50/p99 ms)  {line}  actors up {up_s:.2f} s, "
           f"{row['node_actor_rss_mib_mean']:.0f} MiB each, errors {len(errors)}")
     return results, row
@@ -223,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     from spanner.query import Level, NodeQuery
 
     latency, k = args.latency_ms, args.matches
-    paths = output_paths(args, "fanout")
+    paths = output_paths(args, "fanout" if args.archives == "sim" else "fanout-orthanc")
     machine = machine_info()
     identifier = NodeQuery(Level.STUDY).identifier()
     ae = _make_ae()
@@ -231,10 +313,15 @@ def main(argv: list[str] | None = None) -> int:
     per_n: list[dict[str, Any]] = []
     failures: list[dict[str, Any]] = []
     started = time.monotonic()
-    fleet = SimFleet(max(args.nodes), k, latency, processes=args.sim_processes, prefix="bench",
-                     engine=args.sim_engine)
+    fleet: SimFleet | OrthancFleet
+    if args.archives == "orthanc":
+        fleet = OrthancFleet(max(args.nodes), k, latency, prefix="bench-orthanc")
+    else:
+        fleet = SimFleet(max(args.nodes), k, latency, processes=args.sim_processes, prefix="bench",
+                         engine=args.sim_engine)
     with fleet, SpannerApp() as app:
-        print(f"{len(fleet.nodes)} simulators (K={k}, L={latency:g} ms) in {fleet.processes} processes")
+        kind = "Orthanc archives behind relays" if args.archives == "orthanc" else "simulators"
+        print(f"{len(fleet.nodes)} {kind} (K={k}, L={latency:g} ms)")
         for n in args.nodes:
             try:
                 rows, row = _measure_n(app, fleet, n, args, ae, identifier, paths)
@@ -245,10 +332,10 @@ def main(argv: list[str] | None = None) -> int:
                 break
             results.extend(rows)
             per_n.append(row)
-    targets = _targets(results, latency)
+    targets = _targets(results, per_n)
     print_targets("fanout", targets)
     payload = {"benchmark": "fanout", "machine": machine, "latency_ms": latency, "matches_per_node": k,
-               "sim_engine": args.sim_engine,
+               "sim_engine": args.sim_engine, "archives": args.archives,
                "quick": args.quick, "elapsed_s": round(time.monotonic() - started, 1),
                "load_average_at_end": [round(x, 2) for x in os.getloadavg()], "results": results,
                "per_n": per_n, "failures": failures, "targets": [t.to_json() for t in targets]}
@@ -277,50 +364,64 @@ def _p50(results: list[dict[str, Any]], method: str, n: int) -> float:
     return next((r["p50_ms"] for r in results if r["method"] == method and r["nodes"] == n), float("nan"))
 
 
-def _targets(results: list[dict[str, Any]], latency: float) -> list[Target]:
+def _targets(results: list[dict[str, Any]], per_n: list[dict[str, Any]]) -> list[Target]:
+    """Issue #10's targets: against one archive's own time and the pooled client, and node actor CPU."""
     targets: list[Target] = []
-    for n, factor in ((16, 1.2), (64, 1.6)):
+    for n, factor in ((16, 1.2), (64, 2.0)):
         if any(r["nodes"] == n for r in results):
-            targets.append(Target(f"spanner p50 / L at N={n}", _p50(results, "spanner", n) / latency, factor,
-                                  unit="x"))
+            targets.append(Target(f"spanner p50 / own p50 at N={n}",
+                                  _p50(results, "spanner", n) / _p50(results, "own", n), factor, unit="x"))
     if any(r["nodes"] == 16 for r in results):
-        spanner = _p50(results, "spanner", 16)
-        for method, limit in (("sequential", 0.1), ("threadpool", 0.7)):
-            targets.append(Target(f"spanner p50 / {method} p50 at N=16", spanner / _p50(results, method, 16),
-                                  limit, unit="x"))
+        targets.append(Target("spanner p50 / pooled p50 at N=16",
+                              _p50(results, "spanner", 16) / _p50(results, "pooled", 16), 0.5, unit="x"))
+    row = next((r for r in per_n if r["nodes"] == 16), per_n[-1] if per_n else None)
+    if row is not None:
+        targets.append(Target(f"node actor CPU per match at N={row['nodes']}",
+                              row["node_actor_cpu_ms_per_match"], 0.1, unit=" ms"))
+        targets.append(Target(f"node actor CPU per archive per query at N={row['nodes']}",
+                              row["node_actor_cpu_ms_per_archive_query"], 1.5, unit=" ms"))
     return targets
 
 
 def _markdown(payload: dict[str, Any], targets: list[Target]) -> str:
     results, per_n = payload["results"], payload["per_n"]
     k, latency = payload["matches_per_node"], payload["latency_ms"]
-    out = [f"# Fan-out latency (K={k} matches per node, L={latency:g} ms)\n", machine_line(payload),
+    archives = "real Orthanc archives behind delay relays" if payload.get("archives") == "orthanc" else \
+        "lean simulators"
+    out = [f"# Fan-out latency (K={k} matches per node, L={latency:g} ms, {archives})\n",
+           machine_line(payload),
            "## Latency (ms)\n"]
+    measured = [m for m in METHODS if m != "limit"]
     rows = []
     for row in per_n:
         n = row["nodes"]
         cells: list[Any] = [n]
-        for method in METHODS[:3]:
-            r = next(r for r in results if r["method"] == method and r["nodes"] == n)
-            cells += [r["p50_ms"], r["p95_ms"], r["p99_ms"], r["runs"]]
+        for method in measured:
+            r: dict[str, Any] = next((r for r in results if r["method"] == method and r["nodes"] == n), {})
+            cells += [r.get("p50_ms"), r.get("p99_ms"), r.get("runs")]
         rows.append([*cells, payload["latency_ms"]])
-    out.append(md_table(["N", "spanner p50", "p95", "p99", "runs", "threadpool p50", "p95", "p99", "runs",
-                         "sequential p50", "p95", "p99", "runs", "limit"], rows))
+    out.append(md_table(["N", *[f"{m} {col}" for m in measured for col in ("p50", "p99", "runs")], "limit"],
+                        rows))
     out.append("\n## Node actors and CPU per spanner query\n")
-    groups = ["simulators", "node_actors", "ingress", "proxy", "ray_system", "driver"]
+    groups = ["simulators", "relays", "node_actors", "ingress", "proxy", "ray_system", "driver"]
     out.append(md_table(
         ["N", "actors up (s)", "actor RSS each (MiB)", "actors RSS total", "actors PSS total", "ingress RSS",
          "errors"],
         [[r["nodes"], r["actors_up_s"], r["node_actor_rss_mib_mean"], r["node_actor_rss_mib_total"],
           r["node_actor_pss_mib_total"], r["ingress_rss_mib"], r["spanner_errors"]] for r in per_n]))
     out.append("\nCPU ms per spanner query by process group; the CPU floor is all of it over every core. "
+               "Node actor CPU is given as measured and net of what the idle actors burned just before "
+               "(Ray's own threads; 'idle actors ms/s' is their sum). "
                "Breakdown (medians, ms): HTTP round trip minus coordinator time; coordinator minus the "
                "slowest node actor; the slowest node actor.\n")
     out.append(md_table(
-        ["N", *groups, "CPU floor (ms)", "sim ms/match", "spanner ms/match", "http+ingress", "fan-out+merge",
-         "slowest actor"],
+        ["N", *groups, "CPU floor (ms)", "archive ms/match", "spanner ms/match", "node actor ms/match",
+         "node actor ms/archive/query", "idle actors ms/s", "net ms/match", "net ms/archive/query",
+         "http+ingress", "fan-out+merge", "slowest actor"],
         [[r["nodes"], *[r["spanner_cpu_ms_per_query"].get(g) for g in groups], r["cpu_floor_ms"],
-          r["simulator_cpu_ms_per_match"], r["spanner_cpu_ms_per_match"],
+          r["simulator_cpu_ms_per_match"], r["spanner_cpu_ms_per_match"], r["node_actor_cpu_ms_per_match"],
+          r["node_actor_cpu_ms_per_archive_query"], r["node_actor_idle_ms_per_s"],
+          r["node_actor_net_cpu_ms_per_match"], r["node_actor_net_cpu_ms_per_archive_query"],
           *[r["breakdown_ms"].get(key) for key in ("http_ingress_record", "coordinator_fanout_merge",
                                                    "slowest_node_actor")]] for r in per_n]))
     out.append("\n## Targets\n")

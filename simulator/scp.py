@@ -111,36 +111,6 @@ def _status(code: int, comment: str) -> Dataset:
     return status
 
 
-class _PollingClock:
-    """Stands in for ``time`` in pynetdicom.association: its reactors' 1 ms idle sleeps become ``poll_s``."""
-
-    def __init__(self, poll_s: float) -> None:
-        self.poll_s = poll_s
-
-    def sleep(self, seconds: float) -> None:
-        time.sleep(self.poll_s if seconds == 0.001 else seconds)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(time, name)
-
-
-def slow_reactor_polling(poll_s: float) -> None:
-    """Let every association of this process poll every ``poll_s`` instead of every millisecond.
-
-    pynetdicom's association reactor sleeps a hard-coded 1 ms between looks at its queues, about 2.4% of a
-    core per open association. A simulator hosting dozens of PACS on the machine that runs the spanner (the
-    benchmarks) would spend the cores on that; a request then waits up to ``poll_s`` before it is read.
-    Process-wide, and only for processes that host simulators: never the spanner's own.
-    """
-    import pynetdicom.association as association
-
-    current = getattr(association, "time", time)
-    if isinstance(current, _PollingClock):
-        current.poll_s = max(current.poll_s, poll_s)
-    else:
-        association.time = _PollingClock(poll_s)  # type: ignore[assignment,attr-defined]
-
-
 class SimulatorBase(abc.ABC):
     """What every simulator engine shares: its data, its config (faults changeable at run time), counters."""
 
@@ -216,6 +186,8 @@ class SimulatedPacs(SimulatorBase):
         if self._server is not None:
             return self.port
         if self._config.poll_ms:
+            from simulator.pynetdicom_internals import slow_reactor_polling
+
             slow_reactor_polling(self._config.poll_ms / 1000)
         if not logging.getLogger("pynetdicom").isEnabledFor(logging.DEBUG):
             # pynetdicom formats every response identifier for a debug log nobody reads: ~20% of the
@@ -260,7 +232,9 @@ class SimulatedPacs(SimulatorBase):
     def _on_conn_open(self, event: evt.Event) -> None:
         enable_nodelay(event)
         if self._config.poll_ms:
-            event.assoc.dul._run_loop_delay = self._config.poll_ms / 1000
+            from simulator.pynetdicom_internals import slow_dul_polling
+
+            slow_dul_polling(event.assoc, self._config.poll_ms / 1000)
         self._count("connections")
 
     def _on_requested(self, event: evt.Event) -> None:

@@ -1,7 +1,7 @@
 """One exception hierarchy for the whole spanner, drawn here at the top.
 
-Lower-layer errors (pynetdicom, SQLAlchemy, Ray) are translated at each boundary with
-``raise Mapped(msg) from exc``: pynetdicom -> node errors in the actor, spanner errors -> HTTP
+Lower-layer errors (the DIMSE engine, SQLAlchemy, Ray) are translated at each boundary with
+``raise Mapped(msg) from exc``: DIMSE engine errors -> node errors in the actor, spanner errors -> HTTP
 status in the ingress. Every class passes all its constructor arguments to ``super().__init__``
 so instances pickle across Ray processes.
 """

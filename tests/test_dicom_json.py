@@ -9,7 +9,7 @@ import pytest
 from pydicom.dataset import Dataset
 from pynetdicom.dsutils import decode, encode
 
-from actors.dicom_json import DROP, to_match
+from actors.dicom_json import DROP, from_bytes, to_match
 from simulator.dataset import generate_fleet
 from simulator.index import Index
 from spanner.query import Level, NodeQuery
@@ -76,3 +76,38 @@ def test_falls_back_for_sequences_and_code_extensions() -> None:
     item.CodeValue = "1"
     ds.ProcedureCodeSequence = [item]
     assert to_match(wire(ds)) == reference(wire(ds))
+
+
+@pytest.mark.parametrize("level", list(Level))
+def test_from_raw_bytes_equal_to_pydicom(level: Level) -> None:
+    """What the node actor does with each C-FIND response: raw bytes straight to DICOM JSON."""
+    fleet = generate_fleet(seed=22, nodes=3, patients=10)
+    checked = 0
+    for node in fleet:
+        index = Index(node, ae_title="X")
+        query = NodeQuery(level, {}, EXTRA).identifier()
+        for match in index.find(query, "patient_root" if level is Level.PATIENT else "study_root"):
+            for implicit in (True, False):
+                data = encode(match, implicit, True)
+                assert data is not None
+                assert from_bytes(data, implicit) == reference(wire(match, implicit, True))
+            checked += 1
+    assert checked > 10
+
+
+def test_from_raw_bytes_decodes_other_character_sets_and_falls_back() -> None:
+    ds = Dataset()
+    ds.SpecificCharacterSet = "ISO_IR 100"
+    ds.PatientName = "Müller^Jörg"
+    data = encode(ds, False, True)
+    assert data is not None
+    assert from_bytes(data, False)["00100010"]["Value"][0]["Alphabetic"] == "Müller^Jörg"
+    ds = Dataset()
+    ds.SpecificCharacterSet = ["", "ISO 2022 IR 87"]
+    ds.PatientName = "Yamada^Tarou=山田^太郎"
+    item = Dataset()
+    item.CodeValue = "1"
+    ds.ProcedureCodeSequence = [item]
+    data = encode(ds, True, True)
+    assert data is not None
+    assert from_bytes(data, True) == reference(wire(ds))

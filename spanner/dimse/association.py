@@ -154,38 +154,47 @@ class Association:
                 elif kind == PduType.RELEASE_RP:
                     self._released.set()
                     self._end(AssociationAborted("the association was released"))
+                    self.writer.close()
                     return
                 elif kind == PduType.ABORT:
                     self._end(AssociationAborted("the peer aborted the association (A-ABORT)"))
+                    self.writer.close()
                     return
                 elif kind == PduType.RELEASE_RQ:  # the acceptor may not ask; answer and end
                     self.writer.write(RELEASE_RP)
                     self._end(AssociationAborted("the peer released the association"))
+                    self.writer.close()
                     return
                 else:
                     raise ProtocolError(f"unexpected PDU type 0x{kind:02X} on an established association")
         except ProtocolError as exc:
-            self.abort(source=2)
             self._end(AssociationAborted(f"aborted: the peer sent a malformed PDU ({exc})"))
+            self.abort(source=2)
         except (ConnectionError, asyncio.IncompleteReadError, OSError):
             self._end(AssociationAborted("the peer closed the connection"))
+            self.writer.close()
         except asyncio.CancelledError:
             self._end(AssociationAborted("the association was closed"))
+            self.writer.close()
             raise
 
     def _end(self, reason: BaseException) -> None:
         if self._ended is None:
             self._ended = reason
         self._inbox.put_nowait(None)
-        self.writer.close()
 
     async def next_message(self, timeout_s: float | None = None) -> Message:
         if self._ended is not None and self._inbox.empty():
             raise self._ended
         try:
-            message = await asyncio.wait_for(self._inbox.get(), timeout_s or self.dimse_timeout_s)
-        except TimeoutError:
-            raise DimseTimeout(f"no DIMSE message within {timeout_s or self.dimse_timeout_s:g} s") from None
+            message = self._inbox.get_nowait()  # responses often come several to a PDU or a read
+        except asyncio.QueueEmpty:
+            try:
+                async with asyncio.timeout(timeout_s or self.dimse_timeout_s):
+                    message = await self._inbox.get()
+            except TimeoutError:
+                waited = timeout_s or self.dimse_timeout_s
+                raise DimseTimeout(f"no DIMSE message within {waited:g} s") from None
         if message is None:
             self._inbox.put_nowait(None)  # wake any other waiter too
             raise self._ended or AssociationAborted("the association ended")

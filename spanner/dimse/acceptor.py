@@ -421,7 +421,6 @@ class _Session:
         assert self.assoc is not None
         final: tuple[int, bytes | None, str | None, dict[int, int] | None] | None = None
         try:
-            sent = 0
             async for result in results:
                 if request.cancelled.is_set() and result.status in PENDING_STATUSES:
                     break

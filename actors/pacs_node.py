@@ -405,18 +405,19 @@ class PacsNodeImpl:
         is refused at once rather than at its deadline.
         """
         slots = self._slots_sem()
-        now = time.monotonic()
-        if slots.locked():
+        if not slots.locked():
+            await slots.acquire()  # a free slot: taken at once
+        else:
             ends = sorted(self._ends.values())
             if ends and ends[min(self._waiting, len(ends) - 1)] > deadline:
                 raise _Throttled(self.spec)
-        self._waiting += 1
-        try:
-            await asyncio.wait_for(slots.acquire(), max(0.0, deadline - now))
-        except TimeoutError:
-            raise _Throttled(self.spec) from None
-        finally:
-            self._waiting -= 1
+            self._waiting += 1
+            try:
+                await asyncio.wait_for(slots.acquire(), max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                raise _Throttled(self.spec) from None
+            finally:
+                self._waiting -= 1
         started = time.monotonic()
         latest = deadline + self.tuning.cancel_grace_s
         key = id(op)
@@ -434,7 +435,8 @@ class PacsNodeImpl:
 
         task.add_done_callback(finish)
         try:
-            await asyncio.wait_for(asyncio.shield(task), max(0.0, deadline - time.monotonic()))
+            async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                await asyncio.shield(task)
             return True
         except TimeoutError:
             self._stop(op, task)

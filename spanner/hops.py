@@ -30,6 +30,7 @@ PRIVATE_CREATOR = "DICOM-SPANNER HOPS"
 HOPS_ELEMENT = 0x01
 HOPS_HEADER = "X-Spanner-Hops"
 MAX_HOPS = 16  # a longer chain is a loop whatever it holds
+LOOP_DETECTED = 0xC005  # the front's failure status (an "unable to process" code) for a refused loop
 
 
 def instance_id(settings: Settings) -> str:

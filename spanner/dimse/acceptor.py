@@ -292,7 +292,10 @@ class _Session:
                 for message in assembler.feed(body):
                     self._dispatch(message)
             elif kind == PduType.RELEASE_RQ:
+                # A requestor releases only when it awaits no more responses: what still runs is stopped.
                 running = [task for _, task in self.operations.values()]
+                for task in running:
+                    task.cancel()
                 if running:
                     await asyncio.wait(running, timeout=config.artim_s)
                 self.writer.write(RELEASE_RP)
@@ -418,7 +421,6 @@ class _Session:
         assert self.assoc is not None
         final: tuple[int, bytes | None, str | None, dict[int, int] | None] | None = None
         try:
-            sent = 0
             async for result in results:
                 if request.cancelled.is_set() and result.status in PENDING_STATUSES:
                     break

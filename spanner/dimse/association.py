@@ -60,6 +60,7 @@ from spanner.dimse.pdu import (
     AssociateAccept,
     AssociateReject,
     AssociateRequest,
+    ContextResult,
     PduType,
     ProposedContext,
     UserInformation,
@@ -336,9 +337,15 @@ async def connect(host: str, port: int, *, calling_ae: str, called_ae: str,
     except BaseException:
         writer.close()
         raise
-    abstract_of = {c.context_id: c.abstract_syntax for c in proposed}
-    accepted = [AcceptedContext(c.context_id, c.result, c.transfer_syntax, abstract_of.get(c.context_id, ""))
-                for c in accept.contexts]
+    by_id = {c.context_id: c for c in proposed}
+    accepted = []
+    for c in accept.contexts:
+        asked = by_id.get(c.context_id)
+        result = c.result
+        if asked is None or (c.accepted and c.transfer_syntax not in asked.transfer_syntaxes):
+            result = ContextResult.NO_REASON  # accepted with something never proposed: not usable
+        accepted.append(AcceptedContext(c.context_id, result, c.transfer_syntax,
+                                        asked.abstract_syntax if asked else ""))
     assoc = Association(reader, writer, accepted, calling_ae=calling_ae, called_ae=called_ae,
                         peer_max_pdu=accept.user.max_pdu, max_pdu=max_pdu, dimse_timeout_s=dimse_timeout_s,
                         acse_timeout_s=acse_timeout_s)

@@ -54,14 +54,15 @@ STUDY = f"{ROOT}.1"
 
 
 def write_instance(folder: Path, n: int, pixel_bytes: int = 2048,
-                   transfer_syntax: str = ExplicitVRLittleEndian, chunked: bool = False) -> Path:
+                   transfer_syntax: str = ExplicitVRLittleEndian, chunked: bool = False,
+                   study_uid: str = STUDY) -> Path:
     """A CT instance with ``pixel_bytes`` of random pixel data; ``chunked`` appends the pixel data in 1 MiB
     pieces so that the test process never holds it whole."""
     sop = f"{ROOT}.1.1.{n}"
     ds = Dataset()
     ds.SOPClassUID, ds.SOPInstanceUID = CT_IMAGE_STORAGE, sop
-    ds.PatientID, ds.PatientName, ds.StudyInstanceUID, ds.SeriesInstanceUID = "STORE1", "Store^Test", STUDY, \
-        f"{STUDY}.1"
+    ds.PatientID, ds.PatientName = "STORE1", "Store^Test"
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, f"{study_uid}.1"
     ds.Modality, ds.InstanceNumber = "CT", n
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from spanner.dicom_constants import Status
@@ -63,6 +64,7 @@ class Expectation:
     arrivals: asyncio.Queue[SpoolEntry] = field(default_factory=asyncio.Queue)
     received: set[str] = field(default_factory=set)
     failures: dict[str, str] = field(default_factory=dict)  # SOP Instance UID -> why it was refused
+    on_arrival: Callable[[SpoolEntry], None] | None = None
 
     def waits_for(self, sop_instance_uid: str) -> bool:
         return sop_instance_uid in self.expected and sop_instance_uid not in self.received
@@ -88,9 +90,12 @@ class StorageScp:
     async def close(self) -> None:
         await self.acceptor.close()
 
-    def expect(self, archive_ae: str, node: str, expected: frozenset[str] | set[str] = frozenset()
-               ) -> Expectation:
-        """Register a retrieval from ``archive_ae``; C-MOVE it with ``message_id`` of the result."""
+    def expect(self, archive_ae: str, node: str, expected: frozenset[str] | set[str] = frozenset(),
+               on_arrival: Callable[[SpoolEntry], None] | None = None) -> Expectation:
+        """Register a retrieval from ``archive_ae``; C-MOVE it with ``message_id`` of the result.
+
+        ``on_arrival`` takes each instance instead of ``arrivals`` (one consumer for several archives).
+        """
         for _ in range(MAX_MESSAGE_ID):
             message_id = next(self._ids) % MAX_MESSAGE_ID + 1
             if (archive_ae, message_id) not in self._by_id:
@@ -98,6 +103,7 @@ class StorageScp:
         else:
             raise TooManyRetrievals(f"{MAX_MESSAGE_ID} retrievals from {archive_ae} are running already")
         expectation = Expectation(archive_ae, node, message_id, frozenset(expected))
+        expectation.on_arrival = on_arrival
         self._by_id[(archive_ae, message_id)] = expectation
         return expectation
 
@@ -129,5 +135,8 @@ class StorageScp:
             expectation.failures[request.sop_instance_uid] = exc.message
             return Status.OUT_OF_RESOURCES
         expectation.received.add(entry.sop_instance_uid)
-        expectation.arrivals.put_nowait(entry)
+        if expectation.on_arrival is not None:
+            expectation.on_arrival(entry)
+        else:
+            expectation.arrivals.put_nowait(entry)
         return Status.SUCCESS

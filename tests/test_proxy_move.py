@@ -1,0 +1,148 @@
+"""Proxy C-MOVE (spanner.proxy_move) with real peers: a study split across Orthanc archives A and B, which
+know only the spanner's storage SCP, lands in dcmtk's storescp and in Orthanc D (destinations no archive
+knows); a JPEG instance that storescp cannot take fails alone with the reason; a holder that is down
+ends its part with the error while the other part is delivered."""
+
+from __future__ import annotations
+
+import asyncio
+import tempfile
+from collections.abc import Iterator
+from functools import partial
+from pathlib import Path
+
+import pytest
+from pydicom.uid import JPEGBaseline8Bit
+
+from spanner.dimse.store import read_part10
+from spanner.proxy_move import HolderPart, InstanceEvent, PartEvent, Peer, proxy_move
+from spanner.spool import Spool
+from spanner.store_scp import StorageScp
+from tests.conftest import require
+from tests.peers.orthanc import OrthancPeer, orthanc_executable
+from tests.peers.ports import ClosedPort
+from tests.test_dimse_store import Storescp, write_instance
+from tests.test_store_scp import study_identifier
+
+STUDY_UID = "1.2.826.0.1.3680043.8.498.7715.1"
+
+
+@pytest.fixture
+def folder() -> Iterator[Path]:
+    with tempfile.TemporaryDirectory(prefix="spanner-proxy-") as name:
+        yield Path(name)
+
+
+def check_order(events: list[InstanceEvent | PartEvent]) -> None:
+    """Each instance is reported as it is forwarded, before its holder's C-MOVE is reported done."""
+    ended: set[str] = set()
+    for event in events:
+        if isinstance(event, PartEvent):
+            ended.add(event.node)
+        else:
+            assert event.node not in ended, f"{event.sop_instance_uid} reported after its part ended"
+
+
+@pytest.mark.orthanc
+@pytest.mark.dcmtk
+def test_split_study_to_destinations_no_archive_knows(folder: Path) -> None:
+    require(orthanc_executable() is not None, "Debian's orthanc")
+    files = folder / "files"
+    files.mkdir()
+    on_a = [write_instance(files, 500 + n, 64 * 1024, study_uid=STUDY_UID) for n in range(4)]
+    on_a.append(write_instance(files, 510, 2048, JPEGBaseline8Bit, study_uid=STUDY_UID))
+    on_b = [write_instance(files, 600 + n, 64 * 1024, study_uid=STUDY_UID) for n in range(3)]
+    uids_a = {read_part10(p).sop_instance_uid for p in on_a}
+    uids_b = {read_part10(p).sop_instance_uid for p in on_b}
+    jpeg_uid = read_part10(on_a[-1]).sop_instance_uid
+    spool = Spool(folder / "spool", max_bytes=64 << 20, ttl_s=600)
+    scp = StorageScp(spool, ae_title="SPANNER")
+    received = folder / "storescp"
+    received.mkdir()
+    storescp = Storescp(received)
+
+    async def body() -> tuple[list[InstanceEvent | PartEvent], list[InstanceEvent | PartEvent], set[str]]:
+        port = await scp.start("127.0.0.1", 0)
+        target = {"spanner": ("SPANNER", "127.0.0.1", port)}
+        a = OrthancPeer(aet="ARCH_A", modalities=target)
+        b = OrthancPeer(aet="ARCH_B", modalities=target)
+        d = OrthancPeer(aet="DEST_D")
+        try:
+            a.start().upload_many(p.read_bytes() for p in on_a)
+            b.start().upload_many(p.read_bytes() for p in on_b)
+            d.start()
+            parts = [HolderPart("node-a", Peer("ARCH_A", "127.0.0.1", a.dicom_port),
+                                partial(study_identifier, STUDY_UID), frozenset(uids_a)),
+                     HolderPart("node-b", Peer("ARCH_B", "127.0.0.1", b.dicom_port),
+                                partial(study_identifier, STUDY_UID), frozenset(uids_b))]
+            to_storescp = [e async for e in proxy_move(scp, parts, Peer("DEST", "127.0.0.1", storescp.port),
+                                                       calling_ae="SPANNER")]
+            to_orthanc = [e async for e in proxy_move(scp, parts, Peer("DEST_D", "127.0.0.1", d.dicom_port),
+                                                      calling_ae="SPANNER")]
+            in_d = {d.get(f"/instances/{i}")["MainDicomTags"]["SOPInstanceUID"] for i in d.instances()}
+            return to_storescp, to_orthanc, in_d
+        finally:
+            for peer in (a, b, d):
+                peer.stop()
+            await scp.close()
+
+    try:
+        to_storescp, to_orthanc, in_d = asyncio.run(body())
+    finally:
+        storescp.stop()
+
+    for events in (to_storescp, to_orthanc):
+        check_order(events)
+        parts_done = {e.node: e for e in events if isinstance(e, PartEvent)}
+        assert set(parts_done) == {"node-a", "node-b"}
+        assert all(p.status == 0 and p.error is None and not p.not_received for p in parts_done.values())
+        assert parts_done["node-a"].counts["completed"] == 5 and parts_done["node-b"].counts["completed"] == 3
+    forwarded = {e.sop_instance_uid for e in to_storescp if isinstance(e, InstanceEvent) and e.forwarded}
+    failed = {e.sop_instance_uid: e.reason for e in to_storescp
+              if isinstance(e, InstanceEvent) and not e.forwarded}
+    assert forwarded == (uids_a | uids_b) - {jpeg_uid}
+    assert list(failed) == [jpeg_uid] and JPEGBaseline8Bit in (failed[jpeg_uid] or "")
+    assert set(storescp.received()) == forwarded
+    for path in on_a[:1] + on_b[:1]:
+        uid = read_part10(path).sop_instance_uid
+        assert storescp.received()[uid].read_bytes()[-1000:] == path.read_bytes()[-1000:]
+    assert {e.sop_instance_uid for e in to_orthanc if isinstance(e, InstanceEvent) and e.forwarded} \
+        == uids_a | uids_b
+    assert in_d == uids_a | uids_b
+    assert list(spool.incoming.iterdir()) == []
+
+
+@pytest.mark.orthanc
+def test_a_holder_that_is_down_fails_its_part_only(folder: Path) -> None:
+    require(orthanc_executable() is not None, "Debian's orthanc")
+    paths = [write_instance(folder, 700 + n, 4096, study_uid=STUDY_UID) for n in range(3)]
+    uids = {read_part10(p).sop_instance_uid for p in paths}
+    spool = Spool(folder / "spool", max_bytes=16 << 20, ttl_s=600)
+    scp = StorageScp(spool, ae_title="SPANNER")
+    down = ClosedPort()
+
+    async def body() -> list[InstanceEvent | PartEvent]:
+        port = await scp.start("127.0.0.1", 0)
+        a = OrthancPeer(aet="ARCH_A", modalities={"spanner": ("SPANNER", "127.0.0.1", port)})
+        d = OrthancPeer(aet="DEST_D")
+        try:
+            a.start().upload_many(p.read_bytes() for p in paths)
+            d.start()
+            parts = [HolderPart("node-a", Peer("ARCH_A", "127.0.0.1", a.dicom_port),
+                                partial(study_identifier, STUDY_UID), frozenset(uids)),
+                     HolderPart("node-x", Peer("ARCH_X", "127.0.0.1", down.port),
+                                partial(study_identifier, STUDY_UID))]
+            events = [e async for e in proxy_move(scp, parts, Peer("DEST_D", "127.0.0.1", d.dicom_port),
+                                                  calling_ae="SPANNER")]
+            assert len(d.instances()) == 3
+            return events
+        finally:
+            a.stop()
+            d.stop()
+            await scp.close()
+
+    events = asyncio.run(body())
+    parts_done = {e.node: e for e in events if isinstance(e, PartEvent)}
+    assert parts_done["node-a"].status == 0
+    assert parts_done["node-x"].status is None and "cannot connect" in (parts_done["node-x"].error or "")
+    assert {e.sop_instance_uid for e in events if isinstance(e, InstanceEvent) and e.forwarded} == uids

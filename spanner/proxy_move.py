@@ -14,6 +14,8 @@ destination by C-STORE as soon as it is in the spool, so the destination never h
   warning; every other outcome is ``failed`` with the reason (the destination's status, a transfer syntax
   neither side can bridge, the spool full, the archive's own failed sub-operations).
 - Forwarded instances stay in the spool (a cache, bounded by its size and TTL); each is held while sent.
+  A part whose expected UIDs are all in the spool, from the same node, is served from there without a
+  C-MOVE (``PartEvent.from_spool``); ``Spool.drop_node`` forgets a node's instances when it changes.
 """
 
 from __future__ import annotations
@@ -22,13 +24,13 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from spanner.dicom_constants import EXPLICIT_VR_LE, IMPLICIT_VR_LE, STUDY_ROOT_MOVE, Status
 from spanner.dimse.association import Association, Identifier, connect
 from spanner.dimse.errors import DimseError, NoAcceptedContext
 from spanner.dimse.store import TransferSyntaxNotAccepted, storage_contexts, store
-from spanner.spool import SpoolEntry
+from spanner.spool import Spool, SpoolEntry
 from spanner.store_scp import Expectation, StorageScp
 
 LOG = logging.getLogger(__name__)
@@ -68,6 +70,7 @@ class PartEvent:
     counts: dict[str, int]
     error: str | None = None
     not_received: frozenset[str] = frozenset()  # expected UIDs that never arrived
+    from_spool: bool = False  # every expected instance was in the spool: the archive was not asked
 
 
 @dataclass
@@ -95,6 +98,8 @@ class _Forwarder:
             status = await store(self.assoc, instance, self.msg_id)
         except (NoAcceptedContext, TransferSyntaxNotAccepted) as exc:
             return exc.message
+        except FileNotFoundError:  # evicted while it waited in the queue; store() had sent nothing yet
+            return f"{instance.sop_instance_uid} left the spool before it was forwarded (spool too small)"
         except DimseError as exc:
             if self.assoc is not None:
                 self.assoc.abort()
@@ -108,6 +113,15 @@ class _Forwarder:
             assoc, self.assoc = self.assoc, None
             with contextlib.suppress(DimseError, OSError):
                 await assoc.release()
+
+
+def _cached(spool: Spool, part: HolderPart) -> list[SpoolEntry] | None:
+    """The part's instances when every expected one is in the spool from the same node, else None."""
+    if not part.expected:
+        return None
+    entries = [spool.get(uid) for uid in sorted(part.expected)]
+    found = [e for e in entries if e is not None and e.node == part.node]
+    return found if len(found) == len(entries) else None
 
 
 async def _move(part: HolderPart, expectation: Expectation, store_ae: str, calling_ae: str,
@@ -146,7 +160,15 @@ async def proxy_move(scp: StorageScp, parts: Sequence[HolderPart], destination: 
     expectations = [scp.expect(p.archive.ae_title, p.node, p.expected, queue.put_nowait) for p in parts]
 
     async def run(part: HolderPart, expectation: Expectation) -> None:
-        event = await _move(part, expectation, scp.ae_title, calling_ae, dimse_timeout_s)
+        cached = _cached(scp.spool, part)
+        if cached is None:
+            event = await _move(part, expectation, scp.ae_title, calling_ae, dimse_timeout_s)
+        else:
+            for entry in cached:
+                expectation.received.add(entry.sop_instance_uid)
+                queue.put_nowait(entry)
+            counts = {"remaining": 0, "completed": len(cached), "failed": 0, "warning": 0}
+            event = PartEvent(part.node, Status.SUCCESS, counts, from_spool=True)
         queue.put_nowait((expectation, event))
 
     forwarder = _Forwarder(destination, calling_ae, dimse_timeout_s)
@@ -166,7 +188,7 @@ async def proxy_move(scp: StorageScp, parts: Sequence[HolderPart], destination: 
             for uid, why in expectation.failures.items():
                 yield InstanceEvent(uid, expectation.node, False, why)
             missing = expectation.expected - expectation.received - set(expectation.failures)
-            yield PartEvent(event.node, event.status, event.counts, event.error, frozenset(missing))
+            yield replace(event, not_received=frozenset(missing))
     finally:
         for task in tasks:
             task.cancel()

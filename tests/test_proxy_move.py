@@ -1,7 +1,8 @@
 """Proxy C-MOVE (spanner.proxy_move) with real peers: a study split across Orthanc archives A and B, which
 know only the spanner's storage SCP, lands in dcmtk's storescp and in Orthanc D (destinations no archive
 knows); a JPEG instance that storescp cannot take fails alone with the reason; a holder that is down
-ends its part with the error while the other part is delivered."""
+ends its part with the error while the other part is delivered; a repeated retrieval comes from the
+spool with the archive stopped, until the node's instances are dropped."""
 
 from __future__ import annotations
 
@@ -19,10 +20,9 @@ from spanner.proxy_move import HolderPart, InstanceEvent, PartEvent, Peer, proxy
 from spanner.spool import Spool
 from spanner.store_scp import StorageScp
 from tests.conftest import require
+from tests.peers.instances import Storescp, study_identifier, write_instance
 from tests.peers.orthanc import OrthancPeer, orthanc_executable
 from tests.peers.ports import ClosedPort
-from tests.test_dimse_store import Storescp, write_instance
-from tests.test_store_scp import study_identifier
 
 STUDY_UID = "1.2.826.0.1.3680043.8.498.7715.1"
 
@@ -135,6 +135,20 @@ def test_a_holder_that_is_down_fails_its_part_only(folder: Path) -> None:
             events = [e async for e in proxy_move(scp, parts, Peer("DEST_D", "127.0.0.1", d.dicom_port),
                                                   calling_ae="SPANNER")]
             assert len(d.instances()) == 3
+            # Again, with the archive gone: every instance comes from the spool.
+            a.stop()
+            d.clear()
+            again = [e async for e in proxy_move(scp, parts[:1], Peer("DEST_D", "127.0.0.1", d.dicom_port),
+                                                 calling_ae="SPANNER")]
+            assert [(e.node, e.from_spool) for e in again if isinstance(e, PartEvent)] == [("node-a", True)]
+            assert {e.sop_instance_uid for e in again if isinstance(e, InstanceEvent) and e.forwarded} == uids
+            assert len(d.instances()) == 3
+            # A node change drops its instances: the archive is asked again (and is down now).
+            scp.spool.drop_node("node-a")
+            again = [e async for e in proxy_move(scp, parts[:1], Peer("DEST_D", "127.0.0.1", d.dicom_port),
+                                                 calling_ae="SPANNER")]
+            assert [(e.node, e.from_spool, e.status) for e in again if isinstance(e, PartEvent)] == [
+                ("node-a", False, None)]
             return events
         finally:
             a.stop()

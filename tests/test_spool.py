@@ -11,7 +11,7 @@ import pytest
 
 from spanner.dimse.store import NotPart10
 from spanner.spool import MARKER, Spool, SpoolDirectoryRefused, SpoolError, SpoolFull
-from tests.test_dimse_store import write_instance
+from tests.peers.instances import write_instance
 
 
 class Clock:

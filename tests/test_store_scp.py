@@ -13,9 +13,6 @@ from pathlib import Path
 
 import pytest
 from pydicom import dcmread
-from pydicom.dataset import Dataset
-from pydicom.filebase import DicomBytesIO
-from pydicom.filewriter import write_dataset
 
 from spanner.dicom_constants import EXPLICIT_VR_LE, IMPLICIT_VR_LE, STUDY_ROOT_MOVE, Status
 from spanner.dimse.association import Response, connect
@@ -23,8 +20,8 @@ from spanner.dimse.store import read_part10, send_files
 from spanner.spool import Spool
 from spanner.store_scp import Expectation, StorageScp
 from tests.conftest import require
+from tests.peers.instances import study_identifier, write_instance
 from tests.peers.orthanc import OrthancPeer, orthanc_executable
-from tests.test_dimse_store import write_instance
 
 ROOT = "1.2.826.0.1.3680043.8.498.7714"
 
@@ -33,16 +30,6 @@ ROOT = "1.2.826.0.1.3680043.8.498.7714"
 def folder() -> Iterator[Path]:
     with tempfile.TemporaryDirectory(prefix="spanner-storescp-") as name:
         yield Path(name)
-
-
-def study_identifier(study_uid: str, transfer_syntax: str) -> bytes:
-    ds = Dataset()
-    ds.QueryRetrieveLevel = "STUDY"
-    ds.StudyInstanceUID = study_uid
-    out = DicomBytesIO()
-    out.is_little_endian, out.is_implicit_VR = True, transfer_syntax == IMPLICIT_VR_LE
-    write_dataset(out, ds)
-    return out.getvalue()
 
 
 async def move_study(port: int, archive_ae: str, study_uid: str, expectation: Expectation,

@@ -107,6 +107,11 @@ class StorageScp:
         self._by_id[(archive_ae, message_id)] = expectation
         return expectation
 
+    @property
+    def active(self) -> int:
+        """Retrievals registered and not forgotten yet."""
+        return len(self._by_id)
+
     def forget(self, expectation: Expectation) -> None:
         """The retrieval ended: later C-STOREs for it are refused."""
         if self._by_id.get((expectation.archive_ae, expectation.message_id)) is expectation:

@@ -7,6 +7,7 @@ spool with the archive stopped, until the node's instances are dropped."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import tempfile
 from collections.abc import Iterator
 from functools import partial
@@ -160,3 +161,42 @@ def test_a_holder_that_is_down_fails_its_part_only(folder: Path) -> None:
     assert parts_done["node-a"].status == 0
     assert parts_done["node-x"].status is None and "cannot connect" in (parts_done["node-x"].error or "")
     assert {e.sop_instance_uid for e in events if isinstance(e, InstanceEvent) and e.forwarded} == uids
+
+
+@pytest.mark.orthanc
+def test_leaving_early_cancels_and_leaves_nothing_behind(folder: Path) -> None:
+    require(orthanc_executable() is not None, "Debian's orthanc")
+    paths = [write_instance(folder, 800 + n, 256 * 1024, study_uid=STUDY_UID) for n in range(30)]
+    uids = {read_part10(p).sop_instance_uid for p in paths}
+    spool = Spool(folder / "spool", max_bytes=64 << 20, ttl_s=600)
+    scp = StorageScp(spool, ae_title="SPANNER")
+
+    async def body() -> int:
+        port = await scp.start("127.0.0.1", 0)
+        a = OrthancPeer(aet="ARCH_A", modalities={"spanner": ("SPANNER", "127.0.0.1", port)})
+        d = OrthancPeer(aet="DEST_D")
+        try:
+            a.start().upload_many(p.read_bytes() for p in paths)
+            d.start()
+            parts = [HolderPart("node-a", Peer("ARCH_A", "127.0.0.1", a.dicom_port),
+                                partial(study_identifier, STUDY_UID), frozenset(uids))]
+            async with contextlib.aclosing(proxy_move(scp, parts, Peer("DEST_D", "127.0.0.1", d.dicom_port),
+                                                      calling_ae="SPANNER")) as events:
+                async for _event in events:
+                    break  # the client went away after the first event
+            assert scp.active == 0  # later C-STOREs of that C-MOVE are refused, not kept
+            for _ in range(100):  # let whatever the archive still had in flight arrive
+                before = len(spool) + scp.refused
+                await asyncio.sleep(0.05)
+                if len(spool) + scp.refused == before:
+                    break
+            return len(d.instances())
+        finally:
+            a.stop()
+            d.stop()
+            await scp.close()
+
+    at_destination = asyncio.run(body())
+    assert at_destination >= 1
+    assert len(spool) + scp.refused <= len(uids)
+    assert list(spool.incoming.iterdir()) == []

@@ -152,8 +152,13 @@ async def _move(part: HolderPart, expectation: Expectation, store_ae: str, calli
 
 
 async def proxy_move(scp: StorageScp, parts: Sequence[HolderPart], destination: Peer, *, calling_ae: str,
-                     dimse_timeout_s: float = 30.0) -> AsyncIterator[InstanceEvent | PartEvent]:
-    """Run every part's C-MOVE to ``scp`` and forward what arrives; events as they happen."""
+                     dimse_timeout_s: float = 30.0, deadline_s: float | None = None
+                     ) -> AsyncIterator[InstanceEvent | PartEvent]:
+    """Run every part's C-MOVE to ``scp`` and forward what arrives; events as they happen.
+
+    ``deadline_s``: when it passes, the parts still running are cancelled (C-CANCEL, then A-ABORT) and
+    each ends with a PartEvent saying so; the instance being forwarded at that moment still completes.
+    """
     # One queue for both: a C-MOVE's instances all arrive before its final response, so a part's
     # end is always behind its last instance.
     queue: asyncio.Queue[SpoolEntry | tuple[Expectation, PartEvent]] = asyncio.Queue()
@@ -174,9 +179,22 @@ async def proxy_move(scp: StorageScp, parts: Sequence[HolderPart], destination: 
     forwarder = _Forwarder(destination, calling_ae, dimse_timeout_s)
     tasks = [asyncio.create_task(run(p, e)) for p, e in zip(parts, expectations, strict=True)]
     running = len(tasks)
+    ended: set[int] = set()  # indexes of the parts whose end was reported
+    deadline = None if deadline_s is None else asyncio.get_running_loop().time() + deadline_s
     try:
         while running:
-            item = await queue.get()
+            try:
+                async with asyncio.timeout_at(deadline):
+                    item = await queue.get()
+            except TimeoutError:
+                for task in tasks:
+                    task.cancel()
+                await asyncio.gather(*tasks, return_exceptions=True)
+                for index, part in enumerate(parts):
+                    if index not in ended:
+                        yield PartEvent(part.node, None, {}, f"the retrieval's deadline of {deadline_s:g} s "
+                                        f"passed; the C-MOVE was cancelled")
+                return
             if isinstance(item, SpoolEntry):
                 with scp.spool.holding(item):
                     reason = await forwarder.forward(item)
@@ -184,6 +202,7 @@ async def proxy_move(scp: StorageScp, parts: Sequence[HolderPart], destination: 
                 continue
             expectation, event = item
             running -= 1
+            ended.add(expectations.index(expectation))
             scp.forget(expectation)
             for uid, why in expectation.failures.items():
                 yield InstanceEvent(uid, expectation.node, False, why)

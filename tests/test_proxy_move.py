@@ -9,13 +9,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import tempfile
-from collections.abc import Iterator
+import time
+from collections.abc import AsyncIterator, Iterator
 from functools import partial
 from pathlib import Path
 
 import pytest
 from pydicom.uid import JPEGBaseline8Bit
 
+from spanner.dicom_constants import STUDY_ROOT_MOVE, Status
+from spanner.dimse.acceptor import Acceptor, AcceptorConfig, Handlers, MoveResult, Request
 from spanner.dimse.store import read_part10
 from spanner.proxy_move import HolderPart, InstanceEvent, PartEvent, Peer, proxy_move
 from spanner.spool import Spool
@@ -200,3 +203,44 @@ def test_leaving_early_cancels_and_leaves_nothing_behind(folder: Path) -> None:
     assert at_destination >= 1
     assert len(spool) + scp.refused <= len(uids)
     assert list(spool.incoming.iterdir()) == []
+
+
+def test_the_deadline_cancels_a_holder_that_never_answers(folder: Path) -> None:
+    """An archive (the engine's own acceptor) that takes the C-MOVE and never answers it: at the deadline
+    the part ends with the reason, the archive's request is cancelled, and no retrieval stays registered."""
+    spool = Spool(folder / "spool", max_bytes=1 << 20, ttl_s=600)
+    scp = StorageScp(spool, ae_title="SPANNER")
+    stopped: list[bool] = []
+
+    async def never(request: Request) -> AsyncIterator[MoveResult]:
+        try:
+            await asyncio.Event().wait()
+            yield MoveResult(Status.SUCCESS)
+        finally:
+            stopped.append(request.cancelled.is_set())
+
+    archive = Acceptor(AcceptorConfig("SLOW", (STUDY_ROOT_MOVE,)), Handlers(move=never))
+
+    async def body() -> list[InstanceEvent | PartEvent]:
+        await scp.start("127.0.0.1", 0)
+        port = await archive.start("127.0.0.1", 0)
+        try:
+            parts = [HolderPart("node-slow", Peer("SLOW", "127.0.0.1", port),
+                                partial(study_identifier, STUDY_UID))]
+            nowhere = Peer("DEST", "127.0.0.1", ClosedPort().port)  # never reached: nothing arrives
+            return [e async for e in proxy_move(scp, parts, nowhere, calling_ae="SPANNER", deadline_s=0.5)]
+        finally:
+            for _ in range(100):
+                if stopped:
+                    break
+                await asyncio.sleep(0.01)
+            await archive.close()
+            await scp.close()
+
+    started = time.monotonic()
+    events = asyncio.run(body())
+    assert time.monotonic() - started < 5
+    assert len(events) == 1 and isinstance(events[0], PartEvent)
+    assert events[0].status is None and "deadline of 0.5 s" in (events[0].error or "")
+    assert stopped, "the archive's C-MOVE handler was never stopped"
+    assert scp.active == 0

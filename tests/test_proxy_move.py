@@ -244,3 +244,42 @@ def test_the_deadline_cancels_a_holder_that_never_answers(folder: Path) -> None:
     assert events[0].status is None and "deadline of 0.5 s" in (events[0].error or "")
     assert stopped, "the archive's C-MOVE handler was never stopped"
     assert scp.active == 0
+
+
+@pytest.mark.orthanc
+def test_an_instance_the_store_scp_refuses_is_never_reported_delivered(folder: Path) -> None:
+    """An instance over the store SCP's per-instance limit is refused (0xA700) to the archive; Orthanc then
+    fails its C-MOVE. Only what D really holds is reported forwarded; the rest is listed as not received."""
+    require(orthanc_executable() is not None, "Debian's orthanc")
+    paths = [write_instance(folder, 900, 4096, study_uid=STUDY_UID),
+             write_instance(folder, 901, 16 * 1024, study_uid=STUDY_UID),
+             write_instance(folder, 902, 4096, study_uid=STUDY_UID)]
+    uids = {read_part10(p).sop_instance_uid for p in paths}
+    spool = Spool(folder / "spool", max_bytes=16 << 20, ttl_s=600)
+    scp = StorageScp(spool, ae_title="SPANNER", max_instance_bytes=8 * 1024)
+
+    async def body() -> tuple[list[InstanceEvent | PartEvent], set[str]]:
+        port = await scp.start("127.0.0.1", 0)
+        a = OrthancPeer(aet="ARCH_A", modalities={"spanner": ("SPANNER", "127.0.0.1", port)})
+        d = OrthancPeer(aet="DEST_D")
+        try:
+            a.start().upload_many(p.read_bytes() for p in paths)
+            d.start()
+            parts = [HolderPart("node-a", Peer("ARCH_A", "127.0.0.1", a.dicom_port),
+                                partial(study_identifier, STUDY_UID), frozenset(uids))]
+            events = [e async for e in proxy_move(scp, parts, Peer("DEST_D", "127.0.0.1", d.dicom_port),
+                                                  calling_ae="SPANNER")]
+            in_d = {d.get(f"/instances/{i}")["MainDicomTags"]["SOPInstanceUID"] for i in d.instances()}
+            return events, in_d
+        finally:
+            a.stop()
+            d.stop()
+            await scp.close()
+
+    events, in_d = asyncio.run(body())
+    forwarded = {e.sop_instance_uid for e in events if isinstance(e, InstanceEvent) and e.forwarded}
+    (part,) = [e for e in events if isinstance(e, PartEvent)]
+    assert read_part10(paths[1]).sop_instance_uid in part.not_received
+    assert part.status != 0
+    assert forwarded == in_d == uids - part.not_received
+    assert list(spool.incoming.iterdir()) == []

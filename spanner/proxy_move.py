@@ -13,6 +13,9 @@ destination by C-STORE as soon as it is in the spool, so the destination never h
 - An instance is reported ``forwarded`` only after the destination answered its C-STORE with success or a
   warning; every other outcome is ``failed`` with the reason (the destination's status, a transfer syntax
   neither side can bridge, the spool full, the archive's own failed sub-operations).
+- Failover: a part that ends with expected UIDs not received (archive down, C-MOVE failed or cut off) and
+  has ``fallbacks`` asks the next holder for just those (``retry`` builds that identifier, e.g. IMAGE
+  level with the study and series UIDs); its PartEvent names the node in ``failover_to``.
 - Forwarded instances stay in the spool (a cache, bounded by its size and TTL); each is held while sent.
   A part whose expected UIDs are all in the spool, from the same node, is served from there without a
   C-MOVE (``PartEvent.from_spool``); ``Spool.drop_node`` forgets a node's instances when it changes.
@@ -23,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 from spanner.dicom_constants import EXPLICIT_VR_LE, IMPLICIT_VR_LE, STUDY_ROOT_MOVE, Status
@@ -45,12 +48,22 @@ class Peer:
 
 
 @dataclass(frozen=True, slots=True)
+class Fallback:
+    """Another holder of a part's instances, asked for what the part's own holder did not send."""
+
+    node: str
+    archive: Peer
+
+
+@dataclass(frozen=True, slots=True)
 class HolderPart:
     node: str
     archive: Peer
     identifier: Identifier
     expected: frozenset[str] = frozenset()
     model: str = STUDY_ROOT_MOVE
+    fallbacks: tuple[Fallback, ...] = ()  # in priority order
+    retry: Callable[[frozenset[str]], Identifier] | None = None  # an identifier for just these SOP UIDs
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +83,7 @@ class PartEvent:
     counts: dict[str, int]
     error: str | None = None
     not_received: frozenset[str] = frozenset()  # expected UIDs that never arrived
+    failover_to: str | None = None  # the node now asked for ``not_received``
     from_spool: bool = False  # every expected instance was in the spool: the archive was not asked
 
 
@@ -162,7 +176,8 @@ async def proxy_move(scp: StorageScp, parts: Sequence[HolderPart], destination: 
     # One queue for both: a C-MOVE's instances all arrive before its final response, so a part's
     # end is always behind its last instance.
     queue: asyncio.Queue[SpoolEntry | tuple[Expectation, PartEvent]] = asyncio.Queue()
-    expectations = [scp.expect(p.archive.ae_title, p.node, p.expected, queue.put_nowait) for p in parts]
+    started: list[tuple[HolderPart, Expectation]] = []
+    tasks: list[asyncio.Task[None]] = []
 
     async def run(part: HolderPart, expectation: Expectation) -> None:
         cached = _cached(scp.spool, part)
@@ -176,10 +191,16 @@ async def proxy_move(scp: StorageScp, parts: Sequence[HolderPart], destination: 
             event = PartEvent(part.node, Status.SUCCESS, counts, from_spool=True)
         queue.put_nowait((expectation, event))
 
+    def start(part: HolderPart) -> None:
+        expectation = scp.expect(part.archive.ae_title, part.node, part.expected, queue.put_nowait)
+        started.append((part, expectation))
+        tasks.append(asyncio.create_task(run(part, expectation)))
+
+    for part in parts:
+        start(part)
     forwarder = _Forwarder(destination, calling_ae, dimse_timeout_s)
-    tasks = [asyncio.create_task(run(p, e)) for p, e in zip(parts, expectations, strict=True)]
     running = len(tasks)
-    ended: set[int] = set()  # indexes of the parts whose end was reported
+    ended: set[int] = set()  # indexes (in ``started``) of the parts whose end was reported
     deadline = None if deadline_s is None else asyncio.get_running_loop().time() + deadline_s
     try:
         while running:
@@ -190,7 +211,7 @@ async def proxy_move(scp: StorageScp, parts: Sequence[HolderPart], destination: 
                 for task in tasks:
                     task.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
-                for index, part in enumerate(parts):
+                for index, (part, _) in enumerate(started):
                     if index not in ended:
                         yield PartEvent(part.node, None, {}, f"the retrieval's deadline of {deadline_s:g} s "
                                         f"passed; the C-MOVE was cancelled")
@@ -202,15 +223,25 @@ async def proxy_move(scp: StorageScp, parts: Sequence[HolderPart], destination: 
                 continue
             expectation, event = item
             running -= 1
-            ended.add(expectations.index(expectation))
+            index = next(i for i, (_, e) in enumerate(started) if e is expectation)
+            ended.add(index)
+            part = started[index][0]
             scp.forget(expectation)
             for uid, why in expectation.failures.items():
                 yield InstanceEvent(uid, expectation.node, False, why)
-            missing = expectation.expected - expectation.received - set(expectation.failures)
-            yield replace(event, not_received=frozenset(missing))
+            # Failures of the spool would fail again elsewhere; what never came is asked of the next holder.
+            missing = frozenset(expectation.expected - expectation.received - set(expectation.failures))
+            failover = None
+            if missing and part.fallbacks and part.retry is not None:
+                fallback = part.fallbacks[0]
+                failover = fallback.node
+                start(replace(part, node=fallback.node, archive=fallback.archive,
+                              identifier=part.retry(missing), expected=missing, fallbacks=part.fallbacks[1:]))
+                running += 1
+            yield replace(event, not_received=missing, failover_to=failover)
     finally:
         for task in tasks:
             task.cancel()
-        for expectation in expectations:
+        for _, expectation in started:
             scp.forget(expectation)
         await forwarder.close()

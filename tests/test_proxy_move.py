@@ -15,12 +15,15 @@ from functools import partial
 from pathlib import Path
 
 import pytest
+from pydicom.dataset import Dataset
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset
 from pydicom.uid import JPEGBaseline8Bit
 
-from spanner.dicom_constants import STUDY_ROOT_MOVE, Status
+from spanner.dicom_constants import IMPLICIT_VR_LE, STUDY_ROOT_MOVE, Status
 from spanner.dimse.acceptor import Acceptor, AcceptorConfig, Handlers, MoveResult, Request
 from spanner.dimse.store import read_part10
-from spanner.proxy_move import HolderPart, InstanceEvent, PartEvent, Peer, proxy_move
+from spanner.proxy_move import Fallback, HolderPart, InstanceEvent, PartEvent, Peer, proxy_move
 from spanner.spool import Spool
 from spanner.store_scp import StorageScp
 from tests.conftest import require
@@ -283,3 +286,58 @@ def test_an_instance_the_store_scp_refuses_is_never_reported_delivered(folder: P
     assert part.status != 0
     assert forwarded == in_d == uids - part.not_received
     assert list(spool.incoming.iterdir()) == []
+
+
+def image_identifier(study_uid: str, uids: frozenset[str], transfer_syntax: str) -> bytes:
+    """IMAGE level, for the instances ``write_instance`` makes (one series: the study UID + ".1")."""
+    ds = Dataset()
+    ds.QueryRetrieveLevel = "IMAGE"
+    ds.StudyInstanceUID = study_uid
+    ds.SeriesInstanceUID = f"{study_uid}.1"
+    ds.SOPInstanceUID = sorted(uids)
+    out = DicomBytesIO()
+    out.is_little_endian, out.is_implicit_VR = True, transfer_syntax == IMPLICIT_VR_LE
+    write_dataset(out, ds)
+    return out.getvalue()
+
+
+@pytest.mark.orthanc
+def test_failover_to_the_mirror_when_a_holder_fails(folder: Path) -> None:
+    """A mirrored study on A and C; A cannot move to the spanner (it does not know it: 0xA801), so the part
+    fails over to C, which is asked for just the instances that did not come, and they all arrive."""
+    require(orthanc_executable() is not None, "Debian's orthanc")
+    paths = [write_instance(folder, 950 + n, 4096, study_uid=STUDY_UID) for n in range(3)]
+    uids = frozenset(read_part10(p).sop_instance_uid for p in paths)
+    spool = Spool(folder / "spool", max_bytes=16 << 20, ttl_s=600)
+    scp = StorageScp(spool, ae_title="SPANNER")
+
+    async def body() -> tuple[list[InstanceEvent | PartEvent], int]:
+        port = await scp.start("127.0.0.1", 0)
+        a = OrthancPeer(aet="ARCH_A")  # no DicomModalities entry for the spanner
+        c = OrthancPeer(aet="ARCH_C", modalities={"spanner": ("SPANNER", "127.0.0.1", port)})
+        d = OrthancPeer(aet="DEST_D")
+        try:
+            a.start().upload_many(p.read_bytes() for p in paths)
+            c.start().upload_many(p.read_bytes() for p in paths)
+            d.start()
+            parts = [HolderPart("node-a", Peer("ARCH_A", "127.0.0.1", a.dicom_port),
+                                partial(study_identifier, STUDY_UID), uids,
+                                fallbacks=(Fallback("node-c", Peer("ARCH_C", "127.0.0.1", c.dicom_port)),),
+                                retry=lambda missing: partial(image_identifier, STUDY_UID, missing))]
+            events = [e async for e in proxy_move(scp, parts, Peer("DEST_D", "127.0.0.1", d.dicom_port),
+                                                  calling_ae="SPANNER")]
+            return events, len(d.instances())
+        finally:
+            for peer in (a, c, d):
+                peer.stop()
+            await scp.close()
+
+    events, at_destination = asyncio.run(body())
+    check_order(events)
+    parts_done = {e.node: e for e in events if isinstance(e, PartEvent)}
+    assert parts_done["node-a"].status != 0 and parts_done["node-a"].not_received == uids
+    assert parts_done["node-a"].failover_to == "node-c"
+    assert parts_done["node-c"].status == 0 and not parts_done["node-c"].not_received
+    assert {e.sop_instance_uid for e in events if isinstance(e, InstanceEvent) and e.forwarded} == uids
+    assert {e.node for e in events if isinstance(e, InstanceEvent)} == {"node-c"}
+    assert at_destination == 3

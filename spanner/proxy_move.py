@@ -189,6 +189,9 @@ async def proxy_move(scp: StorageScp, parts: Sequence[HolderPart], destination: 
                 queue.put_nowait(entry)
             counts = {"remaining": 0, "completed": len(cached), "failed": 0, "warning": 0}
             event = PartEvent(part.node, Status.SUCCESS, counts, from_spool=True)
+        # From now on this part takes no instance: one still on its way (an archive that died with
+        # C-STOREs in flight) is refused and asked of the fallback, never reported after the part's end.
+        scp.forget(expectation)
         queue.put_nowait((expectation, event))
 
     def start(part: HolderPart) -> None:

@@ -20,6 +20,7 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
 from pydicom.uid import JPEGBaseline8Bit
 
+from benchmarks.relay import start_relay
 from spanner.dicom_constants import IMPLICIT_VR_LE, STUDY_ROOT_MOVE, Status
 from spanner.dimse.acceptor import Acceptor, AcceptorConfig, Handlers, MoveResult, Request
 from spanner.dimse.store import read_part10
@@ -341,3 +342,57 @@ def test_failover_to_the_mirror_when_a_holder_fails(folder: Path) -> None:
     assert {e.sop_instance_uid for e in events if isinstance(e, InstanceEvent) and e.forwarded} == uids
     assert {e.node for e in events if isinstance(e, InstanceEvent)} == {"node-c"}
     assert at_destination == 3
+
+
+@pytest.mark.orthanc
+def test_holder_killed_mid_transfer_the_rest_comes_from_the_mirror(folder: Path) -> None:
+    """A's C-STOREs reach the spanner through a relay holding them 30 ms (a WAN hop), so its transfer
+    takes a while; A is killed after its first instance was forwarded. The part fails over to C for what
+    had not arrived; everything reaches D exactly once, and nothing is reported forwarded twice."""
+    require(orthanc_executable() is not None, "Debian's orthanc")
+    paths = [write_instance(folder, 1000 + n, 16 * 1024, study_uid=STUDY_UID) for n in range(20)]
+    uids = frozenset(read_part10(p).sop_instance_uid for p in paths)
+    spool = Spool(folder / "spool", max_bytes=64 << 20, ttl_s=600)
+    scp = StorageScp(spool, ae_title="SPANNER")
+
+    async def body() -> tuple[list[InstanceEvent | PartEvent], set[str]]:
+        port = await scp.start("127.0.0.1", 0)
+        relay = await start_relay(port, 0.03)
+        relay_port = relay.sockets[0].getsockname()[1]
+        a = OrthancPeer(aet="ARCH_A", modalities={"spanner": ("SPANNER", "127.0.0.1", relay_port)})
+        c = OrthancPeer(aet="ARCH_C", modalities={"spanner": ("SPANNER", "127.0.0.1", port)})
+        d = OrthancPeer(aet="DEST_D")
+        try:
+            a.start().upload_many(p.read_bytes() for p in paths)
+            c.start().upload_many(p.read_bytes() for p in paths)
+            d.start()
+            parts = [HolderPart("node-a", Peer("ARCH_A", "127.0.0.1", a.dicom_port),
+                                partial(study_identifier, STUDY_UID), uids,
+                                fallbacks=(Fallback("node-c", Peer("ARCH_C", "127.0.0.1", c.dicom_port)),),
+                                retry=lambda missing: partial(image_identifier, STUDY_UID, missing))]
+            events: list[InstanceEvent | PartEvent] = []
+            async for event in proxy_move(scp, parts, Peer("DEST_D", "127.0.0.1", d.dicom_port),
+                                          calling_ae="SPANNER"):
+                events.append(event)
+                if isinstance(event, InstanceEvent) and event.node == "node-a" and a.running:
+                    a.stop(graceful=False)
+            in_d = {d.get(f"/instances/{i}")["MainDicomTags"]["SOPInstanceUID"] for i in d.instances()}
+            return events, in_d
+        finally:
+            relay.close()
+            for peer in (a, c, d):
+                peer.stop()
+            await scp.close()
+
+    events, in_d = asyncio.run(body())
+    check_order(events)
+    forwarded = [e for e in events if isinstance(e, InstanceEvent) and e.forwarded]
+    from_a = {e.sop_instance_uid for e in forwarded if e.node == "node-a"}
+    from_c = {e.sop_instance_uid for e in forwarded if e.node == "node-c"}
+    parts_done = {e.node: e for e in events if isinstance(e, PartEvent)}
+    assert from_a and from_c, (len(from_a), len(from_c))
+    assert parts_done["node-a"].failover_to == "node-c"
+    assert parts_done["node-a"].not_received == uids - from_a
+    assert from_a.isdisjoint(from_c) and from_a | from_c == uids == in_d
+    assert len(forwarded) == len(uids)
+    assert list(spool.incoming.iterdir()) == []

@@ -247,3 +247,49 @@ def test_engine_scu_to_orthanc(folder: Path) -> None:
             assert [f["Type"] for f in found] == ["Instance"]
             stored = orthanc.client.get(f"/instances/{found[0]['ID']}/file").content
             assert pydicom.dcmread(BytesIO(stored)).PixelData == pixel_data(path)
+
+
+def test_a_store_refused_on_protocol_grounds_leaves_no_file(folder: Path) -> None:
+    """A second C-STORE reusing the Message ID of one still running aborts the association (a protocol
+    error); neither data set stays in the store folder."""
+    instance = read_part10(write_instance(folder, 1, 1024))
+    incoming = folder / "incoming"
+    incoming.mkdir()
+    release = asyncio.Event()
+
+    async def slow(request: StoreRequest) -> int:
+        await release.wait()
+        return Status.SUCCESS
+
+    config = AcceptorConfig("ENGINE_STORE", STORAGE_CLASSES, STORE_TRANSFER_SYNTAXES, store_dir=str(incoming))
+    acceptor = Acceptor(config, Handlers(store=slow))
+
+    async def body() -> None:
+        port = await acceptor.start("127.0.0.1", 0)
+        try:
+            assoc = await connect("127.0.0.1", port, calling_ae="TWICE", called_ae="ENGINE_STORE",
+                                  contexts=storage_contexts([(CT_IMAGE_STORAGE, ExplicitVRLittleEndian)]))
+            ctx = assoc.context_for(CT_IMAGE_STORAGE)
+            data = instance.path.read_bytes()[instance.offset:]
+            for _ in range(2):
+                assoc.writer.write(fragment(ctx.context_id, encode_command({
+                    AFFECTED_SOP_CLASS_UID: CT_IMAGE_STORAGE, COMMAND_FIELD: CommandField.C_STORE_RQ,
+                    MESSAGE_ID: 1, AFFECTED_SOP_INSTANCE_UID: instance.sop_instance_uid, 0x0800: 1}), True, 0)
+                    + fragment(ctx.context_id, data, False, 0))
+            await assoc.drain()
+            for _ in range(200):
+                if not assoc.is_open:
+                    break
+                await asyncio.sleep(0.01)
+            assert not assoc.is_open, "the engine did not abort the association"
+            await assoc.close()
+            for _ in range(200):
+                if not any(incoming.iterdir()):
+                    break
+                await asyncio.sleep(0.01)
+        finally:
+            release.set()
+            await acceptor.close()
+
+    asyncio.run(body())
+    assert list(incoming.iterdir()) == []

@@ -369,6 +369,14 @@ class _Session:
 
     # -- DIMSE ----------------------------------------------------------------------------------------
     def _dispatch(self, message: Message) -> None:
+        try:
+            self._dispatch_message(message)
+        except BaseException:
+            if message.sink is not None:  # a refused C-STORE (e.g. message ID in use) leaves no file
+                message.sink.discard()
+            raise
+
+    def _dispatch_message(self, message: Message) -> None:
         assert self.assoc is not None
         command = message.command
         field_ = command.field

@@ -191,6 +191,23 @@ def test_only_the_dicom_front_role_may_assert_a_caller(auth: AuthApp, holder: st
     assert entries == []
 
 
+@pytest.mark.parametrize("holder", ["ward", "boss"])
+def test_only_the_dicom_front_role_may_send_a_hop_chain(auth: AuthApp, holder: str) -> None:
+    """A hop chain (loop protection) from another key is refused; the front's key may send one, and a
+    chain that cannot be one is a 422 that says why."""
+    body = {"level": "PATIENT", "filters": {"PatientID": "HOPS*"}}
+    with anonymous(auth) as http:
+        forged = http.post("/api/v1/queries", json=body,
+                           headers={"X-API-Key": auth.keys[holder], "X-Spanner-Hops": "SPANNER-B"})
+        sent = http.post("/api/v1/queries", json=body,
+                         headers={"X-API-Key": auth.keys["front"], "X-Spanner-Hops": "SPANNER-B"})
+        too_long = http.post("/api/v1/queries", json=body,
+                             headers={"X-API-Key": auth.keys["front"], "X-Spanner-Hops": ",".join("X" * 17)})
+    assert forged.status_code == 403 and "X-Spanner-Hops" in forged.json()["detail"], forged.text
+    assert sent.status_code == 200, sent.text
+    assert too_long.status_code == 422 and "at most 16" in too_long.json()["detail"], too_long.text
+
+
 def test_the_dicom_front_key_asks_but_administers_nothing(auth: AuthApp) -> None:
     front = {"X-API-Key": auth.keys["front"]}
     with anonymous(auth) as http:

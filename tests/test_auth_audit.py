@@ -203,7 +203,11 @@ def test_only_the_dicom_front_role_may_send_a_hop_chain(auth: AuthApp, holder: s
                          headers={"X-API-Key": auth.keys["front"], "X-Spanner-Hops": "SPANNER-B"})
         too_long = http.post("/api/v1/queries", json=body,
                              headers={"X-API-Key": auth.keys["front"], "X-Spanner-Hops": ",".join("X" * 17)})
-    assert forged.status_code == 403 and "X-Spanner-Hops" in forged.json()["detail"], forged.text
+        forged_move = http.post("/api/v1/retrievals", json={"level": "STUDY", "destination_ae": "ANY",
+                                                            "uids": {"StudyInstanceUID": "1.2.3"}},
+                                headers={"X-API-Key": auth.keys[holder], "X-Spanner-Hops": "SPANNER-B"})
+    for refused in (forged, forged_move):
+        assert refused.status_code == 403 and "X-Spanner-Hops" in refused.json()["detail"], refused.text
     assert sent.status_code == 200, sent.text
     assert too_long.status_code == 422 and "at most 16" in too_long.json()["detail"], too_long.text
 

@@ -21,7 +21,9 @@ from scp.server import SpannerScp
 from serve_app.services import AuditJanitor
 from simulator.dataset import generate_fleet
 from simulator.scp import SimulatedPacs, SimulatorConfig
+from spanner.errors import NotFound
 from spanner.keys import new_key
+from spanner.schemas import QueryRecordOut
 from spanner.settings import get_settings, load_settings
 from spanner.storage import Audit, Repository, make_engine
 from tests.conftest import Api, migrate
@@ -299,6 +301,18 @@ def test_keys_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         get_settings.cache_clear()
 
 
+def recorded(repo: Repository, query_id: str) -> QueryRecordOut:
+    """The query's record, read from the database: the replica writes it just after the answer has gone."""
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            return repo.get_query(query_id)
+        except NotFound:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
 def test_development_turns_authentication_on_with_the_first_key(
         api: Api, ray_session: str, tmp_path_factory: pytest.TempPathFactory, pacs: SimulatedPacs) -> None:
     """Development without an admin or query key is open (a dicom_front key alone keeps it so); the first
@@ -325,7 +339,7 @@ def test_development_turns_authentication_on_with_the_first_key(
             assert http.post("/api/v1/nodes", json=node).status_code == 201
             asked = http.post("/api/v1/queries", json={"level": "PATIENT"},
                               headers={"X-API-Key": front, "X-Spanner-Calling-AE": "WS1"})
-            record = repo.get_query(asked.json()["query_id"])
+            record = recorded(repo, asked.json()["query_id"])
             assert (record.principal, record.asserted_ae) == ("front", "WS1"), asked.text
             ward, prefix, key_hash = new_key()
             repo.create_api_key("ward", "query", prefix, key_hash)

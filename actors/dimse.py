@@ -5,13 +5,13 @@ presentation contexts a node is asked for, and engine errors translated to node 
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import write_dataset
 
-from spanner import dimse
+from spanner import dimse, hops
 from spanner.dicom_constants import (
     EXPLICIT_VR_LE,
     IMPLICIT_VR_LE,
@@ -27,8 +27,8 @@ from spanner.errors import AssociationAborted, AssociationRejected, DimseFailure
 from spanner.nodespec import NodeSpec
 from spanner.query import InformationModel
 
-__all__ = ["FIND_MODELS", "MOVE_MODELS", "Association", "EncodedQueries", "encoder", "node_error",
-           "open_association"]
+__all__ = ["FIND_MODELS", "MOVE_MODELS", "Association", "EncodedQueries", "Marked", "encoder",
+           "identifier_for", "marked", "node_error", "open_association"]
 
 FIND_MODELS: dict[InformationModel, str] = {
     InformationModel.PATIENT_ROOT: PATIENT_ROOT_FIND,
@@ -94,6 +94,30 @@ def encoder(identifier: Dataset) -> dimse.association.Identifier:
         return data
 
     return encode
+
+
+Marked = Callable[[], dimse.association.Identifier]
+"""The identifier for a peer that is a dicom-spanner: with the hop chain (built only when one is met)."""
+
+
+def marked(build: Callable[[], Dataset], chain: Sequence[str]) -> Marked:
+    """``build()``'s identifier carrying ``chain`` in its private block (loop protection, spanner.hops)."""
+
+    def make() -> dimse.association.Identifier:
+        identifier = build()
+        hops.add_hops(identifier, chain)
+        return encoder(identifier)
+
+    return make
+
+
+def identifier_for(assoc: Association, plain: dimse.association.Identifier,
+                   for_spanner: Marked | None) -> dimse.association.Identifier:
+    """What ``assoc``'s peer is sent: the chain only when its A-ASSOCIATE-AC names a dicom-spanner, so
+    archives never see the private block."""
+    if for_spanner is not None and hops.is_spanner(assoc.peer_implementation_class_uid):
+        return for_spanner()
+    return plain
 
 
 class EncodedQueries:

@@ -17,7 +17,7 @@ from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
 
 from actors.dicom_json import from_bytes
-from actors.dimse import Association, encoder, node_error
+from actors.dimse import Association, Marked, encoder, identifier_for, node_error
 from actors.pool import AssociationPool
 from spanner.dicom_constants import FAILED_SOP_INSTANCE_UID_LIST, Status
 from spanner.dimse import errors as engine
@@ -31,8 +31,10 @@ CANCELLED = Status.CANCEL
 class _Cancellable:
     """What C-FIND and C-MOVE share: the association in use, C-CANCEL, and abort as the last resort."""
 
-    def __init__(self, pool: AssociationPool, model: str, msg_id: int, dimse_timeout_s: float) -> None:
+    def __init__(self, pool: AssociationPool, model: str, msg_id: int, dimse_timeout_s: float,
+                 for_spanner: Marked | None) -> None:
         self._pool = pool
+        self._for_spanner = for_spanner
         self._model = model
         self._msg_id = msg_id
         self._dimse_timeout_s = dimse_timeout_s
@@ -72,8 +74,8 @@ class FindOperation(_Cancellable):
     """One C-FIND on a pooled association; retried once on a fresh one if a reused one turns out dead."""
 
     def __init__(self, pool: AssociationPool, identifier: Identifier, model: str, msg_id: int,
-                 dimse_timeout_s: float) -> None:
-        super().__init__(pool, model, msg_id, dimse_timeout_s)
+                 dimse_timeout_s: float, for_spanner: Marked | None = None) -> None:
+        super().__init__(pool, model, msg_id, dimse_timeout_s, for_spanner)
         self._identifier = identifier
         self.matches: list[DicomJson] = []
 
@@ -95,7 +97,8 @@ class FindOperation(_Cancellable):
         self._use(assoc)
         got_any = False
         try:
-            async for response in assoc.find(self._model, self._identifier, self._msg_id):
+            identifier = identifier_for(assoc, self._identifier, self._for_spanner)
+            async for response in assoc.find(self._model, identifier, self._msg_id):
                 got_any = True
                 if response.pending:
                     if response.identifier is not None:
@@ -155,8 +158,9 @@ class MoveOperation(_Cancellable):
     """One C-MOVE on a pooled association; each pending response is reported through ``on_progress``."""
 
     def __init__(self, pool: AssociationPool, identifier: Dataset, model: str, destination: str,
-                 msg_id: int, dimse_timeout_s: float, on_progress: Callable[[dict[str, int]], None]) -> None:
-        super().__init__(pool, model, msg_id, dimse_timeout_s)
+                 msg_id: int, dimse_timeout_s: float, on_progress: Callable[[dict[str, int]], None],
+                 for_spanner: Marked | None = None) -> None:
+        super().__init__(pool, model, msg_id, dimse_timeout_s, for_spanner)
         self._identifier = encoder(identifier)
         self._destination = destination
         self._on_progress = on_progress
@@ -177,7 +181,8 @@ class MoveOperation(_Cancellable):
             return
         self._use(assoc)
         try:
-            async for response in assoc.move(self._model, self._identifier, self._destination, self._msg_id):
+            identifier = identifier_for(assoc, self._identifier, self._for_spanner)
+            async for response in assoc.move(self._model, identifier, self._destination, self._msg_id):
                 self.counts.update(response.suboperations())
                 if response.pending:
                     self._on_progress(dict(self.counts))

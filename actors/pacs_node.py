@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import logging
 import time
@@ -19,11 +20,12 @@ from typing import Any, Protocol
 import ray
 
 from actors.circuit import CircuitBreaker, CircuitState, Decision
-from actors.dimse import FIND_MODELS, MOVE_MODELS, EncodedQueries
+from actors.dimse import FIND_MODELS, MOVE_MODELS, EncodedQueries, marked
 from actors.metrics import NodeMetrics
 from actors.operations import CANCELLED, EchoOperation, FindOperation, MoveOperation
 from actors.pool import AssociationPool
 from actors.throttle import RateLimiter
+from spanner import hops
 from spanner.errors import AssociationRejected, NodeUnreachable
 from spanner.logs import configure_logging
 from spanner.nodespec import ActorTuning, NodeSpec
@@ -133,6 +135,7 @@ class PacsNodeImpl:
             next(self._msg_ids) % 65535 + 1,
             dimse_timeout_s=min(self.spec.dimse_timeout_s, timeout_s + self.tuning.cancel_grace_s + 1.0),
             on_progress=progress.put_nowait,
+            for_spanner=marked(query.identifier, hops.extended(query.hops, self.tuning.instance_id)),
         )
         runner = asyncio.ensure_future(self._run(op, deadline))
         try:
@@ -183,6 +186,8 @@ class PacsNodeImpl:
             )
         status = op.final_status or 0
         comment = f": {op.error_comment}" if op.error_comment else ""
+        if hops.is_loop_refusal(status, op.error_comment):
+            return _loop(name, status, op.error_comment)
         if status == 0x0000:
             return NodeOutcome(name, OutcomeStatus.OK, dimse_status=0)
         if status == 0xB000:  # some sub-operations failed: the archive did its part, with losses
@@ -243,13 +248,15 @@ class PacsNodeImpl:
         if refused is not None:
             return refused, []
         remaining = deadline - time.monotonic()
+        build = functools.partial(query.identifier, dict(self.spec.additional_filters))
         op = FindOperation(
             self._pool,
             self._identifiers.get((query.level, tuple(sorted(query.filters.items())), query.return_keys),
-                                  lambda: query.identifier(dict(self.spec.additional_filters))),
+                                  build),
             FIND_MODELS[model],
             next(self._msg_ids) % 65535 + 1,
             dimse_timeout_s=min(self.spec.dimse_timeout_s, remaining + self.tuning.cancel_grace_s + 1.0),
+            for_spanner=marked(build, hops.extended(query.hops, self.tuning.instance_id)),
         )
         finished = await self._run(op, deadline)
         return self._find_outcome(op, finished), list(op.matches)
@@ -290,6 +297,8 @@ class PacsNodeImpl:
                 dimse_status=status,
                 error="the PACS reports the query cancelled",
             )
+        if hops.is_loop_refusal(status, op.error_comment):
+            return _loop(name, status, op.error_comment)
         comment = f": {op.error_comment}" if op.error_comment else ""
         return NodeOutcome(
             name,
@@ -467,6 +476,15 @@ async def _cancel_then_abort(op: _Operation, task: asyncio.Task[None], grace_s: 
         op.abort_if_running()
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(asyncio.shield(task), grace_s)
+
+
+def _loop(name: str, status: int | None, comment: str | None) -> NodeOutcome:
+    return NodeOutcome(
+        name,
+        OutcomeStatus.LOOP,
+        dimse_status=status,
+        error=f"the node is a dicom-spanner this query already passed, so it was not asked again ({comment})",
+    )
 
 
 def _throttled(spec: NodeSpec) -> NodeOutcome:

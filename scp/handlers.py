@@ -145,7 +145,7 @@ class Front:
         if hops.is_loop(chain, self.instance_id):
             LOG.warning("request from %s refused: its hop chain %s already holds this deployment (%s)",
                         request.calling_ae, " > ".join(chain), self.instance_id)
-            raise LoopDetected(f"loop: query already passed dicom-spanner {self.instance_id}")
+            raise LoopDetected(hops.loop_comment(self.instance_id))
         if chain:
             headers[hops.HOPS_HEADER] = hops.header_value(chain)
         return headers

@@ -26,7 +26,6 @@ from scp.errors import (
     UnsupportedRequest,
 )
 from scp.spans import SpanInfo
-from spanner import hops
 from spanner.dicom_constants import (
     FAILED_SOP_INSTANCE_UID_LIST,
     PATIENT_ROOT_FIND,
@@ -64,7 +63,7 @@ API_UNREACHABLE = 0xC001
 SPAN_FAILED = 0xC002
 API_ERROR = 0xC003
 NOT_SUPPORTED = 0xC004
-LOOP_DETECTED = hops.LOOP_DETECTED  # the query already passed this dicom-spanner
+LOOP_DETECTED = Status.LOOP_DETECTED  # the query already passed this dicom-spanner (spanner.hops)
 
 ANSWER_CHARSET = "ISO_IR 192"  # the API gives Unicode; every answer goes out in UTF-8
 _SET_BY_FRONT = frozenset({QUERY_RETRIEVE_LEVEL, SPECIFIC_CHARACTER_SET, RETRIEVE_AE_TITLE})

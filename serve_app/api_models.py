@@ -66,7 +66,7 @@ class MatchOut(BaseModel):
 class NodeOutcomeOut(BaseModel):
     node: str
     status: str = Field(
-        description="ok, timeout, refused, aborted, failed, throttled, circuit_open or cancelled"
+        description="ok, timeout, refused, aborted, failed, throttled, circuit_open, cancelled or loop"
     )
     matches: int
     elapsed_ms: float

@@ -24,6 +24,7 @@ from fastapi import Depends, Request
 from serve_app.deps import services
 from serve_app.errors import Forbidden, Unauthenticated
 from serve_app.services import Services
+from spanner import hops
 from spanner.keys import hash_key
 from spanner.schemas import ApiRole
 from spanner.storage import Audit
@@ -119,3 +120,18 @@ def audit_of(request: Request, principal: Principal, patient_id: str | None) -> 
                         f"{ApiRole.DICOM_FRONT.value!r} may send {CALLING_AE_HEADER} or {PEER_HEADER}")
     return Audit(principal=principal.name, channel="dimse", client=client, patient_id=patient_id,
                  asserted_ae=calling_ae[:16] or None, asserted_peer=peer[:255] or None)
+
+
+def hops_of(request: Request, principal: Principal) -> tuple[str, ...]:
+    """The dicom-spanner deployments a query already passed (``X-Spanner-Hops``, set by the DICOM front).
+
+    Like the caller it asserts, only a ``dicom_front`` key (or anyone while authentication is off) may
+    send it: from another key the header is refused with 403.
+    """
+    value = request.headers.get(hops.HOPS_HEADER, "").strip()
+    if not value:
+        return ()
+    if principal.authenticated and principal.role is not ApiRole.DICOM_FRONT:
+        raise Forbidden(f"API key {principal.name!r} has role {principal.role.value!r}: only a key of role "
+                        f"{ApiRole.DICOM_FRONT.value!r} may send {hops.HOPS_HEADER}")
+    return hops.parse_header(value)

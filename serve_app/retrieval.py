@@ -86,13 +86,14 @@ class Retriever:
 
     # -- who holds what -------------------------------------------------------------------------------
     async def _lookup(
-        self, nodes: list[NodeSpec], level: Level, filters: dict[str, str], deadline: float
+        self, nodes: list[NodeSpec], level: Level, filters: dict[str, str], deadline: float,
+        hops: tuple[str, ...] = (),
     ) -> list[dict[str, Any]]:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             return []
         plan = QueryPlan(
-            query=NodeQuery(level, filters),
+            query=NodeQuery(level, filters, hops=hops),
             span="",
             nodes=tuple(nodes),
             timeout_s=min(self._lookup_timeout_s, remaining),
@@ -106,7 +107,8 @@ class Retriever:
         return result.matches  # type: ignore[return-value]
 
     async def _lookup_batched(self, nodes: list[NodeSpec], level: Level, key: str, uids: list[str],
-                              narrow: dict[str, str], deadline: float) -> list[dict[str, Any]]:
+                              narrow: dict[str, str], deadline: float, hops: tuple[str, ...] = ()
+                              ) -> list[dict[str, Any]]:
         """Matches of ``key`` in ``uids`` (with the ``narrow`` filters), LOOKUP_BATCH UIDs per C-FIND."""
         unique = list(dict.fromkeys(uids))
         batches = [unique[i:i + LOOKUP_BATCH] for i in range(0, len(unique), LOOKUP_BATCH)]
@@ -114,14 +116,15 @@ class Retriever:
 
         async def one(batch: list[str]) -> list[dict[str, Any]]:
             async with gate:
-                return await self._lookup(nodes, level, {key: "\\".join(batch), **narrow}, deadline)
+                return await self._lookup(nodes, level, {key: "\\".join(batch), **narrow}, deadline, hops)
 
         answers = await asyncio.gather(*(one(batch) for batch in batches))
         return [match for answer in answers for match in answer]
 
     async def plan(self, nodes: list[NodeSpec], level: Level, uids: dict[str, list[str]],
-                   deadline: float | None = None) -> list[Part]:
-        """The parts to move; the look-ups end by ``deadline`` (monotonic; default: the look-up timeout)."""
+                   deadline: float | None = None, hops: tuple[str, ...] = ()) -> list[Part]:
+        """The parts to move; the look-ups end by ``deadline`` (monotonic; default: the look-up timeout).
+        ``hops``: the dicom-spanner deployments the retrieval already passed (spanner.hops)."""
         by_name = {n.name: n for n in nodes}
         if deadline is None:
             deadline = time.monotonic() + self._lookup_timeout_s
@@ -130,7 +133,7 @@ class Retriever:
             # stale, and a missed holder would silently leave part of a split study behind.
             studies = uids["StudyInstanceUID"]
             series = await self._lookup_batched(nodes, Level.SERIES, "StudyInstanceUID", studies, {},
-                                                deadline)
+                                                deadline, hops)
             of_study: dict[str, list[dict[str, Any]]] = {}
             for match in series:
                 of_study.setdefault(_value(match, "StudyInstanceUID") or "", []).append(match)
@@ -141,7 +144,7 @@ class Retriever:
         if level is Level.SERIES:
             narrow = {"StudyInstanceUID": uids["StudyInstanceUID"][0]} if uids.get("StudyInstanceUID") else {}
             matches = await self._lookup_batched(nodes, Level.SERIES, "SeriesInstanceUID",
-                                                 uids["SeriesInstanceUID"], narrow, deadline)
+                                                 uids["SeriesInstanceUID"], narrow, deadline, hops)
             return [
                 Part(
                     Level.SERIES,
@@ -155,7 +158,7 @@ class Retriever:
             ]
         narrow = {key: uids[key][0] for key in ("StudyInstanceUID", "SeriesInstanceUID") if uids.get(key)}
         matches = await self._lookup_batched(nodes, Level.IMAGE, "SOPInstanceUID", uids["SOPInstanceUID"],
-                                             narrow, deadline)
+                                             narrow, deadline, hops)
         groups: dict[tuple[str, str, tuple[str, ...]], list[str]] = {}
         for m in matches:
             group = (
@@ -194,21 +197,24 @@ class Retriever:
 
     # -- moving ---------------------------------------------------------------------------------------
     async def retrieve(self, nodes: list[NodeSpec], level: Level, uids: dict[str, list[str]],
-                       destination: str, timeout_s: float, emit: Emit) -> RetrievalResult:
+                       destination: str, timeout_s: float, emit: Emit, hops: tuple[str, ...] = ()
+                       ) -> RetrievalResult:
         """Find the holders and move, the whole within ``timeout_s``."""
         deadline = time.monotonic() + timeout_s
-        parts = await self.plan(nodes, level, uids, deadline)
-        return await self._run(parts, destination, deadline, emit)
+        parts = await self.plan(nodes, level, uids, deadline, hops)
+        return await self._run(parts, destination, deadline, emit, hops)
 
-    async def _run(self, parts: list[Part], destination: str, deadline: float, emit: Emit) -> RetrievalResult:
+    async def _run(self, parts: list[Part], destination: str, deadline: float, emit: Emit,
+                   hops: tuple[str, ...] = ()) -> RetrievalResult:
         async def report() -> None:
             await emit({"event": "progress", **_totals(parts)})
 
-        await asyncio.gather(*(self._move_part(p, destination, deadline, report) for p in parts))
+        await asyncio.gather(*(self._move_part(p, destination, deadline, report, hops) for p in parts))
         return _result(parts)
 
     async def _move_part(
-        self, part: Part, destination: str, deadline: float, report: Callable[[], Awaitable[None]]
+        self, part: Part, destination: str, deadline: float, report: Callable[[], Awaitable[None]],
+        hops: tuple[str, ...] = (),
     ) -> None:
         keys = tuple(sorted(part.keys.items()))
         for spec in part.holders:
@@ -220,7 +226,7 @@ class Retriever:
                 return
             handle = await self._coordinator.handle(spec)
             stream = handle.move.options(num_returns="streaming").remote(
-                MoveQuery(part.level, keys, destination), remaining
+                MoveQuery(part.level, keys, destination, hops), remaining
             )
             final: dict[str, Any] = {}
             try:

@@ -14,6 +14,7 @@ from serve_app.coordinator import Coordinator
 from serve_app.keys import KeyCache
 from serve_app.records import RecordWriter
 from serve_app.retrieval import Retriever
+from spanner import hops
 from spanner.cache import make_cache
 from spanner.config_file import apply_config
 from spanner.errors import NotFound, SpannerError
@@ -83,6 +84,7 @@ class Services:
             cancel_grace_s=settings.cancel_grace_s,
             log_format=settings.log_format,
             log_level=settings.log_level,
+            instance_id=hops.instance_id(settings),
         )
         self.coordinator = Coordinator(
             settings.namespace,

@@ -54,6 +54,7 @@ class Status(IntEnum):
     IDENTIFIER_DOES_NOT_MATCH = 0xA900
     SUBOPERATIONS_FAILED = 0xB000
     UNABLE_TO_PROCESS = 0xC000
+    LOOP_DETECTED = 0xC005  # C-FIND/C-MOVE "unable to process": the query already passed this dicom-spanner
     CANCEL = 0xFE00
     PENDING = 0xFF00
     PENDING_WARNING = 0xFF01

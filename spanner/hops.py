@@ -22,7 +22,8 @@ from collections.abc import Sequence
 
 from pydicom.dataset import Dataset
 
-from spanner.dicom_constants import IMPLEMENTATION_CLASS_UID
+from spanner.dicom_constants import IMPLEMENTATION_CLASS_UID, Status
+from spanner.errors import InvalidQuery
 from spanner.settings import Settings
 
 PRIVATE_GROUP = 0x0009
@@ -30,7 +31,8 @@ PRIVATE_CREATOR = "DICOM-SPANNER HOPS"
 HOPS_ELEMENT = 0x01
 HOPS_HEADER = "X-Spanner-Hops"
 MAX_HOPS = 16  # a longer chain is a loop whatever it holds
-LOOP_DETECTED = 0xC005  # the front's failure status (an "unable to process" code) for a refused loop
+MAX_ID_CHARS = 64  # one value of the LO element that carries the chain
+LOOP_COMMENT = "loop:"  # how the ErrorComment of a front's refusal starts, so a spanner tells it apart
 
 
 def instance_id(settings: Settings) -> str:
@@ -69,5 +71,33 @@ def header_value(hops: Sequence[str]) -> str:
     return ",".join(hops)
 
 
+def parse_header(value: str) -> tuple[str, ...]:
+    """The chain of an ``X-Spanner-Hops`` header; InvalidQuery when it cannot be one."""
+    chain = tuple(item.strip() for item in value.split(",") if item.strip())
+    if len(chain) > MAX_HOPS:
+        raise InvalidQuery(f"{HOPS_HEADER} holds {len(chain)} instance IDs; at most {MAX_HOPS} are allowed")
+    too_long = [item for item in chain if len(item) > MAX_ID_CHARS]
+    if too_long:
+        raise InvalidQuery(f"{HOPS_HEADER}: instance ID {too_long[0][:20]!r}... is longer than "
+                           f"{MAX_ID_CHARS} characters")
+    return chain
+
+
 def is_loop(hops: Sequence[str], own_id: str) -> bool:
     return own_id in hops or len(hops) >= MAX_HOPS
+
+
+def extended(hops: Sequence[str], own_id: str) -> tuple[str, ...]:
+    """The chain a query carries on from this deployment to a dicom-spanner node."""
+    return (*hops, own_id) if own_id else tuple(hops)
+
+
+def loop_comment(own_id: str) -> str:
+    """The ErrorComment of a front that refuses a query because it already passed this deployment."""
+    return f"{LOOP_COMMENT} query already passed dicom-spanner {own_id}"
+
+
+def is_loop_refusal(status: int | None, comment: str | None) -> bool:
+    """True when a dicom-spanner node refused a query as a loop (its front's status and comment)."""
+    return status == Status.LOOP_DETECTED and (comment or "").startswith(LOOP_COMMENT)
+

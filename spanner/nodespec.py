@@ -35,3 +35,4 @@ class ActorTuning:
     cancel_grace_s: float = 1.0
     log_format: str = "json"
     log_level: str = "INFO"
+    instance_id: str = ""  # this deployment's, appended to the hop chain sent to dicom-spanner nodes

@@ -20,6 +20,7 @@ class OutcomeStatus(StrEnum):
     THROTTLED = "throttled"
     CIRCUIT_OPEN = "circuit_open"
     CANCELLED = "cancelled"
+    LOOP = "loop"  # the node is a dicom-spanner the query already passed (spanner.hops)
 
 
 @dataclass(slots=True)

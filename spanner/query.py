@@ -287,6 +287,8 @@ class NodeQuery:
     level: Level
     filters: dict[str, str] = field(default_factory=dict)
     return_keys: tuple[str, ...] = ()
+    hops: tuple[str, ...] = ()
+    """The dicom-spanner deployments the query already passed (spanner.hops); only spanners see it."""
 
     def identifier(self, additional_filters: Mapping[str, str] | None = None) -> Dataset:
         """The C-FIND identifier: filters, the node's own filters, then empty return keys."""
@@ -312,6 +314,7 @@ class MoveQuery:
     level: Level
     keys: tuple[tuple[str, str], ...]  # keyword -> value; UID lists are backslash-joined
     destination: str
+    hops: tuple[str, ...] = ()  # as NodeQuery.hops
 
     def identifier(self) -> Dataset:
         ds = Dataset()

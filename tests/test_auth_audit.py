@@ -8,7 +8,6 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -24,6 +23,7 @@ from simulator.dataset import generate_fleet
 from simulator.scp import SimulatedPacs, SimulatorConfig
 from spanner.errors import NotFound
 from spanner.keys import new_key
+from spanner.schemas import QueryRecordOut
 from spanner.settings import get_settings, load_settings
 from spanner.storage import Audit, Repository, make_engine
 from tests.conftest import Api, migrate
@@ -193,6 +193,27 @@ def test_only_the_dicom_front_role_may_assert_a_caller(auth: AuthApp, holder: st
     assert entries == []
 
 
+@pytest.mark.parametrize("holder", ["ward", "boss"])
+def test_only_the_dicom_front_role_may_send_a_hop_chain(auth: AuthApp, holder: str) -> None:
+    """A hop chain (loop protection) from another key is refused; the front's key may send one, and a
+    chain that cannot be one is a 422 that says why."""
+    body = {"level": "PATIENT", "filters": {"PatientID": "HOPS*"}}
+    with anonymous(auth) as http:
+        forged = http.post("/api/v1/queries", json=body,
+                           headers={"X-API-Key": auth.keys[holder], "X-Spanner-Hops": "SPANNER-B"})
+        sent = http.post("/api/v1/queries", json=body,
+                         headers={"X-API-Key": auth.keys["front"], "X-Spanner-Hops": "SPANNER-B"})
+        too_long = http.post("/api/v1/queries", json=body,
+                             headers={"X-API-Key": auth.keys["front"], "X-Spanner-Hops": ",".join("X" * 17)})
+        forged_move = http.post("/api/v1/retrievals", json={"level": "STUDY", "destination_ae": "ANY",
+                                                            "uids": {"StudyInstanceUID": "1.2.3"}},
+                                headers={"X-API-Key": auth.keys[holder], "X-Spanner-Hops": "SPANNER-B"})
+    for refused in (forged, forged_move):
+        assert refused.status_code == 403 and "X-Spanner-Hops" in refused.json()["detail"], refused.text
+    assert sent.status_code == 200, sent.text
+    assert too_long.status_code == 422 and "at most 16" in too_long.json()["detail"], too_long.text
+
+
 def test_the_dicom_front_key_asks_but_administers_nothing(auth: AuthApp) -> None:
     front = {"X-API-Key": auth.keys["front"]}
     with anonymous(auth) as http:
@@ -280,9 +301,9 @@ def test_keys_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         get_settings.cache_clear()
 
 
-def recorded(repo: Repository, query_id: str, wait_s: float = 10.0) -> Any:
-    """The query's record, once the replica's record writer has written it (after the answer)."""
-    deadline = time.monotonic() + wait_s
+def recorded(repo: Repository, query_id: str) -> QueryRecordOut:
+    """The query's record, read from the database: the replica writes it just after the answer has gone."""
+    deadline = time.monotonic() + 10
     while True:
         try:
             return repo.get_query(query_id)

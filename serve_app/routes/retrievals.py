@@ -11,7 +11,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import StreamingResponse
 
 from serve_app.api_models import RetrievalIn
-from serve_app.auth import Principal, audit_of, require_query
+from serve_app.auth import Principal, audit_of, hops_of, require_query
 from serve_app.deps import ServicesDep
 from serve_app.usecases import retrieval
 from spanner.schemas import RetrievalRecordOut
@@ -38,7 +38,7 @@ async def retrieve(
     uids = retrieval.checked_uids(body)
     audit = audit_of(request, principal, retrieval.patient_of(uids))
     requester = request.client.host if request.client else "unknown"
-    prepared = await retrieval.prepare(s, body, uids, audit, requester)
+    prepared = await retrieval.prepare(s, body, uids, audit, requester, hops_of(request, principal))
 
     async def lines() -> AsyncIterator[bytes]:
         events = retrieval.run(s, prepared)

@@ -123,14 +123,17 @@ class Answer:
 
 
 async def run_query(
-    s: Services, body: QueryIn, audit: Audit, requester: str, *, read_cache: bool = True, store: bool = True
+    s: Services, body: QueryIn, audit: Audit, requester: str, *, read_cache: bool = True, store: bool = True,
+    hops: tuple[str, ...] = (),
 ) -> Answer:
     """Spanner errors (unknown span, bad value) propagate for the caller's door to translate. ``audit``
-    says who asked; the PatientID asked about is added here, once the filters are normalised."""
+    says who asked; the PatientID asked about is added here, once the filters are normalised. ``hops``:
+    the dicom-spanner deployments the query already passed (loop protection, spanner.hops); an answer
+    to such a query is not stored in the cache, since whether a node is a loop depends on the chain."""
     started = time.monotonic()
     s.admission.precheck(body.span, body.timeout_s)  # or Overloaded (503) before any database work
     prepared = await asyncio.to_thread(prepare_query, s, body, read_cache=read_cache)
-    plan = prepared.plan
+    plan = dataclasses.replace(prepared.plan, query=dataclasses.replace(prepared.plan.query, hops=hops))
     audit = dataclasses.replace(audit, patient_id=plan.query.filters.get("PatientID") or None)
     if prepared.lookup.answer is not None:
         return _answer_hit(s, plan, prepared.lookup.answer, requester, audit, started)
@@ -151,7 +154,7 @@ async def run_query(
         "reason": result.reason,
         "cache": "miss",
     }
-    store_key = prepared.lookup.key if store else None
+    store_key = prepared.lookup.key if store and not hops else None
     answered_at = datetime.now(UTC)
 
     def record_and_store() -> None:

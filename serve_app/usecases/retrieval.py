@@ -66,10 +66,12 @@ class Retrieval:
     nodes: list[NodeSpec]
     requester: str
     audit: Audit
+    hops: tuple[str, ...] = ()  # the dicom-spanner deployments it already passed (spanner.hops)
 
 
 async def prepare(
-    s: Services, body: RetrievalIn, uids: dict[str, list[str]], audit: Audit, requester: str
+    s: Services, body: RetrievalIn, uids: dict[str, list[str]], audit: Audit, requester: str,
+    hops: tuple[str, ...] = (),
 ) -> Retrieval:
     """Errors (unknown span, no enabled node) are raised here, before any progress is streamed."""
     nodes = await asyncio.to_thread(span_specs, s, body.span, None)
@@ -82,6 +84,7 @@ async def prepare(
         nodes=nodes,
         requester=requester,
         audit=audit,
+        hops=hops,
     )
 
 
@@ -104,7 +107,7 @@ async def _work(s: Services, r: Retrieval, events: asyncio.Queue[dict[str, Any] 
     retrieval_id = uuid.uuid4().hex
     try:
         result = await s.retriever.retrieve(r.nodes, r.level, r.uids, r.destination_ae, r.timeout_s,
-                                            events.put)
+                                            events.put, r.hops)
         summaries = [p.summary() for p in result.parts]
         final = {
             "event": "result",

@@ -292,7 +292,8 @@ class _Session:
         writer = cast(asyncio.StreamWriter, _CoalescingWriter(self.writer))
         self.assoc = Association(self.reader, writer, contexts, calling_ae=request.calling_ae,
                                  called_ae=request.called_ae, peer_max_pdu=request.user.max_pdu,
-                                 max_pdu=config.max_pdu, acse_timeout_s=config.artim_s)
+                                 max_pdu=config.max_pdu, acse_timeout_s=config.artim_s,
+                                 peer_implementation_class_uid=request.user.implementation_class_uid)
         if self.acceptor.handlers.established is not None:
             self.acceptor.handlers.established(self.assoc)
         assembler = self.assembler = Assembler(self._store_sink if self.acceptor.handlers.store else None)

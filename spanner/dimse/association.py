@@ -114,7 +114,7 @@ class Association:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                  contexts: Sequence[AcceptedContext], *, calling_ae: str, called_ae: str,
                  peer_max_pdu: int, max_pdu: int = DEFAULT_MAX_PDU, dimse_timeout_s: float = 30.0,
-                 acse_timeout_s: float = 30.0) -> None:
+                 acse_timeout_s: float = 30.0, peer_implementation_class_uid: str = "") -> None:
         self.reader = reader
         self.writer = writer
         self.contexts = {c.context_id: c for c in contexts}
@@ -124,6 +124,8 @@ class Association:
         self.max_pdu = max_pdu
         self.dimse_timeout_s = dimse_timeout_s
         self.acse_timeout_s = acse_timeout_s
+        self.peer_implementation_class_uid = peer_implementation_class_uid
+        """As the peer announced it in its A-ASSOCIATE-RQ or -AC (loop protection tells spanners by it)."""
         self._inbox: asyncio.Queue[Message | None] = asyncio.Queue()
         self._ended: BaseException | None = None
         self._released = asyncio.Event()
@@ -348,6 +350,7 @@ async def connect(host: str, port: int, *, calling_ae: str, called_ae: str,
                                         asked.abstract_syntax if asked else ""))
     assoc = Association(reader, writer, accepted, calling_ae=calling_ae, called_ae=called_ae,
                         peer_max_pdu=accept.user.max_pdu, max_pdu=max_pdu, dimse_timeout_s=dimse_timeout_s,
-                        acse_timeout_s=acse_timeout_s)
+                        acse_timeout_s=acse_timeout_s,
+                        peer_implementation_class_uid=accept.user.implementation_class_uid)
     assoc.start_reading()
     return assoc

@@ -39,6 +39,9 @@ FindResponse = tuple[int | Dataset, Dataset | None]
 
 STATUS_PENDING = Status.PENDING
 STATUS_CANCEL = Status.CANCEL
+# C-FIND failures outside the 0xA000-0xCFFF ranges a simulated failure may also answer (PS3.4 C.4.1.1.4)
+_OTHER_FIND_FAILURES = frozenset({Status.SOP_CLASS_NOT_SUPPORTED, Status.OUT_OF_RESOURCES,
+                                  Status.IDENTIFIER_DOES_NOT_MATCH})
 _STEP_S = 0.005  # how often waits look at C-CANCEL and at the association
 _MODELS: dict[str, InformationModel] = {
     PATIENT_ROOT_FIND: InformationModel.PATIENT_ROOT,
@@ -74,7 +77,7 @@ class SimulatorConfig:
             raise ValueError(f"AE title {self.ae_title!r} must be 1-16 characters without a backslash")
         if min(self.latency_ms, self.jitter_ms, self.slow_ms, self.abort_after) < 0:
             raise ValueError("latency_ms, jitter_ms, slow_ms and abort_after cannot be negative")
-        if not (0xA000 <= self.failure_status <= 0xCFFF or self.failure_status in (0x0122, 0xA700, 0xA900)):
+        if not (0xA000 <= self.failure_status <= 0xCFFF or self.failure_status in _OTHER_FIND_FAILURES):
             raise ValueError(f"failure_status 0x{self.failure_status:04X} is not a C-FIND failure status")
 
 
@@ -255,7 +258,7 @@ class SimulatedPacs(SimulatorBase):
 
     def _on_echo(self, event: evt.Event) -> int:
         self._count("echoes")
-        return 0x0000
+        return Status.SUCCESS
 
     def _on_find(self, event: evt.Event) -> Iterator[FindResponse]:
         """C-FIND: wait (latency, slow), then stream matches, honouring C-CANCEL; or misbehave."""
@@ -276,7 +279,7 @@ class SimulatedPacs(SimulatorBase):
             return
         model = _MODELS.get(str(event.request.AffectedSOPClassUID))
         if model is None:
-            yield _status(0x0122, "SOP class not supported"), None
+            yield _status(Status.SOP_CLASS_NOT_SUPPORTED, "SOP class not supported"), None
             return
         try:
             responses = self.index.find(event.identifier, model)
@@ -284,7 +287,7 @@ class SimulatedPacs(SimulatorBase):
             yield _status(exc.status, exc.message), None
             return
         except Exception as exc:  # an identifier pydicom cannot decode
-            yield _status(0xC000, f"cannot process identifier: {exc}"), None
+            yield _status(Status.UNABLE_TO_PROCESS, f"cannot process identifier: {exc}"), None
             return
         for sent, response in enumerate(responses):
             if config.fault == "abort" and sent >= config.abort_after:

@@ -2,8 +2,8 @@
 
 Each simulator is its own pynetdicom AE serving one ``Index``. Faults and latency are read from
 the current config at the start of every request, so ``set_fault`` changes behaviour between
-queries of a running fleet without restarting it. Every accepted socket gets TCP_NODELAY
-(shared/GUIDE.md: without it each DIMSE message stalls about 40 ms).
+queries of a running fleet without restarting it. Every accepted socket gets TCP_NODELAY: command
+and data set are separate writes, and Nagle with delayed ACK would stall each message about 40 ms.
 """
 
 from __future__ import annotations

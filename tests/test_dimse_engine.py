@@ -559,3 +559,31 @@ def test_the_fragments_of_one_message_stay_on_one_presentation_context() -> None
 def _pdv(context_id: int, payload: bytes, control: int) -> bytes:
     """One PDV item (length, context, control header, fragment) as a P-DATA-TF body holds it."""
     return struct.pack(">IBB", len(payload) + 2, context_id, control) + payload
+
+
+def test_ae_titles_the_ae_vr_forbids_are_rejected() -> None:
+    """A control character, a backslash or a non-ASCII byte in an AE title is refused at association
+    time (calling: reason 3, called: reason 7), before any handler could carry it into a log line or
+    an HTTP header."""
+    from spanner.dimse.acceptor import Acceptor, AcceptorConfig, Handlers
+
+    async def body() -> list[tuple[int, int, int] | None]:
+        acceptor = Acceptor(AcceptorConfig("ENGINE_SCP", (VERIFICATION,)), Handlers())
+        port = await acceptor.start("127.0.0.1", 0)
+        found: list[tuple[int, int, int] | None] = []
+        try:
+            for calling, called in (("BAD\nAE", "ENGINE_SCP"), ("GOOD", "EN\\GINE"), ("OK", "ENGINE_SCP")):
+                try:
+                    assoc = await connect("127.0.0.1", port, calling_ae=calling, called_ae=called,
+                                          contexts=[(VERIFICATION, (IMPLICIT_VR_LE,))])
+                except AssociationRejected as exc:
+                    found.append((exc.result, exc.source, exc.reason))
+                else:
+                    assert await assoc.echo() == 0
+                    await assoc.release()
+                    found.append(None)
+        finally:
+            await acceptor.close()
+        return found
+
+    assert asyncio.run(body()) == [(1, 1, 3), (1, 1, 7), None]

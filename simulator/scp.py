@@ -13,7 +13,6 @@ import dataclasses
 import logging
 import random
 import signal
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -22,12 +21,20 @@ from types import FrameType
 from typing import Any, Literal, Self, get_args
 
 from pydicom.dataset import Dataset
-from pynetdicom import AE, _config, evt
+from pynetdicom import AE, evt
 from pynetdicom.association import Association
-from pynetdicom.pdu_primitives import A_ABORT, A_P_ABORT, A_RELEASE
 from pynetdicom.transport import ThreadedAssociationServer
 
 from simulator.index import IdentifierError, Index
+from simulator.pynetdicom_internals import (
+    enable_nodelay as enable_nodelay,  # re-exported: benchmarks and tests hand it to pynetdicom AEs
+)
+from simulator.pynetdicom_internals import (
+    peer_gone,
+    quiet_response_identifiers,
+    slow_dul_polling,
+    slow_reactor_polling,
+)
 from spanner.dicom_constants import PATIENT_ROOT_FIND, STUDY_ROOT_FIND, VERIFICATION, Status
 from spanner.query import InformationModel
 
@@ -91,20 +98,6 @@ class Counters:
     echoes: int = 0
     finds: int = 0
     cancels: int = 0
-
-
-def enable_nodelay(event: evt.Event) -> None:
-    """EVT_CONN_OPEN handler: turn Nagle off on the association's socket (either side)."""
-    sock = event.assoc.dul.socket
-    if sock is not None and sock.socket is not None:
-        sock.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
-def _peer_gone(assoc: Association) -> bool:
-    """True once the association is aborted, released or its connection closed."""
-    if not assoc.is_established or assoc.is_aborted or not assoc.dul.is_alive():
-        return True
-    return isinstance(assoc.dul.peek_next_pdu(), A_ABORT | A_P_ABORT | A_RELEASE)
 
 
 def _status(code: int, comment: str) -> Dataset:
@@ -189,13 +182,11 @@ class SimulatedPacs(SimulatorBase):
         if self._server is not None:
             return self.port
         if self._config.poll_ms:
-            from simulator.pynetdicom_internals import slow_reactor_polling
-
             slow_reactor_polling(self._config.poll_ms / 1000)
         if not logging.getLogger("pynetdicom").isEnabledFor(logging.DEBUG):
             # pynetdicom formats every response identifier for a debug log nobody reads: ~20% of the
             # SCP's CPU per match. Process-wide, and only while pynetdicom's debug logging is off.
-            _config.LOG_RESPONSE_IDENTIFIERS = False
+            quiet_response_identifiers()
         ae = AE(ae_title=self._config.ae_title)
         ae.require_called_aet = False
         ae.require_calling_aet = []
@@ -235,8 +226,6 @@ class SimulatedPacs(SimulatorBase):
     def _on_conn_open(self, event: evt.Event) -> None:
         enable_nodelay(event)
         if self._config.poll_ms:
-            from simulator.pynetdicom_internals import slow_dul_polling
-
             slow_dul_polling(event.assoc, self._config.poll_ms / 1000)
         self._count("connections")
 
@@ -310,13 +299,13 @@ class SimulatedPacs(SimulatorBase):
             if cancelled():
                 return True
             remaining = deadline - time.monotonic()
-            if remaining <= 0 or self._stopping.is_set() or _peer_gone(assoc):
+            if remaining <= 0 or self._stopping.is_set() or peer_gone(assoc):
                 return False
             self._stopping.wait(min(remaining, _STEP_S))
 
     def _hang(self, assoc: Association) -> None:
         """Never answer, ignore C-CANCEL; return once the peer aborts or releases, or on stop()."""
-        while not self._stopping.is_set() and not _peer_gone(assoc):
+        while not self._stopping.is_set() and not peer_gone(assoc):
             self._stopping.wait(_STEP_S * 4)
 
 

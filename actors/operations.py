@@ -102,7 +102,11 @@ class FindOperation(_Cancellable):
                 got_any = True
                 if response.pending:
                     if response.identifier is not None:
-                        self.matches.append(from_bytes(response.identifier, response.implicit))
+                        try:
+                            self.matches.append(from_bytes(response.identifier, response.implicit))
+                        except Exception as exc:  # bytes neither the raw reader nor pydicom can read
+                            self._unreadable(assoc, exc)
+                            break
                     continue
                 self.final_status = response.status
                 self.error_comment = response.comment
@@ -119,6 +123,14 @@ class FindOperation(_Cancellable):
             self.error = node_error(engine.DimseError(f"C-FIND could not be sent: {exc}"), self._pool.spec)
         self._give_back(assoc)
         return False
+
+    def _unreadable(self, assoc: Association, exc: Exception) -> None:
+        """A response identifier that cannot be read: the stream is untrustworthy, so the query ends
+        aborted with the reason and the association goes."""
+        reason = f"a C-FIND response identifier cannot be read ({type(exc).__name__}: {exc})"
+        self.error = node_error(engine.ProtocolError(reason), self._pool.spec)
+        self.aborted = True
+        assoc.abort()
 
 
 class EchoOperation:

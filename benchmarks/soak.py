@@ -66,10 +66,10 @@ def _count_events(channel: Any, queue: str, expected: int, wait_s: float) -> int
 def run(clients: int, seconds: float, deadline_s: float, kill_at_s: float) -> dict[str, Any]:
     import httpx
     import ray
-    from spanner.simulator.dataset import generate_fleet
-    from spanner.simulator.scp import SimulatedPacs, SimulatorConfig
 
     from actors import registry
+    from simulator.dataset import generate_fleet
+    from simulator.scp import SimulatedPacs, SimulatorConfig
 
     exchange = f"soak.{uuid.uuid4().hex[:8]}"
     settings = {"rabbitmq_url": RABBITMQ_URL, "events_exchange": exchange, "requests_queue": "",

@@ -19,17 +19,28 @@ from typing import Any
 
 from serve_app.coordinator import Coordinator
 from serve_app.plan import QueryPlan
+from spanner.dicom_constants import (
+    PATIENT_ID,
+    SERIES_INSTANCE_UID,
+    SOP_INSTANCE_UID,
+    STUDY_INSTANCE_UID,
+    Status,
+)
 from spanner.nodespec import NodeSpec
 from spanner.query import Level, MoveQuery, NodeQuery
 from spanner.schemas import Dedup, FailureStrategy
 
 # C-MOVE final statuses (PS3.4 C.4.2.1.5)
-SUCCESS, WARNING_FAILURES, DESTINATION_UNKNOWN, UNABLE = 0x0000, 0xB000, 0xA801, 0xC000
+SUCCESS = Status.SUCCESS
+WARNING_FAILURES = Status.SUBOPERATIONS_FAILED
+DESTINATION_UNKNOWN = Status.MOVE_DESTINATION_UNKNOWN
+UNABLE = Status.UNABLE_TO_PROCESS
+# DICOM JSON keys (tag as 8 hex digits) of what a holder's match is read for
 TAG = {
-    "StudyInstanceUID": "0020000D",
-    "SeriesInstanceUID": "0020000E",
-    "SOPInstanceUID": "00080018",
-    "PatientID": "00100020",
+    "StudyInstanceUID": f"{STUDY_INSTANCE_UID:08X}",
+    "SeriesInstanceUID": f"{SERIES_INSTANCE_UID:08X}",
+    "SOPInstanceUID": f"{SOP_INSTANCE_UID:08X}",
+    "PatientID": f"{PATIENT_ID:08X}",
 }
 Emit = Callable[[dict[str, Any]], Awaitable[None]]
 LOOKUP_BATCH = 100

@@ -19,6 +19,7 @@ from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
 
 from simulator.matching import Matcher, compile_matcher, is_universal
+from spanner.dicom_constants import QUERY_RETRIEVE_LEVEL, RETRIEVE_AE_TITLE, SPECIFIC_CHARACTER_SET, Status
 from spanner.query import MODEL_LEVELS, InformationModel, Level
 
 DEFAULT_CHARSET = "ISO_IR 192"
@@ -43,7 +44,6 @@ SERIES_ATTRIBUTES = frozenset({
 # Set by the index itself, never matched or copied from the instances.
 _CONTROL = frozenset({"QueryRetrieveLevel", "SpecificCharacterSet", "RetrieveAETitle"})
 _BINARY_VRS = frozenset({"SQ", "OB", "OW", "OF", "OD", "OL", "OV", "UN", "AT"})
-SPECIFIC_CHARACTER_SET, QUERY_RETRIEVE_LEVEL, RETRIEVE_AE_TITLE = 0x00080005, 0x00080052, 0x00080054
 _INT_VRS = frozenset({"US", "UL", "SS", "SL", "UV", "SV"})
 _FLOAT_VRS = frozenset({"FL", "FD"})
 
@@ -51,7 +51,7 @@ _FLOAT_VRS = frozenset({"FL", "FD"})
 class IdentifierError(ValueError):
     """The identifier cannot be answered; ``status`` is the C-FIND failure status to send."""
 
-    def __init__(self, message: str, status: int = 0xA900) -> None:
+    def __init__(self, message: str, status: int = Status.IDENTIFIER_DOES_NOT_MATCH) -> None:
         super().__init__(message, status)
         self.message = message
         self.status = status
@@ -291,6 +291,7 @@ def _request_keys(identifier: Dataset) -> list[_Key]:
         try:
             value = "\\".join(_strings(elem.value))
         except Exception as exc:  # a value pydicom cannot decode is unusable for matching
-            raise IdentifierError(f"{keyword or elem.tag}: unreadable value ({exc})", 0xC000) from exc
+            raise IdentifierError(f"{keyword or elem.tag}: unreadable value ({exc})",
+                                  Status.UNABLE_TO_PROCESS) from exc
         keys.append(_Key(int(elem.tag), keyword, vr, value))
     return keys

@@ -1,4 +1,5 @@
-"""The one place that touches pynetdicom internals: slower reactor polling for simulators on pynetdicom.
+"""The one place that touches pynetdicom internals, for the simulators on pynetdicom: slower reactor
+polling, TCP_NODELAY on an association's socket, a look at the DUL's next PDU, and its debug-log switch.
 
 pynetdicom's association reactor and DUL thread sleep a hard-coded 1 ms between looks at their queues,
 about 2.4% of a core per open association. A benchmark host running dozens of simulated PACS on
@@ -9,12 +10,15 @@ pynetdicom and checked against the version this was written for: another version
 
 from __future__ import annotations
 
+import socket
 import time
 from typing import Any
 
 import pynetdicom
 import pynetdicom.association as _association
+from pynetdicom import _config, evt
 from pynetdicom.association import Association
+from pynetdicom.pdu_primitives import A_ABORT, A_P_ABORT, A_RELEASE
 
 SUPPORTED_VERSIONS = ("3.0.",)
 if not pynetdicom.__version__.startswith(SUPPORTED_VERSIONS):
@@ -55,3 +59,23 @@ def slow_dul_polling(assoc: Association, poll_s: float) -> None:
     if not hasattr(assoc.dul, "_run_loop_delay"):
         raise RuntimeError("pynetdicom's DUL has no _run_loop_delay any more: update this module")
     assoc.dul._run_loop_delay = poll_s
+
+
+def enable_nodelay(event: evt.Event) -> None:
+    """EVT_CONN_OPEN handler: turn Nagle off on the association's socket (either side)."""
+    sock = event.assoc.dul.socket
+    if sock is not None and sock.socket is not None:
+        sock.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+def peer_gone(assoc: Association) -> bool:
+    """True once the association is aborted, released or its connection closed (the DUL's next PDU
+    says so before pynetdicom's reactor gets to it)."""
+    if not assoc.is_established or assoc.is_aborted or not assoc.dul.is_alive():
+        return True
+    return isinstance(assoc.dul.peek_next_pdu(), A_ABORT | A_P_ABORT | A_RELEASE)
+
+
+def quiet_response_identifiers() -> None:
+    """Stop pynetdicom formatting every response identifier for its debug log (process-wide)."""
+    _config.LOG_RESPONSE_IDENTIFIERS = False

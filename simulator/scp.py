@@ -2,8 +2,8 @@
 
 Each simulator is its own pynetdicom AE serving one ``Index``. Faults and latency are read from
 the current config at the start of every request, so ``set_fault`` changes behaviour between
-queries of a running fleet without restarting it. Every accepted socket gets TCP_NODELAY
-(shared/GUIDE.md: without it each DIMSE message stalls about 40 ms).
+queries of a running fleet without restarting it. Every accepted socket gets TCP_NODELAY: command
+and data set are separate writes, and Nagle with delayed ACK would stall each message about 40 ms.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import dataclasses
 import logging
 import random
 import signal
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -22,12 +21,20 @@ from types import FrameType
 from typing import Any, Literal, Self, get_args
 
 from pydicom.dataset import Dataset
-from pynetdicom import AE, _config, evt
+from pynetdicom import AE, evt
 from pynetdicom.association import Association
-from pynetdicom.pdu_primitives import A_ABORT, A_P_ABORT, A_RELEASE
 from pynetdicom.transport import ThreadedAssociationServer
 
 from simulator.index import IdentifierError, Index
+from simulator.pynetdicom_internals import (
+    enable_nodelay as enable_nodelay,  # re-exported: benchmarks and tests hand it to pynetdicom AEs
+)
+from simulator.pynetdicom_internals import (
+    peer_gone,
+    quiet_response_identifiers,
+    slow_dul_polling,
+    slow_reactor_polling,
+)
 from spanner.dicom_constants import PATIENT_ROOT_FIND, STUDY_ROOT_FIND, VERIFICATION, Status
 from spanner.query import InformationModel
 
@@ -39,6 +46,9 @@ FindResponse = tuple[int | Dataset, Dataset | None]
 
 STATUS_PENDING = Status.PENDING
 STATUS_CANCEL = Status.CANCEL
+# C-FIND failures outside the 0xA000-0xCFFF ranges a simulated failure may also answer (PS3.4 C.4.1.1.4)
+_OTHER_FIND_FAILURES = frozenset({Status.SOP_CLASS_NOT_SUPPORTED, Status.OUT_OF_RESOURCES,
+                                  Status.IDENTIFIER_DOES_NOT_MATCH})
 _STEP_S = 0.005  # how often waits look at C-CANCEL and at the association
 _MODELS: dict[str, InformationModel] = {
     PATIENT_ROOT_FIND: InformationModel.PATIENT_ROOT,
@@ -74,7 +84,7 @@ class SimulatorConfig:
             raise ValueError(f"AE title {self.ae_title!r} must be 1-16 characters without a backslash")
         if min(self.latency_ms, self.jitter_ms, self.slow_ms, self.abort_after) < 0:
             raise ValueError("latency_ms, jitter_ms, slow_ms and abort_after cannot be negative")
-        if not (0xA000 <= self.failure_status <= 0xCFFF or self.failure_status in (0x0122, 0xA700, 0xA900)):
+        if not (0xA000 <= self.failure_status <= 0xCFFF or self.failure_status in _OTHER_FIND_FAILURES):
             raise ValueError(f"failure_status 0x{self.failure_status:04X} is not a C-FIND failure status")
 
 
@@ -88,20 +98,6 @@ class Counters:
     echoes: int = 0
     finds: int = 0
     cancels: int = 0
-
-
-def enable_nodelay(event: evt.Event) -> None:
-    """EVT_CONN_OPEN handler: turn Nagle off on the association's socket (either side)."""
-    sock = event.assoc.dul.socket
-    if sock is not None and sock.socket is not None:
-        sock.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
-def _peer_gone(assoc: Association) -> bool:
-    """True once the association is aborted, released or its connection closed."""
-    if not assoc.is_established or assoc.is_aborted or not assoc.dul.is_alive():
-        return True
-    return isinstance(assoc.dul.peek_next_pdu(), A_ABORT | A_P_ABORT | A_RELEASE)
 
 
 def _status(code: int, comment: str) -> Dataset:
@@ -186,13 +182,11 @@ class SimulatedPacs(SimulatorBase):
         if self._server is not None:
             return self.port
         if self._config.poll_ms:
-            from simulator.pynetdicom_internals import slow_reactor_polling
-
             slow_reactor_polling(self._config.poll_ms / 1000)
         if not logging.getLogger("pynetdicom").isEnabledFor(logging.DEBUG):
             # pynetdicom formats every response identifier for a debug log nobody reads: ~20% of the
             # SCP's CPU per match. Process-wide, and only while pynetdicom's debug logging is off.
-            _config.LOG_RESPONSE_IDENTIFIERS = False
+            quiet_response_identifiers()
         ae = AE(ae_title=self._config.ae_title)
         ae.require_called_aet = False
         ae.require_calling_aet = []
@@ -232,8 +226,6 @@ class SimulatedPacs(SimulatorBase):
     def _on_conn_open(self, event: evt.Event) -> None:
         enable_nodelay(event)
         if self._config.poll_ms:
-            from simulator.pynetdicom_internals import slow_dul_polling
-
             slow_dul_polling(event.assoc, self._config.poll_ms / 1000)
         self._count("connections")
 
@@ -255,7 +247,7 @@ class SimulatedPacs(SimulatorBase):
 
     def _on_echo(self, event: evt.Event) -> int:
         self._count("echoes")
-        return 0x0000
+        return Status.SUCCESS
 
     def _on_find(self, event: evt.Event) -> Iterator[FindResponse]:
         """C-FIND: wait (latency, slow), then stream matches, honouring C-CANCEL; or misbehave."""
@@ -276,7 +268,7 @@ class SimulatedPacs(SimulatorBase):
             return
         model = _MODELS.get(str(event.request.AffectedSOPClassUID))
         if model is None:
-            yield _status(0x0122, "SOP class not supported"), None
+            yield _status(Status.SOP_CLASS_NOT_SUPPORTED, "SOP class not supported"), None
             return
         try:
             responses = self.index.find(event.identifier, model)
@@ -284,7 +276,7 @@ class SimulatedPacs(SimulatorBase):
             yield _status(exc.status, exc.message), None
             return
         except Exception as exc:  # an identifier pydicom cannot decode
-            yield _status(0xC000, f"cannot process identifier: {exc}"), None
+            yield _status(Status.UNABLE_TO_PROCESS, f"cannot process identifier: {exc}"), None
             return
         for sent, response in enumerate(responses):
             if config.fault == "abort" and sent >= config.abort_after:
@@ -307,13 +299,13 @@ class SimulatedPacs(SimulatorBase):
             if cancelled():
                 return True
             remaining = deadline - time.monotonic()
-            if remaining <= 0 or self._stopping.is_set() or _peer_gone(assoc):
+            if remaining <= 0 or self._stopping.is_set() or peer_gone(assoc):
                 return False
             self._stopping.wait(min(remaining, _STEP_S))
 
     def _hang(self, assoc: Association) -> None:
         """Never answer, ignore C-CANCEL; return once the peer aborts or releases, or on stop()."""
-        while not self._stopping.is_set() and not _peer_gone(assoc):
+        while not self._stopping.is_set() and not peer_gone(assoc):
             self._stopping.wait(_STEP_S * 4)
 
 

@@ -11,7 +11,8 @@ On the wire:
 - In a C-FIND or C-MOVE identifier, the chain is a private block: creator ``DICOM-SPANNER HOPS`` in
   group 0009, element xx01 LO holding the instance IDs in order.
 - From the DICOM front to the HTTP API it travels as the header ``X-Spanner-Hops`` (IDs separated by
-  commas); the node actors add their own deployment's ID when they query a dicom-spanner node.
+  commas). Neither the ingress nor the node actors use the chain yet (no ID is added when a node actor
+  queries a dicom-spanner node), so a loop through the API still ends only at the span's deadline.
 """
 
 from __future__ import annotations

@@ -530,3 +530,60 @@ def test_acceptor_move_handler_reports_suboperations() -> None:
     assert [status for status, _, _ in got] == [Status.PENDING] * 3 + [Status.SUBOPERATIONS_FAILED]
     assert got[1][1] == {"remaining": 2, "completed": 1, "failed": 0, "warning": 0}
     assert got[-1][1]["failed"] == 1 and got[-1][2] == "one instance failed"
+
+
+def test_the_fragments_of_one_message_stay_on_one_presentation_context() -> None:
+    """A data set (or a command fragment) on another context than its command is a protocol error, so
+    a handler never reads an identifier in the wrong transfer syntax."""
+    from spanner.dimse.errors import ProtocolError
+    from spanner.dimse.messages import Assembler, encode_command
+
+    command = encode_command({0x0100: 0x0020, 0x0110: 1, 0x0800: 0x0001})
+    identifier = b"\x08\x00\x52\x00\x06\x00\x00\x00STUDY "
+    assembler = Assembler()
+    assert assembler.feed(_pdv(1, command, 0x03)) == []
+    with pytest.raises(ProtocolError, match="presentation context 3"):
+        assembler.feed(_pdv(3, identifier, 0x02))
+
+    assembler = Assembler()
+    assert assembler.feed(_pdv(1, command[:10], 0x01)) == []
+    with pytest.raises(ProtocolError, match="command fragments"):
+        assembler.feed(_pdv(3, command[10:], 0x03))
+
+    assembler = Assembler()
+    assembler.feed(_pdv(1, command[:10], 0x01) + _pdv(1, command[10:], 0x03))
+    [message] = assembler.feed(_pdv(1, identifier, 0x02))
+    assert message.context_id == 1 and message.dataset == identifier
+
+
+def _pdv(context_id: int, payload: bytes, control: int) -> bytes:
+    """One PDV item (length, context, control header, fragment) as a P-DATA-TF body holds it."""
+    return struct.pack(">IBB", len(payload) + 2, context_id, control) + payload
+
+
+def test_ae_titles_the_ae_vr_forbids_are_rejected() -> None:
+    """A control character, a backslash or a non-ASCII byte in an AE title is refused at association
+    time (calling: reason 3, called: reason 7), before any handler could carry it into a log line or
+    an HTTP header."""
+    from spanner.dimse.acceptor import Acceptor, AcceptorConfig, Handlers
+
+    async def body() -> list[tuple[int, int, int] | None]:
+        acceptor = Acceptor(AcceptorConfig("ENGINE_SCP", (VERIFICATION,)), Handlers())
+        port = await acceptor.start("127.0.0.1", 0)
+        found: list[tuple[int, int, int] | None] = []
+        try:
+            for calling, called in (("BAD\nAE", "ENGINE_SCP"), ("GOOD", "EN\\GINE"), ("OK", "ENGINE_SCP")):
+                try:
+                    assoc = await connect("127.0.0.1", port, calling_ae=calling, called_ae=called,
+                                          contexts=[(VERIFICATION, (IMPLICIT_VR_LE,))])
+                except AssociationRejected as exc:
+                    found.append((exc.result, exc.source, exc.reason))
+                else:
+                    assert await assoc.echo() == 0
+                    await assoc.release()
+                    found.append(None)
+        finally:
+            await acceptor.close()
+        return found
+
+    assert asyncio.run(body()) == [(1, 1, 3), (1, 1, 7), None]

@@ -44,6 +44,7 @@ def _loopback_only(body: Any, port: int) -> Any:
     if isinstance(body, dict):
         if "host" in body:
             body["host"] = "127.0.0.1"
+        if "host" in body or "port" in body:  # a PATCH may move a node's port alone
             body["port"] = port
         for key in ("timeout_s", "connect_timeout_s", "dimse_timeout_s", "query_timeout_s"):
             if isinstance(body.get(key), int | float) and not isinstance(body.get(key), bool):

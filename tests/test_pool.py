@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 
 import pytest
 
@@ -180,3 +180,40 @@ def test_a_query_that_cannot_get_a_slot_before_its_deadline_is_throttled_at_once
         first, second, waited = asyncio.run(body())
     assert (first, second) == ("timeout", "throttled")
     assert waited < 0.4  # at once, not at its deadline 0.8 s later
+
+
+def test_a_response_identifier_nothing_can_read_ends_that_query_aborted_and_frees_its_slot() -> None:
+    """An archive whose pending identifier neither the fast reader nor pydicom can read (here a VR
+    that does not exist): the query ends ``aborted`` with a reason, nothing raises past the actor, and
+    the association is dropped, not kept in use."""
+    from actors.pacs_node import PacsNodeImpl
+    from spanner.dicom_constants import EXPLICIT_VR_LE, VERIFICATION
+    from spanner.dimse.acceptor import Acceptor, AcceptorConfig, FindResult, Handlers, Request
+    from spanner.query import Level, NodeQuery
+
+    unreadable = b"\x08\x00\x05\x00YS\x02\x00AB"  # explicit VR LE, VR "YS"
+
+    async def on_find(request: Request) -> AsyncIterator[FindResult]:
+        yield FindResult(0xFF00, unreadable)
+        yield FindResult(0xFF00, unreadable)
+        yield FindResult(0x0000)
+
+    async def body() -> tuple[str, str | None, int]:
+        acceptor = Acceptor(AcceptorConfig("GARBLED", (VERIFICATION, STUDY_ROOT_FIND),
+                                           transfer_syntaxes=(EXPLICIT_VR_LE,)), Handlers(find=on_find))
+        port = await acceptor.start("127.0.0.1", 0)
+        spec = NodeSpec(name="garbled", ae_title="GARBLED", host="127.0.0.1", port=port,
+                        calling_ae_title="SPANNER", connect_timeout_s=2, dimse_timeout_s=5)
+        node = PacsNodeImpl(spec, ActorTuning(log_level="WARNING"))
+        try:
+            outcome, _ = await node.find(NodeQuery(Level.STUDY), timeout_s=3.0)
+            await until(lambda: node._pool.in_use == 0)
+            return outcome.status.value, outcome.error, node._pool.idle
+        finally:
+            await node.close()
+            await acceptor.close()
+
+    status, error, idle = asyncio.run(body())
+    assert status == "aborted"
+    assert error is not None and "cannot be read" in error
+    assert idle == 0

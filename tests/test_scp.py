@@ -558,17 +558,10 @@ def test_cancel_reaches_the_archive(slow_archive: SimulatedPacs, real_front: Spa
     assert time.monotonic() - started < 6.0, "the C-CANCEL came from the span deadline, not from the client"
 
 
-# -- C-MOVE end to end (runs once POST /api/v1/retrievals exists) -------------------------------------------
-def retrievals_missing(api: Api) -> bool:
-    response = api.http.post("/api/v1/retrievals", json={})
-    return response.status_code == 404 and response.json().get("detail") == "Not Found"
-
-
+# -- C-MOVE end to end -----------------------------------------------------------------------------------
 def test_movescu_brings_a_study_from_every_archive_that_holds_it(
     api: Api, archives: dict[str, Any], real_front: SpannerScp, tmp_path: Path
 ) -> None:
-    if retrievals_missing(api):
-        pytest.skip("POST /api/v1/retrievals answers 404 on this API: the retrieval endpoint has not landed")
     require(shutil.which("movescu") is not None and shutil.which("storescp") is not None, "dcmtk (movescu)")
     stored: dict[str, list[Dataset]] = archives["stored"]
     holders: dict[str, set[str]] = defaultdict(set)

@@ -345,6 +345,13 @@ class _Session:
         if request.application_context != APPLICATION_CONTEXT:
             return AssociateReject(RejectResult.PERMANENT, RejectSource.SERVICE_USER,
                                    RejectReason.APPLICATION_CONTEXT_NOT_SUPPORTED)
+        # Handlers pass AE titles on (logs, HTTP headers, the audit trail): only what the AE VR allows.
+        if not valid_ae_title(request.calling_ae):
+            return AssociateReject(RejectResult.PERMANENT, RejectSource.SERVICE_USER,
+                                   RejectReason.CALLING_AE_NOT_RECOGNIZED)
+        if not valid_ae_title(request.called_ae):
+            return AssociateReject(RejectResult.PERMANENT, RejectSource.SERVICE_USER,
+                                   RejectReason.CALLED_AE_NOT_RECOGNIZED)
         if config.require_called_ae and request.called_ae != config.ae_title.strip():
             return AssociateReject(RejectResult.PERMANENT, RejectSource.SERVICE_USER,
                                    RejectReason.CALLED_AE_NOT_RECOGNIZED)
@@ -551,6 +558,11 @@ class _CoalescingWriter:
 
     def get_extra_info(self, name: str, default: object = None) -> object:
         return self._writer.get_extra_info(name, default)
+
+
+def valid_ae_title(title: str) -> bool:
+    """Printable ASCII without a backslash (PS3.5 6.2, VR AE); ``title`` as decoded from the PDU."""
+    return all(" " <= c <= "~" and c != "\\" for c in title)
 
 
 def _counts(result: MoveResult) -> dict[int, int]:

@@ -153,6 +153,7 @@ class Assembler:
 
     def __init__(self, sinks: SinkFactory | None = None) -> None:
         self._command: list[bytes] = []
+        self._command_context = 0
         self._data: list[bytes] = []
         self._waiting: tuple[int, Command] | None = None
         self._sinks = sinks
@@ -181,6 +182,11 @@ class Assembler:
             if control & 0x01:
                 if self._waiting is not None:
                     raise ProtocolError("a command arrived while a data set was expected")
+                if not self._command:
+                    self._command_context = context_id
+                elif context_id != self._command_context:  # a message keeps one context (PS3.8 9.3.5)
+                    raise ProtocolError(f"command fragments on presentation contexts {self._command_context} "
+                                        f"and {context_id}")
                 self._command.append(fragment_)
                 if control & 0x02:
                     command = decode_command(b"".join(self._command))
@@ -193,6 +199,9 @@ class Assembler:
             else:
                 if self._waiting is None:
                     raise ProtocolError("a data set arrived without its command")
+                if context_id != self._waiting[0]:
+                    raise ProtocolError(f"a data set on presentation context {context_id} for a command on "
+                                        f"context {self._waiting[0]}")
                 if self._sink is not None:
                     self._sink.write(fragment_)
                 else:

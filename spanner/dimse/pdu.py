@@ -58,7 +58,6 @@ class RejectReason(IntEnum):
 HEADER = struct.Struct(">BBI")
 ITEM = struct.Struct(">BBH")
 DEFAULT_MAX_PDU = 1 << 20  # what this engine announces it can receive
-MINIMUM_MAX_PDU = 12  # a PDV of one byte: 6 PDU header + 6 PDV header (PS3.8 allows down to this)
 
 
 _PDU_TYPES = frozenset(int(t) for t in PduType)

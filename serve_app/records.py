@@ -92,6 +92,9 @@ class RecordWriter:
         The put goes on even if the caller is cancelled."""
         if self._closed or self._queue is None:
             put = asyncio.ensure_future(asyncio.to_thread(_write_until_done, [job], self._retry_s))
+            # Written here rather than by the writer task: count it, or close() and settled() wait
+            # their full timeout for a record that is already in.
+            put.add_done_callback(self._written_directly)
         elif not self._queue.full():
             self._queue.put_nowait(job)
             return
@@ -100,6 +103,10 @@ class RecordWriter:
         self._pending_puts.add(put)
         put.add_done_callback(self._pending_puts.discard)
         await asyncio.shield(put)
+
+    def _written_directly(self, _put: asyncio.Future[None]) -> None:
+        self._written += 1
+        self._wake()
 
     def reserve(self) -> None:
         """Count a record that ``hand_over`` will queue once its answer has gone."""

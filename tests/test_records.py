@@ -155,3 +155,25 @@ def test_a_read_waits_a_bounded_time_for_a_record_never_handed_over() -> None:
         await asyncio.wait_for(writer.settled(0.1), 5)  # returns: the read shows what is written
 
     asyncio.run(main())
+
+
+def test_a_record_handed_over_during_shutdown_counts_as_written(caplog: pytest.LogCaptureFixture) -> None:
+    written: list[str] = []
+
+    async def main() -> None:
+        writer = RecordWriter()
+        writer.reserve()  # the answer is on its way out when shutdown begins
+        closing = asyncio.ensure_future(writer.close(timeout_s=5))
+        await asyncio.sleep(0.05)
+        await writer.hand_over(lambda: written.append("answered"))  # written at once: the writer is closed
+        # close() returns as soon as the record is in, not after its 5 s timeout
+        await asyncio.wait_for(closing, 1)
+        assert writer.pending == 0
+        writer.reserve()
+        await writer.hand_over(lambda: written.append("late"))
+        await asyncio.wait_for(writer.settled(5), 1)  # nothing left to wait for
+        assert writer.pending == 0
+
+    asyncio.run(main())
+    assert written == ["answered", "late"]
+    assert not any("were not written" in r.getMessage() for r in caplog.records)

@@ -587,3 +587,54 @@ def test_ae_titles_the_ae_vr_forbids_are_rejected() -> None:
         return found
 
     assert asyncio.run(body()) == [(1, 1, 3), (1, 1, 7), None]
+
+
+# -- limits and checks of the acceptor, against a raw peer -------------------------------------------------
+async def _raw_association(port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """An association proposing ALL_CONTEXTS (ids 1 Verification, 3 Study Root, 5 Patient Root)."""
+    from spanner.dimse.pdu import PduType, read_pdu
+
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(_associate_rq())
+    kind, _ = await asyncio.wait_for(read_pdu(reader, 0), 5)
+    assert kind == PduType.ASSOCIATE_AC
+    return reader, writer
+
+
+def _p_data(*pdvs: bytes) -> bytes:
+    body = b"".join(pdvs)
+    return struct.pack(">BBI", 4, 0, len(body)) + body
+
+
+def test_an_identifier_larger_than_the_message_limit_aborts_its_association_only() -> None:
+    """A peer streaming an endless C-FIND identifier is aborted (A-ABORT, source: provider) once the
+    message passes ``message_max_bytes``; the acceptor serves the next association."""
+    from spanner.dimse.acceptor import Acceptor, AcceptorConfig, FindResult, Handlers, Request
+    from spanner.dimse.messages import encode_command
+
+    async def on_find(request: Request) -> AsyncIterator[FindResult]:
+        yield FindResult(Status.SUCCESS)
+
+    async def body() -> tuple[bytes, int]:
+        config = AcceptorConfig("ENGINE_SCP", (VERIFICATION, STUDY_ROOT_FIND), message_max_bytes=64 * 1024)
+        acceptor = Acceptor(config, Handlers(find=on_find))
+        port = await acceptor.start()
+        reader, writer = await _raw_association(port)
+        command = encode_command({0x0002: STUDY_ROOT_FIND, 0x0100: 0x0020, 0x0110: 1, 0x0800: 0x0001})
+        writer.write(_p_data(_pdv(3, command, 0x03)))
+        for _ in range(5):  # 80,000 bytes, past the limit with the last PDU; never the last fragment
+            writer.write(_p_data(_pdv(3, b"\0" * 16000, 0x00)))
+        await writer.drain()
+        tail = await asyncio.wait_for(reader.read(), 5)
+        writer.close()
+        assoc = await connect("127.0.0.1", port, calling_ae="ENGINE", called_ae="ENGINE_SCP",
+                              contexts=ALL_CONTEXTS)
+        echo = await assoc.echo()
+        await assoc.release()
+        await acceptor.close()
+        return tail, echo
+
+    tail, echo = asyncio.run(body())
+    assert tail.endswith(bytes([0x07, 0, 0, 0, 0, 4, 0, 0, 2, 0]))  # A-ABORT, source 2 (provider)
+    assert echo == Status.SUCCESS
+

@@ -60,7 +60,7 @@ from spanner.dicom_constants import (
 )
 from spanner.dimse.association import Association, set_nodelay
 from spanner.dimse.errors import ProtocolError
-from spanner.dimse.messages import Assembler, Command, Message
+from spanner.dimse.messages import MAX_MESSAGE_BYTES, Assembler, Command, Message
 from spanner.dimse.pdu import (
     DEFAULT_MAX_PDU,
     RELEASE_RP,
@@ -92,6 +92,8 @@ class AcceptorConfig:
     prefer_proposed_order: bool = False  # True: the requestor's order wins (a storage SCP keeps its syntax)
     store_dir: str = ""  # where incoming C-STORE data sets are written (needed with Handlers.store)
     store_max_bytes: int = 0  # a larger C-STORE data set is refused with 0xA700; 0: no limit
+    # A larger command or identifier (anything not streamed to the store) aborts its association; 0: no limit
+    message_max_bytes: int = MAX_MESSAGE_BYTES
     max_pdu: int = DEFAULT_MAX_PDU
     artim_s: float = 30.0
     require_called_ae: bool = False
@@ -296,7 +298,8 @@ class _Session:
                                  peer_implementation_class_uid=request.user.implementation_class_uid)
         if self.acceptor.handlers.established is not None:
             self.acceptor.handlers.established(self.assoc)
-        assembler = self.assembler = Assembler(self._store_sink if self.acceptor.handlers.store else None)
+        assembler = self.assembler = Assembler(self._store_sink if self.acceptor.handlers.store else None,
+                                                  max_bytes=config.message_max_bytes)
         while True:
             kind, body = await self._next_pdu()
             if kind == PduType.P_DATA_TF:

@@ -30,6 +30,8 @@ _UI = frozenset({AFFECTED_SOP_CLASS_UID, 0x0003, 0x1000, 0x1001})
 _AE = frozenset({MOVE_DESTINATION, 0x1030})
 _TEXT = frozenset({ERROR_COMMENT})
 _ELEMENT = struct.Struct("<HHI")
+# A query identifier or a command is kilobytes; an in-memory message this large is a peer to stop.
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 
 
 @dataclass(slots=True)
@@ -149,9 +151,13 @@ class Assembler:
 
     With a ``sinks`` factory, a data set it gives a sink for streams there fragment by fragment (a large
     C-STORE never sits whole in memory); the message then carries the closed sink and no ``dataset``.
+    A message held in memory (its command and any data set not in a sink) larger than ``max_bytes`` is a
+    ProtocolError (0: no limit): a peer cannot stream an endless identifier into the process.
     """
 
-    def __init__(self, sinks: SinkFactory | None = None) -> None:
+    def __init__(self, sinks: SinkFactory | None = None, *, max_bytes: int = MAX_MESSAGE_BYTES) -> None:
+        self._max_bytes = max_bytes
+        self._held = 0  # bytes of the message being joined in memory (a data set in a sink excluded)
         self._command: list[bytes] = []
         self._command_context = 0
         self._data: list[bytes] = []
@@ -179,6 +185,8 @@ class Assembler:
             context_id, control = body[offset + 4], body[offset + 5]
             fragment_ = body[offset + 6:offset + 4 + length]
             offset += 4 + length
+            if control & 0x01 or self._sink is None:
+                self._hold(len(fragment_))
             if control & 0x01:
                 if self._waiting is not None:
                     raise ProtocolError("a command arrived while a data set was expected")
@@ -191,6 +199,7 @@ class Assembler:
                 if control & 0x02:
                     command = decode_command(b"".join(self._command))
                     self._command.clear()
+                    self._held = 0  # a sink has the data set, or it is counted from here
                     if command.has_dataset:
                         self._waiting = (context_id, command)
                         self._sink = self._sinks(context_id, command) if self._sinks is not None else None
@@ -216,5 +225,11 @@ class Assembler:
                         continue
                     dataset = b"".join(self._data)
                     self._data.clear()
+                    self._held = 0
                     done.append(Message(ctx, command, dataset))
         return done
+
+    def _hold(self, n: int) -> None:
+        self._held += n
+        if self._max_bytes and self._held > self._max_bytes:
+            raise ProtocolError(f"a DIMSE message exceeds {self._max_bytes} bytes held in memory")

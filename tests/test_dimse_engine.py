@@ -638,3 +638,38 @@ def test_an_identifier_larger_than_the_message_limit_aborts_its_association_only
     assert tail.endswith(bytes([0x07, 0, 0, 0, 0, 4, 0, 0, 2, 0]))  # A-ABORT, source 2 (provider)
     assert echo == Status.SUCCESS
 
+
+def test_a_request_for_another_sop_class_than_its_context_gets_sop_class_not_supported() -> None:
+    """A C-FIND of Study Root sent on the Verification context is answered 0x0122 (its handler would
+    read the information model from the context), and the association goes on."""
+    from spanner.dimse.acceptor import Acceptor, AcceptorConfig, FindResult, Handlers, Request
+    from spanner.dimse.messages import Assembler, encode_command
+    from spanner.dimse.pdu import PduType, read_pdu
+
+    async def on_find(request: Request) -> AsyncIterator[FindResult]:
+        yield FindResult(Status.SUCCESS)
+
+    async def body() -> list[tuple[int, int | None, str | None]]:
+        acceptor = Acceptor(AcceptorConfig("ENGINE_SCP", (VERIFICATION, STUDY_ROOT_FIND)),
+                            Handlers(find=on_find))
+        port = await acceptor.start()
+        reader, writer = await _raw_association(port)
+        find = encode_command({0x0002: STUDY_ROOT_FIND, 0x0100: 0x0020, 0x0110: 7, 0x0800: 0x0001})
+        ident = b"\x08\x00\x52\x00\x06\x00\x00\x00STUDY "
+        writer.write(_p_data(_pdv(1, find, 0x03), _pdv(1, ident, 0x02)))
+        echo = encode_command({0x0002: VERIFICATION, 0x0100: 0x0030, 0x0110: 8, 0x0800: 0x0101})
+        writer.write(_p_data(_pdv(1, echo, 0x03)))
+        got: list[tuple[int, int | None, str | None]] = []
+        assembler = Assembler()
+        while len(got) < 2:
+            kind, raw = await asyncio.wait_for(read_pdu(reader, 0), 5)
+            assert kind == PduType.P_DATA_TF
+            for message in assembler.feed(raw):
+                got.append((message.command.field, message.command.status, message.command.text(0x0002)))
+        writer.close()
+        await acceptor.close()
+        return got
+
+    got = asyncio.run(body())
+    assert got == [(0x8020, Status.SOP_CLASS_NOT_SUPPORTED, STUDY_ROOT_FIND),
+                   (0x8030, Status.SUCCESS, VERIFICATION)]

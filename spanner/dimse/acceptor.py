@@ -82,6 +82,9 @@ from spanner.dimse.store import SpoolFile, StoreRequest, part10_header
 LOG = logging.getLogger(__name__)
 LOCAL_LIMIT_EXCEEDED = 2  # reason of source 3, service provider (presentation), PS3.8 9.3.4
 DRAIN_EVERY = 16  # pending responses between waits for the socket (backpressure) and looks at a C-CANCEL
+# The requests served here, each on a context negotiated for its SOP class.
+_REQUESTS = frozenset({CommandField.C_ECHO_RQ, CommandField.C_FIND_RQ, CommandField.C_MOVE_RQ,
+                       CommandField.C_STORE_RQ})
 
 
 @dataclass(frozen=True, slots=True)
@@ -409,6 +412,18 @@ class _Session:
         msg_id = command.message_id
         if msg_id in self.operations:
             raise ProtocolError(f"message ID {msg_id} is already in use on this association")
+        sop_class = command.text(AFFECTED_SOP_CLASS_UID)
+        if field_ in _REQUESTS and sop_class != context.abstract_syntax:
+            # A handler reads the SOP class from the context (it picks the information model): a
+            # request for another class on it is refused, as for a class not negotiated at all.
+            if message.sink is not None:
+                message.sink.discard()
+            self.assoc.send(context.context_id, {
+                AFFECTED_SOP_CLASS_UID: sop_class, COMMAND_FIELD: field_ | 0x8000,
+                MESSAGE_ID_BEING_RESPONDED_TO: msg_id, STATUS: Status.SOP_CLASS_NOT_SUPPORTED,
+                ERROR_COMMENT: f"presentation context {context.context_id} is for another SOP class",
+            }, None)
+            return
         request = Request(self.assoc, context, msg_id, message.dataset,
                           command.text(MOVE_DESTINATION), peer=self.peer, state=self.state)
         handlers = self.acceptor.handlers

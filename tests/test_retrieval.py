@@ -215,3 +215,37 @@ def test_bad_retrievals_are_422(api: Api, body: dict[str, Any], words: str) -> N
     response = api.http.post("/api/v1/retrievals", json={"destination_ae": "DEST"} | body)
     assert response.status_code == 422, response.text
     assert words in response.json()["detail"]
+
+
+def test_a_retrieval_the_client_leaves_is_still_recorded(api: Api) -> None:
+    """The client goes away while the holders are being looked up: the moves are cancelled, and the
+    audit trail still gets the retrieval's record (status cancelled, with the reason)."""
+    import time
+
+    import httpx
+
+    sim = SimulatedPacs(SimulatorConfig(ae_title="HANG_MOVE", fault="hang"), [])
+    sim.start()
+    try:
+        api.add_node("move-hang", sim.port, ae_title="HANG_MOVE")
+        api.add_span("hangers", ["move-hang"], ae_title="HANGERS")
+        before = {r["id"] for r in api.http.get("/api/v1/retrievals", params={"limit": 500}).json()}
+        body = {"span": "hangers", "level": "STUDY", "uids": {"StudyInstanceUID": S3},
+                "destination_ae": "NOWHERE"}
+        # no event comes: the client gives up and closes the connection
+        with pytest.raises(httpx.ReadTimeout), api.http.stream(
+            "POST", "/api/v1/retrievals", json=body, timeout=httpx.Timeout(30, read=2)
+        ) as response:
+            response.read()
+        deadline = time.monotonic() + 20
+        new: list[dict[str, Any]] = []
+        while not new and time.monotonic() < deadline:
+            time.sleep(0.5)
+            new = [r for r in api.http.get("/api/v1/retrievals", params={"limit": 500}).json()
+                   if r["id"] not in before and r["span"] == "hangers"]
+        assert new, "a retrieval the client left has no record"
+        assert new[0]["status"] == "cancelled" and "went away" in new[0]["error"], new[0]
+    finally:
+        api.http.delete("/api/v1/spans/hangers")
+        api.http.delete("/api/v1/nodes/move-hang")
+        sim.stop()

@@ -8,6 +8,7 @@ rules and its life cycle, so the HTTP route only streams what it yields.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 import uuid
 from collections.abc import AsyncGenerator
@@ -22,6 +23,7 @@ from spanner.nodespec import NodeSpec
 from spanner.query import Level, normalise_value
 from spanner.storage import Audit
 
+LOG = logging.getLogger(__name__)
 NEEDED = {Level.STUDY: "StudyInstanceUID", Level.SERIES: "SeriesInstanceUID", Level.IMAGE: "SOPInstanceUID"}
 ALLOWED = {"StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "PatientID"}
 
@@ -105,9 +107,35 @@ async def run(s: Services, r: Retrieval) -> AsyncGenerator[dict[str, Any], None]
 async def _work(s: Services, r: Retrieval, events: asyncio.Queue[dict[str, Any] | None]) -> None:
     started = time.monotonic()
     retrieval_id = uuid.uuid4().hex
+    progress: dict[str, Any] = {"completed": 0, "failed": 0, "warning": 0}
+
+    async def emit(event: dict[str, Any]) -> None:
+        if event.get("event") == "progress":
+            progress.update((k, event[k]) for k in ("completed", "failed", "warning") if k in event)
+        await events.put(event)
+
     try:
-        result = await s.retriever.retrieve(r.nodes, r.level, r.uids, r.destination_ae, r.timeout_s,
-                                            events.put, r.hops)
+        try:
+            result = await s.retriever.retrieve(r.nodes, r.level, r.uids, r.destination_ae, r.timeout_s,
+                                                emit, r.hops)
+        except BaseException as exc:
+            # C-MOVEs may already have moved patient data: the audit trail gets its record anyway,
+            # written even while this task is being cancelled.
+            cancelled = isinstance(exc, asyncio.CancelledError)
+            reason = ("cancelled: the client went away or the service is stopping" if cancelled
+                      else f"{type(exc).__name__}: {exc}")
+            try:
+                await asyncio.shield(asyncio.to_thread(
+                    s.repo.record_retrieval, retrieval_id=retrieval_id, span=r.span, level=r.level,
+                    uids=r.uids, destination_ae=r.destination_ae, requester=r.requester,
+                    status="cancelled" if cancelled else "failed", dimse_status=None, parts=[],
+                    elapsed_ms=round((time.monotonic() - started) * 1000, 2), error=reason[:1000],
+                    audit=r.audit, emit=s.events_enabled, **progress,
+                ))
+                s.nudge_events()
+            except Exception:
+                LOG.exception("the record of retrieval %s (%s) could not be written", retrieval_id, reason)
+            raise
         summaries = [p.summary() for p in result.parts]
         final = {
             "event": "result",

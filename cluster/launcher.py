@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from scp.server import SpannerScp
 
 DEMO_HOST = "127.0.0.1"
+LOCAL_DRAIN_S = 5.0  # how long a local stop waits for the replicas to write their queued records
 
 
 def _is_demo(node: NodeOut, demo: dict[str, tuple[str, int]]) -> bool:
@@ -237,10 +238,15 @@ def run(settings: Settings, say: Callable[[str], None] = print) -> None:
         ours = identities(descendants(os.getpid()))  # before Ray's shutdown orphans its agents
         if ray.is_initialized():
             try:
-                # On a shared cluster only our app goes; a local instance goes whole with its processes
-                # (ending them ends the app: no graceful Serve drain, which took seconds).
+                # On a shared cluster only our app goes; a local instance goes whole with its processes,
+                # after a drain bounded in time: deleting the app runs each replica's shutdown, which
+                # writes the records of the queries it has already answered.
                 if settings.ray_address:
                     serve.delete("spanner")
+                else:
+                    drain = threading.Thread(target=serve.delete, args=("spanner",), daemon=True)
+                    drain.start()
+                    drain.join(LOCAL_DRAIN_S)
             finally:
                 ray.shutdown()
         stop_fleet(fleet)

@@ -151,8 +151,11 @@ def test_spanner_run_serves_the_demo_fleet_and_sigterm_leaves_nothing(tmp_path: 
         assert listening_off_loopback(started | {proc.pid}) == [], "every listening socket on loopback"
         agents = {pid for pid in started if Path(f"/proc/{pid}/comm").read_text().startswith("ray::")}
         assert agents, "Ray's agents and workers are among the run's processes"
+        last = httpx.post(f"{url}/api/v1/queries", json={"level": "STUDY", "limit": 3}, timeout=30,
+                          headers={"Authorization": f"Bearer {key}"})
+        assert last.status_code == 200
         signalled = time.monotonic()
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(signal.SIGTERM)  # the record of the query just answered may still be queued
         assert proc.wait(timeout=60) == 0
         deadline = time.monotonic() + 30
         while any(alive(pid) for pid in started) and time.monotonic() < deadline:
@@ -161,6 +164,13 @@ def test_spanner_run_serves_the_demo_fleet_and_sigterm_leaves_nothing(tmp_path: 
         assert not [pid for pid in started if alive(pid)], "SIGTERM left processes behind"
         assert gone_s < 15, f"SIGTERM took {gone_s:.1f} s to stop everything"
         assert "stopped in" in (tmp_path / "run.log").read_text()
+        settings = load_settings(var_dir=str(tmp_path / "var"))  # the database the run used
+        engine = make_engine(settings.effective_database_url)
+        try:  # the query answered just before SIGTERM has its record
+            query_id = last.json()["query_id"]
+            assert Repository(engine).get_query(query_id).id == query_id
+        finally:
+            engine.dispose()
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)

@@ -19,6 +19,7 @@ from starlette.types import Receive, Scope, Send
 from serve_app.api_models import QueryIn, QueryOut
 from serve_app.auth import Principal, audit_of, require_query
 from serve_app.deps import ServicesDep
+from serve_app.timing import arrived
 from serve_app.usecases import query
 from spanner.schemas import QueryRecordOut
 
@@ -42,7 +43,7 @@ async def run_query(
     requester = request.client.host if request.client else "unknown"
     answer = await query.run_query(
         s, body, audit_of(request, principal, None), requester,
-        read_cache="no-cache" not in directives, store="no-store" not in directives,
+        read_cache="no-cache" not in directives, store="no-store" not in directives, arrived=arrived(request),
     )
     s.records.reserve()
     return RecordedResponse(answer.body, answer.status, functools.partial(s.records.hand_over, answer.record))

@@ -66,9 +66,10 @@ def _count_events(channel: Any, queue: str, expected: int, wait_s: float) -> int
     return counted
 
 
-Result = tuple[float, int, "str | None", "float | None"]
-"""One answer: seconds from send to answer, HTTP status (0: transport error), query_id, and the seconds the
-replica's app took (its ``Server-Timing: app;dur=``): the rest lies before the app or on the way back."""
+Result = tuple[float, int, "str | None", "float | None", "float | None"]
+"""One answer: seconds from send to answer, HTTP status (0: transport error), query_id, the seconds the
+replica's app took (``Server-Timing: app;dur=``), and the seconds from send to the app's receipt (its
+``received`` wall clock; same machine): the rest lies on the way back."""
 
 
 class _Load:
@@ -101,12 +102,16 @@ def _load_main(send: Any, started: Any, base_url: str, headers: dict[str, str], 
     send.close()
 
 
-def _app_seconds(server_timing: str) -> float | None:
-    for metric in server_timing.split(","):
+def _server_timing(header: str) -> tuple[float | None, float | None]:
+    """``app`` duration (s) and ``received`` wall clock (epoch s) of a Server-Timing header."""
+    app_s = received = None
+    for metric in header.split(","):
         name, _, params = metric.strip().partition(";")
         if name == "app" and params.startswith("dur="):
-            return float(params[4:]) / 1000
-    return None
+            app_s = float(params[4:]) / 1000
+        elif name == "received" and params.startswith("desc="):
+            received = float(params[5:].strip('"'))
+    return app_s, received
 
 
 async def _load(started: Any, base_url: str, headers: dict[str, str], body: dict[str, Any], clients: int,
@@ -121,20 +126,21 @@ async def _load(started: Any, base_url: str, headers: dict[str, str], body: dict
 
         async def client() -> None:
             while time.monotonic() < stop_at:
-                t0 = time.monotonic()
-                retry_after = 0.0
+                t0, sent = time.monotonic(), time.time()
+                retry_after, before_s = 0.0, None
                 try:
                     response = await http.post("/api/v1/queries", json=body)
                     latency = time.monotonic() - t0
                     status, query_id = response.status_code, None
-                    server_s = _app_seconds(response.headers.get("server-timing", ""))
+                    server_s, received = _server_timing(response.headers.get("server-timing", ""))
+                    before_s = None if received is None else received - sent
                     if status in (200, 502):
                         query_id = response.json().get("query_id")
                     elif status == 503:
                         retry_after = float(response.headers.get("retry-after", "1"))
                 except httpx.HTTPError:
                     latency, status, query_id, server_s = time.monotonic() - t0, 0, None, None
-                results.append((latency, status, query_id, server_s))
+                results.append((latency, status, query_id, server_s, before_s))
                 await asyncio.sleep(retry_after)
 
         started.set()
@@ -187,11 +193,11 @@ def run(clients: int, seconds: float, deadline_s: float, kill_at_s: float) -> di
             connection.close()
     latencies = sorted(r[0] for r in results)
     statuses: dict[str, int] = {}
-    for _, status, _, _ in results:
+    for _, status, _, _, _ in results:
         statuses[str(status)] = statuses.get(str(status), 0) + 1
     late = sum(1 for r in results if r[0] > deadline_s + 1.0)
     late_by_status: dict[str, int] = {}
-    for latency, status, _, _ in results:
+    for latency, status, _, _, _ in results:
         if latency > deadline_s + 1.0:
             late_by_status[str(status)] = late_by_status.get(str(status), 0) + 1
     refused = sorted(r[0] for r in results if r[1] == 503)
@@ -203,6 +209,9 @@ def run(clients: int, seconds: float, deadline_s: float, kill_at_s: float) -> di
     late_timed = [r for r in results if r[0] > deadline_s + 1.0 and r[3] is not None]
     late_in_app_s = sorted(r[3] for r in late_timed)
     late_outside_s = sorted(r[0] - r[3] for r in late_timed)
+    late_before_s = sorted(r[4] for r in late_timed if r[4] is not None)
+    late_after_s = sorted(r[0] - r[3] - r[4] for r in late_timed if r[4] is not None)
+    before_app_s = sorted(r[4] for r in results if r[4] is not None)
     return {
         "clients": clients, "seconds": round(wall_s, 1), "deadline_s": deadline_s, "requests": len(results),
         "statuses": statuses, "p50_s": round(percentile(latencies, 50), 3),
@@ -216,6 +225,10 @@ def run(clients: int, seconds: float, deadline_s: float, kill_at_s: float) -> di
         "refused_in_app_p99_s": round(percentile(refused_app_s, 99), 3),
         "late_in_app_p50_s": round(percentile(late_in_app_s, 50), 3),
         "late_outside_app_p50_s": round(percentile(late_outside_s, 50), 3),
+        "late_before_app_p50_s": round(percentile(late_before_s, 50), 3),
+        "late_after_app_p50_s": round(percentile(late_after_s, 50), 3),
+        "before_app_p50_s": round(percentile(before_app_s, 50), 3),
+        "before_app_p99_s": round(percentile(before_app_s, 99), 3),
         "refused_p50_s": round(percentile(refused, 50), 3),
         "refused_p99_s": round(percentile(refused, 99), 3),
         "http_5xx": sum(n for s, n in statuses.items() if s.startswith("5")),

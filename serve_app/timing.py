@@ -12,9 +12,10 @@ ARRIVED = "arrived"
 
 
 class ServerTiming:
-    """Adds ``Server-Timing: app;dur=<ms>``: the time from the request reaching this replica's app to its
-    answer starting. What a client waits beyond it lies before the app (Serve's proxy, the replica's
-    queue and event loop) or on the way back, which is how lateness under load is told apart."""
+    """Adds ``Server-Timing: app;dur=<ms>, received;desc="<epoch s>"``: the time from the request reaching
+    this replica's app to its answer starting, and the wall-clock moment it reached the app. What a client
+    waits beyond ``dur`` lies before the app (Serve's proxy, the replica's queue and event loop) or on the
+    way back; a client on the same clock tells the two apart with ``received``."""
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -23,7 +24,7 @@ class ServerTiming:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        began = time.monotonic()
+        began, received = time.monotonic(), time.time()
         # A query's deadline counts from here (request.state.arrived), not from after authentication and
         # parsing, which take longest exactly when the replica is busiest. A new state dict per request:
         # the one in the scope may be shared.
@@ -33,7 +34,8 @@ class ServerTiming:
             if message["type"] == "http.response.start":
                 dur_ms = (time.monotonic() - began) * 1000
                 headers = list(message.get("headers", []))
-                headers.append((b"server-timing", f"app;dur={dur_ms:.1f}".encode()))
+                timing = f'app;dur={dur_ms:.1f}, received;desc="{received:.3f}"'
+                headers.append((b"server-timing", timing.encode()))
                 message = {**message, "headers": headers}
             await send(message)
 

@@ -141,7 +141,7 @@ async def _load(started: Any, base_url: str, headers: dict[str, str], body: dict
                 except httpx.HTTPError:
                     latency, status, query_id, server_s = time.monotonic() - t0, 0, None, None
                 results.append((latency, status, query_id, server_s, before_s))
-                await asyncio.sleep(retry_after)
+                await asyncio.sleep(max(0.0, min(retry_after, stop_at - time.monotonic())))
 
         started.set()
         await asyncio.gather(*(client() for _ in range(clients)))

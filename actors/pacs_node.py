@@ -175,7 +175,7 @@ class PacsNodeImpl:
                 name,
                 OutcomeStatus.TIMEOUT,
                 incomplete=True,
-                error="no final C-MOVE response before the deadline; C-CANCEL sent",
+                error=_unfinished(op, "C-MOVE"),
             )
         if op.aborted:
             return NodeOutcome(
@@ -277,7 +277,7 @@ class PacsNodeImpl:
                 name,
                 OutcomeStatus.TIMEOUT,
                 incomplete=True,
-                error="no final response before the deadline; C-CANCEL sent",
+                error=_unfinished(op, "C-FIND"),
             )
         if op.aborted:
             return NodeOutcome(
@@ -460,6 +460,16 @@ class PacsNodeImpl:
         stopper = asyncio.get_running_loop().create_task(_cancel_then_abort(op, task, grace))
         self._stopping.add(stopper)
         stopper.add_done_callback(self._stopping.discard)
+
+
+def _unfinished(op: FindOperation | MoveOperation, command: str) -> str:
+    """What a deadline interrupted: the association (nothing to cancel) or the command (C-CANCEL now,
+    abort after the grace period if the node ignores it)."""
+    if not op.associated:
+        return ("no association before the deadline: the node sent no A-ASSOCIATE-AC in time "
+                "(or did not accept the connection); nothing to cancel")
+    return (f"no final {command} response before the deadline; C-CANCEL sent "
+            "(the association is aborted if the node ignores it)")
 
 
 class _Throttled(Exception):

@@ -124,13 +124,14 @@ class Answer:
 
 async def run_query(
     s: Services, body: QueryIn, audit: Audit, requester: str, *, read_cache: bool = True, store: bool = True,
-    hops: tuple[str, ...] = (),
+    hops: tuple[str, ...] = (), arrived: float | None = None,
 ) -> Answer:
     """Spanner errors (unknown span, bad value) propagate for the caller's door to translate. ``audit``
     says who asked; the PatientID asked about is added here, once the filters are normalised. ``hops``:
     the dicom-spanner deployments the query already passed (loop protection, spanner.hops); an answer
-    to such a query is not stored in the cache, since whether a node is a loop depends on the chain."""
-    started = time.monotonic()
+    to such a query is not stored in the cache, since whether a node is a loop depends on the chain. The
+    deadline counts from ``arrived`` (monotonic clock: when the door received the request), else from now."""
+    started = time.monotonic() if arrived is None else arrived
     s.admission.precheck(body.span, body.timeout_s)  # or Overloaded (503) before any database work
     prepared = await asyncio.to_thread(prepare_query, s, body, read_cache=read_cache)
     plan = dataclasses.replace(prepared.plan, query=dataclasses.replace(prepared.plan.query, hops=hops))

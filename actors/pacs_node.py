@@ -75,12 +75,13 @@ class PacsNodeImpl:
         self.outcomes[outcome.status.value] += 1
         self.metrics.query_finished(outcome.status.value, outcome.elapsed_ms)
         self._publish()
-        LOG.debug(
-            "C-FIND finished: %s, %d matches",
-            outcome.status.value,
-            outcome.matches,
-            extra={"event": "node.find", "node": self.spec.name, "elapsed_ms": outcome.elapsed_ms},
-        )
+        if LOG.isEnabledFor(logging.DEBUG):  # the extra dict is built only when the line is written
+            LOG.debug(
+                "C-FIND finished: %s, %d matches",
+                outcome.status.value,
+                outcome.matches,
+                extra={"event": "node.find", "node": self.spec.name, "elapsed_ms": outcome.elapsed_ms},
+            )
         return outcome, matches
 
     async def echo(self, timeout_s: float) -> NodeOutcome:

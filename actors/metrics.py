@@ -66,11 +66,17 @@ def _metric_set() -> _NodeMetricSet:
 
 
 class NodeMetrics:
-    """The metrics of one node, bound to its name; created by the actor, cheap to call."""
+    """The metrics of one node, bound to its name; created by the actor, cheap to call.
+
+    A Ray metric call costs tens of microseconds (tag validation, then the core worker), so a gauge is
+    set only when its value changes and each status's tags are built once.
+    """
 
     def __init__(self, node: str) -> None:
         self.node = node
         self._tags = {"node": node}
+        self._status_tags: dict[str, dict[str, str]] = {}
+        self._gauges: tuple[int, int, int] | None = None  # pool_open, in_flight, circuit_open as last set
         self._m: _NodeMetricSet | None = None
 
     @property
@@ -85,7 +91,10 @@ class NodeMetrics:
         self.outcome(status)
 
     def outcome(self, status: str) -> None:
-        self._metrics.outcomes.inc(1, {"node": self.node, "status": status})
+        tags = self._status_tags.get(status)
+        if tags is None:
+            tags = self._status_tags[status] = {"node": self.node, "status": status}
+        self._metrics.outcomes.inc(1, tags)
         if status.removeprefix("move_") == "throttled":
             self.throttled()
 
@@ -93,8 +102,16 @@ class NodeMetrics:
         self._metrics.throttled.inc(1, self._tags)
 
     def state(self, *, pool_open: int, in_flight: int, circuit_open: bool) -> None:
-        """The gauges, set whenever the actor's state may have changed."""
+        """The gauges, given whenever the actor's state may have changed; those that did are set."""
+        now = (pool_open, in_flight, 1 if circuit_open else 0)
+        last = self._gauges
+        if now == last:
+            return
         m = self._metrics
-        m.pool_open.set(pool_open, self._tags)
-        m.in_flight.set(in_flight, self._tags)
-        m.circuit_open.set(1 if circuit_open else 0, self._tags)
+        if last is None or now[0] != last[0]:
+            m.pool_open.set(now[0], self._tags)
+        if last is None or now[1] != last[1]:
+            m.in_flight.set(now[1], self._tags)
+        if last is None or now[2] != last[2]:
+            m.circuit_open.set(now[2], self._tags)
+        self._gauges = now

@@ -46,6 +46,11 @@ class _Cancellable:
         self.cancel_sent = False
         self.finished = asyncio.Event()
 
+    @property
+    def associated(self) -> bool:
+        """An association was established for this operation: there is one to send C-CANCEL on."""
+        return self._assoc is not None
+
     def _use(self, assoc: Association) -> None:
         self._assoc = assoc
         assoc.dimse_timeout_s = self._dimse_timeout_s

@@ -5,13 +5,16 @@ records and events lost (goal 0), and resident memory of the ingress and node ac
 The fleet: three lean simulated PACS in helper processes (benchmarks.simhost) and one pynetdicom
 simulator that accepts associations and never answers a C-FIND (fault ``hang``). Events go to a
 topic exchange of this run's own on the machine's RabbitMQ, where a queue of this run counts them.
-Every client sends its next query (Cache-Control: no-cache) as soon as the last is answered.
+Every client sends its next query (Cache-Control: no-cache) as soon as the last is answered; the clients
+are coroutines on one event loop in a process of their own (``_Load``), so what they measure, from send
+to answer, is the spanner's time and not their own contention for this process's interpreter lock.
 """
 
 from __future__ import annotations
 
 import argparse
-import threading
+import asyncio
+import multiprocessing
 import time
 import uuid
 from typing import Any
@@ -63,8 +66,89 @@ def _count_events(channel: Any, queue: str, expected: int, wait_s: float) -> int
     return counted
 
 
-def run(clients: int, seconds: float, deadline_s: float, kill_at_s: float) -> dict[str, Any]:
+Result = tuple[float, int, "str | None", "float | None", "float | None"]
+"""One answer: seconds from send to answer, HTTP status (0: transport error), query_id, the seconds the
+replica's app took (``Server-Timing: app;dur=``), and the seconds from send to the app's receipt (its
+``received`` wall clock; same machine): the rest lies on the way back."""
+
+
+class _Load:
+    """The clients, in a process of their own started with ``spawn`` (this one runs Ray's driver)."""
+
+    def __init__(self, base_url: str, headers: dict[str, str], body: dict[str, Any], clients: int,
+                 seconds: float, deadline_s: float) -> None:
+        context = multiprocessing.get_context("spawn")
+        self._started = context.Event()
+        self._receive, send = context.Pipe(duplex=False)
+        args = (send, self._started, base_url, headers, body, clients, seconds, deadline_s)
+        self._process = context.Process(target=_load_main, args=args, daemon=True)
+
+    def start(self) -> float:
+        """Start the clients; returns (monotonic) when they began sending."""
+        self._process.start()
+        if not self._started.wait(120.0):
+            raise RuntimeError("the soak's client process did not start within 120 s")
+        return time.monotonic()
+
+    def results(self) -> list[Result]:
+        results: list[Result] = self._receive.recv()
+        self._process.join(10.0)
+        return results
+
+
+def _load_main(send: Any, started: Any, base_url: str, headers: dict[str, str], body: dict[str, Any],
+               clients: int, seconds: float, deadline_s: float) -> None:
+    send.send(asyncio.run(_load(started, base_url, headers, body, clients, seconds, deadline_s)))
+    send.close()
+
+
+def _server_timing(header: str) -> tuple[float | None, float | None]:
+    """``app`` duration (s) and ``received`` wall clock (epoch s) of a Server-Timing header."""
+    app_s = received = None
+    for metric in header.split(","):
+        name, _, params = metric.strip().partition(";")
+        if name == "app" and params.startswith("dur="):
+            app_s = float(params[4:]) / 1000
+        elif name == "received" and params.startswith("desc="):
+            received = float(params[5:].strip('"'))
+    return app_s, received
+
+
+async def _load(started: Any, base_url: str, headers: dict[str, str], body: dict[str, Any], clients: int,
+                seconds: float, deadline_s: float) -> list[Result]:
     import httpx
+
+    results: list[Result] = []
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(base_url=base_url, timeout=deadline_s + 60, trust_env=False, headers=headers,
+                                 limits=limits) as http:
+        stop_at = time.monotonic() + seconds
+
+        async def client() -> None:
+            while time.monotonic() < stop_at:
+                t0, sent = time.monotonic(), time.time()
+                retry_after, before_s = 0.0, None
+                try:
+                    response = await http.post("/api/v1/queries", json=body)
+                    latency = time.monotonic() - t0
+                    status, query_id = response.status_code, None
+                    server_s, received = _server_timing(response.headers.get("server-timing", ""))
+                    before_s = None if received is None else received - sent
+                    if status in (200, 502):
+                        query_id = response.json().get("query_id")
+                    elif status == 503:
+                        retry_after = float(response.headers.get("retry-after", "1"))
+                except httpx.HTTPError:
+                    latency, status, query_id, server_s = time.monotonic() - t0, 0, None, None
+                results.append((latency, status, query_id, server_s, before_s))
+                await asyncio.sleep(max(0.0, min(retry_after, stop_at - time.monotonic())))
+
+        started.set()
+        await asyncio.gather(*(client() for _ in range(clients)))
+    return results
+
+
+def run(clients: int, seconds: float, deadline_s: float, kill_at_s: float) -> dict[str, Any]:
     import ray
 
     from actors import registry
@@ -86,42 +170,15 @@ def run(clients: int, seconds: float, deadline_s: float, kill_at_s: float) -> di
             app.add_span(SPAN, names, timeout_s=deadline_s)
             body = {"level": "PATIENT", "span": SPAN, "filters": {"PatientID": "*"}, "limit": 10}
             rss_start = _rss(app)
-            results: list[tuple[float, int, str | None]] = []  # latency s, status, query_id
-            lock = threading.Lock()
-            start = threading.Barrier(clients + 1)
-            stop_at = [0.0]
-
-            def client() -> None:
-                with httpx.Client(base_url=app.base_url, timeout=deadline_s + 60, trust_env=False,
-                                  headers=app.headers) as http:
-                    start.wait()
-                    while time.monotonic() < stop_at[0]:
-                        t0 = time.monotonic()
-                        try:
-                            response = http.post("/api/v1/queries", json=body)
-                            status = response.status_code
-                            query_id = response.json().get("query_id") if status in (200, 502) else None
-                        except httpx.HTTPError:
-                            status, query_id = 0, None
-                        with lock:
-                            results.append((time.monotonic() - t0, status, query_id))
-                        if status == 503:
-                            time.sleep(float(response.headers.get("retry-after", "1")))
-
-            threads = [threading.Thread(target=client, daemon=True) for _ in range(clients)]
-            for thread in threads:
-                thread.start()
-            began = time.monotonic()
-            stop_at[0] = began + seconds
-            start.wait()
+            load = _Load(app.base_url, app.headers, body, clients, seconds, deadline_s)
+            began = load.start()
             time.sleep(kill_at_s)
             victim = fleet.nodes[0].name
             handle = registry.lookup(victim, app.namespace)
             killed = handle is not None
             if handle is not None:
                 ray.kill(handle)  # not restarted: the coordinator finds it gone and creates it anew
-            for thread in threads:
-                thread.join()
+            results = load.results()
             wall_s = time.monotonic() - began
             rss_end = _rss(app)
             answered = [r for r in results if r[2] is not None]
@@ -136,15 +193,25 @@ def run(clients: int, seconds: float, deadline_s: float, kill_at_s: float) -> di
             connection.close()
     latencies = sorted(r[0] for r in results)
     statuses: dict[str, int] = {}
-    for _, status, _ in results:
+    for _, status, _, _, _ in results:
         statuses[str(status)] = statuses.get(str(status), 0) + 1
     late = sum(1 for r in results if r[0] > deadline_s + 1.0)
     late_by_status: dict[str, int] = {}
-    for latency, status, _ in results:
+    for latency, status, _, _, _ in results:
         if latency > deadline_s + 1.0:
             late_by_status[str(status)] = late_by_status.get(str(status), 0) + 1
     refused = sorted(r[0] for r in results if r[1] == 503)
     answered_s = sorted(r[0] for r in results if r[1] in (200, 502))
+    # Latency outside the replica's app (Serve's proxy, the replica's queue and loop before the app, sending).
+    app_s = sorted(r[3] for r in results if r[3] is not None)
+    outside_s = sorted(r[0] - r[3] for r in results if r[3] is not None)
+    refused_app_s = sorted(r[3] for r in results if r[3] is not None and r[1] == 503)
+    late_timed = [r for r in results if r[0] > deadline_s + 1.0 and r[3] is not None]
+    late_in_app_s = sorted(r[3] for r in late_timed)
+    late_outside_s = sorted(r[0] - r[3] for r in late_timed)
+    late_before_s = sorted(r[4] for r in late_timed if r[4] is not None)
+    late_after_s = sorted(r[0] - r[3] - r[4] for r in late_timed if r[4] is not None)
+    before_app_s = sorted(r[4] for r in results if r[4] is not None)
     return {
         "clients": clients, "seconds": round(wall_s, 1), "deadline_s": deadline_s, "requests": len(results),
         "statuses": statuses, "p50_s": round(percentile(latencies, 50), 3),
@@ -152,6 +219,16 @@ def run(clients: int, seconds: float, deadline_s: float, kill_at_s: float) -> di
         "later_than_deadline_plus_1s": late, "late_by_status": late_by_status,
         "answered_p50_s": round(percentile(answered_s, 50), 3),
         "answered_p99_s": round(percentile(answered_s, 99), 3),
+        "in_app_p50_s": round(percentile(app_s, 50), 3), "in_app_p99_s": round(percentile(app_s, 99), 3),
+        "outside_app_p50_s": round(percentile(outside_s, 50), 3),
+        "outside_app_p99_s": round(percentile(outside_s, 99), 3),
+        "refused_in_app_p99_s": round(percentile(refused_app_s, 99), 3),
+        "late_in_app_p50_s": round(percentile(late_in_app_s, 50), 3),
+        "late_outside_app_p50_s": round(percentile(late_outside_s, 50), 3),
+        "late_before_app_p50_s": round(percentile(late_before_s, 50), 3),
+        "late_after_app_p50_s": round(percentile(late_after_s, 50), 3),
+        "before_app_p50_s": round(percentile(before_app_s, 50), 3),
+        "before_app_p99_s": round(percentile(before_app_s, 99), 3),
         "refused_p50_s": round(percentile(refused, 50), 3),
         "refused_p99_s": round(percentile(refused, 99), 3),
         "http_5xx": sum(n for s, n in statuses.items() if s.startswith("5")),

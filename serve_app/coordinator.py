@@ -23,6 +23,9 @@ from spanner.nodespec import ActorTuning, NodeSpec
 from spanner.outcome import NodeOutcome, OutcomeStatus
 from spanner.schemas import FailureStrategy
 
+# The answers are ready when they are fetched; the bound only keeps a lost object from holding a thread.
+FETCH_TIMEOUT_S = 60.0
+
 
 @dataclass(slots=True)
 class SpanResult:
@@ -187,7 +190,9 @@ class Coordinator:
         refs = [ref for _, _, ref in holders]
         spec = MergeSpec(plan.query.level, plan.dedup, plan.offset, plan.limit)
         if sum(outcome.matches for _, outcome, _ in holders) <= self._inline_max:
-            lists = list(await asyncio.gather(*refs)) if refs else []
+            # Each answer's task has finished (its outcome came): one ray.get in a thread collects
+            # them all, where sixteen awaits would wake this event loop sixteen times from Ray's thread.
+            lists: list[Any] = await asyncio.to_thread(ray.get, refs, timeout=FETCH_TIMEOUT_S) if refs else []
             if len(lists) <= 1 or sum(map(len, lists)) < 500:
                 return merge_inline(spec, meta, lists)
             # Off the event loop: the replica keeps serving other requests while it merges.

@@ -17,6 +17,7 @@ from serve_app import amqp_requests, errors
 from serve_app.amqp_requests import AmqpRequest, RequestConsumer
 from serve_app.routes import audit, health, nodes, queries, retrievals, spans
 from serve_app.services import Services
+from serve_app.timing import ServerTiming
 from spanner.logs import configure_logging
 from spanner.settings import Settings
 
@@ -34,6 +35,7 @@ def create_app(services: Services) -> FastAPI:
     errors.install(app)
     for module in (queries, retrievals, nodes, spans, audit, health):
         app.include_router(module.router)
+    app.add_middleware(ServerTiming)
     return app
 
 

@@ -10,8 +10,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
+from fastapi import Depends, FastAPI, Request
 
 from serve_app.admission import MIN_RUN_S, Admission, Overloaded
+from serve_app.timing import ServerTiming, arrived
 from simulator.dataset import generate_fleet
 from simulator.scp import SimulatedPacs, SimulatorConfig
 from tests.conftest import Api, migrate
@@ -151,3 +153,36 @@ def test_late_queries_shrink_the_number_of_slots() -> None:
         return admission.capacity
 
     assert asyncio.run(scenario()) < 4
+
+
+def test_the_deadline_counts_from_when_the_request_reached_the_app_and_server_timing_says_how_long() -> None:
+    shared_state: dict[str, object] = {}  # a server may hand every request the same state dict
+
+    async def slow_dependency() -> None:
+        await asyncio.sleep(0.2)  # authentication under load: before the handler, inside the deadline
+
+    app = FastAPI()
+    app.add_middleware(ServerTiming)
+
+    @app.get("/t", dependencies=[Depends(slow_dependency)])
+    async def handler(request: Request) -> dict[str, float | None]:
+        return {"arrived": arrived(request), "now": time.monotonic()}
+
+    async def shared_scope_app(scope: dict[str, object], receive: object, send: object) -> None:
+        if scope["type"] == "http":
+            scope["state"] = shared_state
+        await app(scope, receive, send)  # type: ignore[arg-type]
+
+    async def go() -> list[httpx.Response]:
+        transport = httpx.ASGITransport(app=shared_scope_app)  # type: ignore[arg-type]
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as client:
+            return list(await asyncio.gather(client.get("/t"), client.get("/t")))
+
+    responses = asyncio.run(go())
+    for response in responses:
+        body = response.json()
+        assert body["now"] - body["arrived"] >= 0.2  # counted from before the dependency ran
+        app_metric, received_metric = (m.strip() for m in response.headers["server-timing"].split(","))
+        assert app_metric.startswith("app;dur=") and float(app_metric.removeprefix("app;dur=")) >= 200
+        assert abs(float(received_metric.removeprefix("received;desc=").strip('"')) - time.time()) < 5
+    assert shared_state == {}  # each request's arrival is its own, the shared dict untouched

@@ -11,7 +11,7 @@ import pytest
 from simulator.dataset import generate_fleet
 from simulator.scp import SimulatedPacs, SimulatorConfig
 from tests.conftest import Api
-from tests.peers.ports import ClosedPort
+from tests.peers.ports import ClosedPort, SilentPort
 
 MARGIN_S = 1.0  # deadline plus this: the brief's "small margin" on a 2-core machine under test load
 
@@ -101,6 +101,25 @@ def test_timeout_sends_c_cancel_to_the_archive(api: Api, sims: dict[str, Simulat
     while slow.counters.cancels == before and time.monotonic() < deadline:
         time.sleep(0.05)
     assert slow.counters.cancels > before
+
+
+def test_a_node_that_accepts_tcp_and_never_answers_says_no_association(
+    api: Api, sims: dict[str, SimulatedPacs]
+) -> None:
+    silent = SilentPort()
+    api.add_node("silent", silent.port, ae_title="SILENT")
+    try:
+        _, answer, took = timed_query(api, nodes=["silent", "hang"], timeout_s=1)
+    finally:
+        api.http.delete("/api/v1/nodes/silent")
+        silent.release()
+    by_node = {o["node"]: o for o in answer["nodes"]}  # type: ignore[union-attr,index]
+    assert took < 1 + MARGIN_S
+    assert by_node["silent"]["status"] == "timeout"
+    assert "no A-ASSOCIATE-AC" in by_node["silent"]["error"]
+    assert "C-CANCEL" not in by_node["silent"]["error"]
+    assert by_node["hang"]["status"] == "timeout"  # associated, then silent: there was a C-FIND to cancel
+    assert "C-FIND" in by_node["hang"]["error"] and "C-CANCEL sent" in by_node["hang"]["error"]
 
 
 def test_hang_is_aborted_so_the_association_does_not_linger(api: Api, sims: dict[str, SimulatedPacs]) -> None:

@@ -294,6 +294,17 @@ def test_span_nodes_are_enabled_members_by_priority(fleet: Repository) -> None:
         fleet.span_nodes("ghost")
 
 
+def test_span_for_query_reads_what_get_span_and_span_nodes_read(fleet: Repository) -> None:
+    fleet.create_span(span("rad", ["east", "north", "west"]))
+    for name in ("rad", "all"):
+        got, enabled = fleet.span_for_query(name)
+        assert got == fleet.get_span(name)
+        assert enabled == fleet.span_nodes(name)
+    assert [n.name for n in fleet.span_for_query("rad")[1]] == ["west", "east"]  # north disabled
+    with pytest.raises(NotFound, match="ghost"):
+        fleet.span_for_query("ghost")
+
+
 def test_all_span(fleet: Repository) -> None:
     repo = fleet
     everything = repo.get_span("all")

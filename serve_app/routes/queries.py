@@ -19,6 +19,7 @@ from starlette.types import Receive, Scope, Send
 from serve_app.api_models import QueryIn, QueryOut
 from serve_app.auth import Principal, audit_of, hops_of, require_query
 from serve_app.deps import ServicesDep
+from serve_app.timing import arrived
 from serve_app.usecases import query
 from spanner.schemas import QueryRecordOut
 
@@ -43,7 +44,7 @@ async def run_query(
     answer = await query.run_query(
         s, body, audit_of(request, principal, None), requester,
         read_cache="no-cache" not in directives, store="no-store" not in directives,
-        hops=hops_of(request, principal),
+        hops=hops_of(request, principal), arrived=arrived(request),
     )
     s.records.reserve()
     return RecordedResponse(answer.body, answer.status, functools.partial(s.records.hand_over, answer.record))

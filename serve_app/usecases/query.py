@@ -24,7 +24,7 @@ from spanner.errors import InvalidQuery
 from spanner.logs import query_log_fields
 from spanner.nodespec import NodeSpec
 from spanner.query import NodeQuery, normalise_filters, normalise_return_keys
-from spanner.schemas import ALL_SPAN, FailureStrategy, SpanOut
+from spanner.schemas import ALL_SPAN, FailureStrategy, NodeOut, SpanOut
 from spanner.storage import Audit
 
 LOG = logging.getLogger(__name__)
@@ -55,7 +55,10 @@ def cache_identity(plan: QueryPlan) -> QueryIdentity:
 
 def span_specs(s: Services, span: str, only: list[str] | None) -> list[NodeSpec]:
     """The enabled nodes of ``span`` (narrowed to ``only``), best priority first; 404/422 otherwise."""
-    members = s.repo.span_nodes(span)  # NotFound for an unknown span
+    return _specs(s, span, s.repo.span_nodes(span), only)  # NotFound for an unknown span
+
+
+def _specs(s: Services, span: str, members: list[NodeOut], only: list[str] | None) -> list[NodeSpec]:
     if only is not None:
         names = {n.name for n in members}
         unknown = sorted(set(only) - names)
@@ -73,8 +76,8 @@ def span_specs(s: Services, span: str, only: list[str] | None) -> list[NodeSpec]
 
 def plan_query(s: Services, q: QueryIn) -> tuple[QueryPlan, SpanOut]:
     """The query resolved against its span's policies and limits (call in a thread: it reads the DB)."""
-    span = s.repo.get_span(q.span)
-    members = span_specs(s, q.span, q.nodes)
+    span, enabled = s.repo.span_for_query(q.span)  # NotFound for an unknown span
+    members = _specs(s, q.span, enabled, q.nodes)
     timeout = q.timeout_s if q.timeout_s is not None else span.timeout_s
     if timeout > s.settings.max_timeout_s:
         raise InvalidQuery(f"timeout_s {timeout:g} is above the limit of {s.settings.max_timeout_s:g} s")
@@ -124,13 +127,14 @@ class Answer:
 
 async def run_query(
     s: Services, body: QueryIn, audit: Audit, requester: str, *, read_cache: bool = True, store: bool = True,
-    hops: tuple[str, ...] = (),
+    hops: tuple[str, ...] = (), arrived: float | None = None,
 ) -> Answer:
     """Spanner errors (unknown span, bad value) propagate for the caller's door to translate. ``audit``
     says who asked; the PatientID asked about is added here, once the filters are normalised. ``hops``:
     the dicom-spanner deployments the query already passed (loop protection, spanner.hops); an answer
-    to such a query is not stored in the cache, since whether a node is a loop depends on the chain."""
-    started = time.monotonic()
+    to such a query is not stored in the cache, since whether a node is a loop depends on the chain. The
+    deadline counts from ``arrived`` (monotonic clock: when the door received the request), else from now."""
+    started = time.monotonic() if arrived is None else arrived
     s.admission.precheck(body.span, body.timeout_s)  # or Overloaded (503) before any database work
     prepared = await asyncio.to_thread(prepare_query, s, body, read_cache=read_cache)
     plan = dataclasses.replace(prepared.plan, query=dataclasses.replace(prepared.plan.query, hops=hops))

@@ -244,11 +244,13 @@ class Repository:
         """The enabled nodes a query on this span goes to, by priority (lower first), then name."""
         with self._session() as session:
             _span_row(session, span_name)
-            query = select(NodeRow).where(NodeRow.enabled.is_(True)).order_by(NodeRow.priority, NodeRow.name)
-            if span_name != ALL_SPAN:
-                query = query.join(SpanNodeRow, SpanNodeRow.node_name == NodeRow.name) \
-                    .where(SpanNodeRow.span_name == span_name)
-            return [_node_out(row) for row in session.scalars(query).all()]
+            return _enabled_members(session, span_name)
+
+    def span_for_query(self, span_name: str) -> tuple[SpanOut, list[NodeOut]]:
+        """``get_span`` and ``span_nodes`` in one session: what planning a query reads."""
+        with self._session() as session:
+            row = _span_row(session, span_name)
+            return _span_out(row, _members(session, span_name)), _enabled_members(session, span_name)
 
     # --- query records -------------------------------------------------------------------------------
 
@@ -659,6 +661,14 @@ def _members(session: Session, span_name: str) -> list[str]:
         return _enabled_names(session)
     return list(session.scalars(select(SpanNodeRow.node_name).where(SpanNodeRow.span_name == span_name)
                                 .order_by(SpanNodeRow.position)))
+
+
+def _enabled_members(session: Session, span_name: str) -> list[NodeOut]:
+    query = select(NodeRow).where(NodeRow.enabled.is_(True)).order_by(NodeRow.priority, NodeRow.name)
+    if span_name != ALL_SPAN:
+        query = query.join(SpanNodeRow, SpanNodeRow.node_name == NodeRow.name) \
+            .where(SpanNodeRow.span_name == span_name)
+    return [_node_out(row) for row in session.scalars(query).all()]
 
 
 def _set_members(session: Session, span_name: str, nodes: Sequence[str]) -> None:

@@ -67,6 +67,22 @@ class ClosedPort:
         self._sock.close()
 
 
+class SilentPort:
+    """A loopback port whose kernel completes the TCP handshake (it listens) but that never reads or
+    answers: a node that accepts the connection and never sends an A-ASSOCIATE-AC."""
+
+    def __init__(self) -> None:
+        import socket
+
+        self._sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._sock.bind((LOOPBACK, 0))
+        self._sock.listen(16)
+        self.port: int = int(self._sock.getsockname()[1])
+
+    def release(self) -> None:
+        self._sock.close()
+
+
 _LOOPBACK = re.compile(r"^(127\.\d+\.\d+\.\d+|\[::1\]|\[::ffff:127\.\d+\.\d+\.\d+\]):\d+$")
 
 

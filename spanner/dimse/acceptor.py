@@ -35,12 +35,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Container, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple, cast
 
 from spanner.dicom_constants import (
     AFFECTED_SOP_CLASS_UID,
+    AFFECTED_SOP_INSTANCE_UID,
     APPLICATION_CONTEXT,
     COMMAND_FIELD,
     COMPLETED_SUBOPERATIONS,
@@ -59,7 +60,7 @@ from spanner.dicom_constants import (
 )
 from spanner.dimse.association import Association, set_nodelay
 from spanner.dimse.errors import ProtocolError
-from spanner.dimse.messages import Assembler, Message
+from spanner.dimse.messages import Assembler, Command, Message
 from spanner.dimse.pdu import (
     DEFAULT_MAX_PDU,
     RELEASE_RP,
@@ -76,6 +77,7 @@ from spanner.dimse.pdu import (
     abort,
     read_pdu,
 )
+from spanner.dimse.store import SpoolFile, StoreRequest, part10_header
 
 LOG = logging.getLogger(__name__)
 LOCAL_LIMIT_EXCEEDED = 2  # reason of source 3, service provider (presentation), PS3.8 9.3.4
@@ -85,8 +87,11 @@ DRAIN_EVERY = 16  # pending responses between waits for the socket (backpressure
 @dataclass(frozen=True, slots=True)
 class AcceptorConfig:
     ae_title: str
-    abstract_syntaxes: Sequence[str]
+    abstract_syntaxes: Container[str]  # e.g. store.STORAGE_CLASSES for a storage SCP
     transfer_syntaxes: Sequence[str] = (IMPLICIT_VR_LE, EXPLICIT_VR_LE)  # preference order
+    prefer_proposed_order: bool = False  # True: the requestor's order wins (a storage SCP keeps its syntax)
+    store_dir: str = ""  # where incoming C-STORE data sets are written (needed with Handlers.store)
+    store_max_bytes: int = 0  # a larger C-STORE data set is refused with 0xA700; 0: no limit
     max_pdu: int = DEFAULT_MAX_PDU
     artim_s: float = 30.0
     require_called_ae: bool = False
@@ -143,6 +148,7 @@ class Request:
 
 FindHandler = Callable[[Request], AsyncIterator[FindResult]]
 MoveHandler = Callable[[Request], AsyncIterator[MoveResult]]
+StoreHandler = Callable[[StoreRequest], Awaitable[int]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,6 +156,7 @@ class Handlers:
     echo: Callable[[Request], Awaitable[int]] | None = None  # None: answer success
     find: FindHandler | None = None
     move: MoveHandler | None = None
+    store: StoreHandler | None = None  # with AcceptorConfig.store_dir; see spanner.dimse.store
     associate: Callable[[AssociateRequest], AssociateReject | None] | None = None
     admit: Callable[[AssociateRequest, str], Awaitable[AssociateReject | object]] | None = None
     connected: Callable[[], None] | None = None  # a TCP connection came in (counters)
@@ -240,6 +247,7 @@ class _Session:
         self.state: object = None
         self.assoc: Association | None = None
         self.operations: dict[int, tuple[Request, asyncio.Task[None]]] = {}
+        self.assembler: Assembler | None = None
 
     def abort(self, source: int = 0) -> None:
         if self.assoc is not None:
@@ -252,6 +260,8 @@ class _Session:
     def stop_operations(self) -> None:
         for _, task in self.operations.values():
             task.cancel()
+        if self.assembler is not None:
+            self.assembler.abandon()  # a C-STORE cut off mid data set leaves no file behind
 
     async def run(self) -> None:
         config = self.acceptor.config
@@ -285,7 +295,7 @@ class _Session:
                                  max_pdu=config.max_pdu, acse_timeout_s=config.artim_s)
         if self.acceptor.handlers.established is not None:
             self.acceptor.handlers.established(self.assoc)
-        assembler = Assembler()
+        assembler = self.assembler = Assembler(self._store_sink if self.acceptor.handlers.store else None)
         while True:
             kind, body = await self._next_pdu()
             if kind == PduType.P_DATA_TF:
@@ -355,14 +365,23 @@ class _Session:
         if abstract not in config.abstract_syntaxes:
             return AcceptedContext(context_id, ContextResult.ABSTRACT_SYNTAX_NOT_SUPPORTED,
                                    transfers[0] if transfers else IMPLICIT_VR_LE, abstract)
-        for ts in config.transfer_syntaxes:
-            if ts in transfers:
-                return AcceptedContext(context_id, ContextResult.ACCEPTANCE, ts, abstract)
+        ordered = ([ts for ts in transfers if ts in config.transfer_syntaxes] if config.prefer_proposed_order
+                   else [ts for ts in config.transfer_syntaxes if ts in transfers])
+        if ordered:
+            return AcceptedContext(context_id, ContextResult.ACCEPTANCE, ordered[0], abstract)
         return AcceptedContext(context_id, ContextResult.TRANSFER_SYNTAXES_NOT_SUPPORTED,
                                transfers[0] if transfers else IMPLICIT_VR_LE, abstract)
 
     # -- DIMSE ----------------------------------------------------------------------------------------
     def _dispatch(self, message: Message) -> None:
+        try:
+            self._dispatch_message(message)
+        except BaseException:
+            if message.sink is not None:  # a refused C-STORE (e.g. message ID in use) leaves no file
+                message.sink.discard()
+            raise
+
+    def _dispatch_message(self, message: Message) -> None:
         assert self.assoc is not None
         command = message.command
         field_ = command.field
@@ -388,9 +407,14 @@ class _Session:
             body = self._stream(request, CommandField.C_FIND_RSP, handlers.find(request))
         elif field_ == CommandField.C_MOVE_RQ and handlers.move is not None:
             body = self._stream(request, CommandField.C_MOVE_RSP, handlers.move(request))
+        elif field_ == CommandField.C_STORE_RQ and isinstance(message.sink, SpoolFile):
+            body = self._store(request, message.command, message.sink)
         else:
             raise ProtocolError(f"DIMSE command 0x{field_:04X} is not supported here")
         task = asyncio.get_running_loop().create_task(body)
+        sink = message.sink
+        if sink is not None:  # also when the task is cancelled before it starts
+            task.add_done_callback(lambda _: sink.discard())
         self.operations[msg_id] = (request, task)
         task.add_done_callback(lambda _: self.operations.pop(msg_id, None))
 
@@ -406,6 +430,36 @@ class _Session:
         if counts:
             command.update(counts)
         self.assoc.send(request.context.context_id, command, identifier)
+
+    def _store_sink(self, context_id: int, command: Command) -> SpoolFile | None:
+        assert self.assoc is not None
+        context = self.assoc.contexts.get(context_id)
+        if command.field != CommandField.C_STORE_RQ or context is None or not context.accepted:
+            return None
+        config = self.acceptor.config
+        header = part10_header(command.text(AFFECTED_SOP_CLASS_UID) or context.abstract_syntax,
+                               command.text(AFFECTED_SOP_INSTANCE_UID), context.transfer_syntax)
+        return SpoolFile(config.store_dir, header, config.store_max_bytes)
+
+    async def _store(self, request: Request, command: Command, sink: SpoolFile) -> None:
+        assert self.assoc is not None and self.acceptor.handlers.store is not None
+        stored = StoreRequest.of(self.assoc, request.context, command, sink, self.peer, self.state)
+        comment: str | None = sink.refused
+        try:
+            if sink.refused is not None:
+                status = int(Status.OUT_OF_RESOURCES)
+            else:
+                status = await self.acceptor.handlers.store(stored)
+        except Exception as exc:
+            LOG.warning("C-STORE handler failed for %s: %s", stored.sop_instance_uid, exc)
+            status, comment = int(Status.UNABLE_TO_PROCESS), f"{type(exc).__name__}: {exc}"[:64]
+        sink.discard()  # what the handler did not move away
+        self.assoc.send(request.context.context_id, {
+            AFFECTED_SOP_CLASS_UID: stored.sop_class_uid, AFFECTED_SOP_INSTANCE_UID: stored.sop_instance_uid,
+            COMMAND_FIELD: CommandField.C_STORE_RSP, MESSAGE_ID_BEING_RESPONDED_TO: request.message_id,
+            STATUS: status, **({ERROR_COMMENT: comment} if comment and status != Status.SUCCESS else {}),
+        })
+        await self.assoc.drain()
 
     async def _echo(self, request: Request) -> None:
         echo = self.acceptor.handlers.echo

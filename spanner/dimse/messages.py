@@ -7,7 +7,9 @@ P-DATA-TF PDUs no longer than the peer's maximum PDU length. ``Assembler`` joins
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from spanner.dicom_constants import (
     AFFECTED_SOP_CLASS_UID,
@@ -120,20 +122,47 @@ def fragment(context_id: int, payload: bytes, is_command: bool, max_pdu: int) ->
     return bytes(out)
 
 
+class DatasetSink(Protocol):
+    """Takes a data set's fragments as they arrive instead of the assembler joining them in memory."""
+
+    def write(self, fragment: bytes) -> None: ...
+
+    def close(self) -> None: ...
+
+    def discard(self) -> None: ...
+
+
+SinkFactory = Callable[[int, Command], DatasetSink | None]
+"""Called when a command announcing a data set is complete: a sink for that data set, or None to join it."""
+
+
 @dataclass(slots=True)
 class Message:
     context_id: int
     command: Command
     dataset: bytes | None
+    sink: DatasetSink | None = None  # where the data set went instead of ``dataset``, if a sink took it
 
 
 class Assembler:
-    """Joins PDV fragments of P-DATA-TF PDUs into messages (a command, then its data set if any)."""
+    """Joins PDV fragments of P-DATA-TF PDUs into messages (a command, then its data set if any).
 
-    def __init__(self) -> None:
+    With a ``sinks`` factory, a data set it gives a sink for streams there fragment by fragment (a large
+    C-STORE never sits whole in memory); the message then carries the closed sink and no ``dataset``.
+    """
+
+    def __init__(self, sinks: SinkFactory | None = None) -> None:
         self._command: list[bytes] = []
         self._data: list[bytes] = []
         self._waiting: tuple[int, Command] | None = None
+        self._sinks = sinks
+        self._sink: DatasetSink | None = None
+
+    def abandon(self) -> None:
+        """The association ended: a data set still streaming into a sink is discarded."""
+        if self._sink is not None:
+            self._sink.discard()
+            self._sink = None
 
     def feed(self, body: bytes) -> list[Message]:
         done: list[Message] = []
@@ -158,15 +187,24 @@ class Assembler:
                     self._command.clear()
                     if command.has_dataset:
                         self._waiting = (context_id, command)
+                        self._sink = self._sinks(context_id, command) if self._sinks is not None else None
                     else:
                         done.append(Message(context_id, command, None))
             else:
                 if self._waiting is None:
                     raise ProtocolError("a data set arrived without its command")
-                self._data.append(fragment_)
+                if self._sink is not None:
+                    self._sink.write(fragment_)
+                else:
+                    self._data.append(fragment_)
                 if control & 0x02:
                     ctx, command = self._waiting
                     self._waiting = None
+                    if self._sink is not None:
+                        sink, self._sink = self._sink, None
+                        sink.close()
+                        done.append(Message(ctx, command, None, sink))
+                        continue
                     dataset = b"".join(self._data)
                     self._data.clear()
                     done.append(Message(ctx, command, dataset))

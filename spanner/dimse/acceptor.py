@@ -474,6 +474,7 @@ class _Session:
                       results: AsyncIterator[FindResult] | AsyncIterator[MoveResult]) -> None:
         assert self.assoc is not None
         final: tuple[int, bytes | None, str | None, dict[int, int] | None] | None = None
+        sent = 0
         try:
             async for result in results:
                 if request.cancelled.is_set() and result.status in PENDING_STATUSES:

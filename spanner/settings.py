@@ -83,7 +83,8 @@ class Settings(BaseSettings):
     )
     store_port: int = Field(
         default=11115, ge=0, le=65535,
-        description="Proxy retrieval: port of the spanner's storage SCP (one process per deployment owns it)",
+        description="Proxy retrieval: port of the spanner's storage SCP, on SPANNER_SCP_HOST (one process "
+        "per deployment owns it)",
     )
     spool_dir: Path | None = Field(
         default=None, description="Proxy retrieval: directory of the instance spool (empty: VAR_DIR/spool)"

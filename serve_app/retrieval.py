@@ -322,7 +322,9 @@ class Retriever:
                 part.counts = {"remaining": 0, "completed": forwarded, "failed": len(failed) + archive_failed,
                                "warning": 0}
                 part.failed_uids = list(failed)
-                part.done = ok
+                # A part none of whose instances reached the destination is not done: its reason (the
+                # destination's refusal) then becomes the retrieval's error.
+                part.done = ok and (forwarded > 0 or not failed)
                 await report()
                 return
             part.counts = dict.fromkeys(part.counts, 0)  # the next holder starts the part afresh

@@ -2,7 +2,7 @@
 archives A and B (which know only the spanner's storage SCP) lands whole in dcmtk's storescp, a
 destination no archive knows; proxy to an AE the spanner does not know is a 422 naming it; direct mode
 to that storescp fails at the archives, which do not know it; a DICOM caller the destination does not
-allow is a 403."""
+allow is a 403; a destination that refuses the association fails every instance, with the reason."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from spanner.dimse.store import read_part10
 from tests.conftest import Api, require
 from tests.peers.instances import Storescp, write_instance
 from tests.peers.orthanc import OrthancPeer, orthanc_executable
+from tests.peers.ports import ClosedPort
 
 STUDY_UID = "1.2.826.0.1.3680043.8.498.7716.1"
 
@@ -76,6 +77,15 @@ def test_a_split_study_lands_whole_at_a_destination_no_archive_knows(api: Api, f
         direct_status, direct = retrieve(api, destination_ae="DEST", mode="direct")
         assert direct_status == 200 and direct[-1]["mode"] == "direct"
         assert direct[-1]["status"] == "failed" and direct[-1]["completed"] == 0, direct[-1]
+
+        closed = ClosedPort()
+        api.http.patch("/api/v1/destinations/proxy-dest", json={"port": closed.port})
+        _, nowhere = retrieve(api, destination_ae="DEST")
+        assert (nowhere[-1]["status"], nowhere[-1]["dimse_status"], nowhere[-1]["completed"]) \
+            == ("failed", 0xC000, 0), nowhere[-1]
+        assert nowhere[-1]["failed"] == 7 and set(nowhere[-1]["failed_sop_instance_uids"]) == every
+        assert "not taken by DEST" in nowhere[-1]["error"], nowhere[-1]
+        closed.release()
 
         api.http.patch("/api/v1/destinations/proxy-dest", json={"allowed_calling_aets": ["WARDWS"]})
         refused = api.http.post("/api/v1/retrievals", headers={CALLING_AE_HEADER: "OTHERWS"},

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from enum import StrEnum
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -92,6 +93,11 @@ class QueryOut(BaseModel):
     )
 
 
+class RetrievalMode(StrEnum):
+    PROXY = "proxy"  # the holders send to the spanner, which forwards to the destination
+    DIRECT = "direct"  # the holders send to the destination themselves
+
+
 class RetrievalIn(TextInput):
     """A retrieval: the archives holding the objects are found, and C-MOVE them to the destination."""
 
@@ -104,7 +110,13 @@ class RetrievalIn(TextInput):
     uids: dict[str, str | Annotated[list[str], Field(min_length=1, max_length=MAX_RETRIEVAL_UIDS)]] = Field(
         description="StudyInstanceUID (STUDY), SeriesInstanceUID (SERIES) or SOPInstanceUID (IMAGE), one "
                     "or a list; the parents' UIDs may be given to narrow the search")
-    destination_ae: AETitle = Field(description="Move destination: an AE title the holding archives know")
+    destination_ae: AETitle = Field(description="Move destination: the AE title of a destination "
+                                    "(/api/v1/destinations) or, in direct mode, one the holding archives "
+                                    "know")
+    mode: RetrievalMode | None = Field(
+        default=None, description="proxy: through the spanner, to a known destination; direct: the archives "
+        "send to destination_ae themselves; default proxy when destination_ae is a known destination, else "
+        "direct")
     span: str = Field(default="all", description="Span whose nodes are searched for holders")
     timeout_s: Timeout | None = Field(default=None, description="Deadline of the whole retrieval, the "
                                       "look-ups of the holders included (default retrieve_timeout_s)")

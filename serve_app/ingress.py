@@ -15,7 +15,7 @@ from ray import serve
 
 from serve_app import amqp_requests, errors
 from serve_app.amqp_requests import AmqpRequest, RequestConsumer
-from serve_app.routes import audit, health, nodes, queries, retrievals, spans
+from serve_app.routes import audit, destinations, health, nodes, queries, retrievals, spans
 from serve_app.services import Services
 from serve_app.timing import ServerTiming
 from spanner.logs import configure_logging
@@ -33,7 +33,7 @@ def create_app(services: Services) -> FastAPI:
     app = FastAPI(title="dicom-spanner", version="0.1.0", description=DESCRIPTION)
     app.state.services = services
     errors.install(app)
-    for module in (queries, retrievals, nodes, spans, audit, health):
+    for module in (queries, retrievals, nodes, spans, destinations, audit, health):
         app.include_router(module.router)
     app.add_middleware(ServerTiming)
     return app

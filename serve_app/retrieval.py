@@ -1,5 +1,9 @@
 """Retrieval: find which archives hold the objects, then have each holder's actor C-MOVE its part.
 
+In proxy mode (``retrieve_proxy``) each part's holder C-MOVEs to the spanner's own storage SCP (the
+store actor, actors.store_service), which forwards every instance to the destination as it arrives;
+a part counts as completed only the instances the destination took.
+
 A study split across archives is moved part by part (one SERIES-level C-MOVE per series, from the
 archive that holds it); a study one archive holds whole goes in one STUDY-level C-MOVE. When a holder
 fails, the next holder of the same objects (by node priority) is tried.
@@ -17,6 +21,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from actors.store_service import ProxyPart, StoreHandle
 from serve_app.coordinator import Coordinator
 from serve_app.plan import QueryPlan
 from spanner.dicom_constants import (
@@ -27,7 +32,8 @@ from spanner.dicom_constants import (
     Status,
 )
 from spanner.nodespec import NodeSpec
-from spanner.query import Level, MoveQuery, NodeQuery
+from spanner.proxy_move import InstanceEvent, PartEvent, Peer
+from spanner.query import Level, MoveQuery, NodeQuery, information_model_for
 from spanner.schemas import Dedup, FailureStrategy
 
 # C-MOVE final statuses (PS3.4 C.4.2.1.5)
@@ -263,6 +269,79 @@ class Retriever:
                 part.counts = {k: int(final.get(k) or 0) for k in part.counts} | {"remaining": 0}
                 part.failed_uids = list(final.get("failed_uids") or [])
                 part.done = True
+                await report()
+                return
+            part.counts = dict.fromkeys(part.counts, 0)  # the next holder starts the part afresh
+
+    # -- proxy mode -----------------------------------------------------------------------------------
+    async def retrieve_proxy(self, nodes: list[NodeSpec], level: Level, uids: dict[str, list[str]],
+                             destination: Peer, store: StoreHandle, timeout_s: float,
+                             emit: Emit) -> RetrievalResult:
+        """Find the holders, then have the store actor fetch and forward each part, within ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        parts = await self.plan(nodes, level, uids, deadline)
+
+        async def report() -> None:
+            await emit({"event": "progress", **_totals(parts)})
+
+        await asyncio.gather(*(self._proxy_part(p, destination, store, deadline, report) for p in parts))
+        return _result(parts)
+
+    async def _proxy_part(self, part: Part, destination: Peer, store: StoreHandle, deadline: float,
+                          report: Callable[[], Awaitable[None]]) -> None:
+        keys = tuple(sorted(part.keys.items()))
+        for spec in part.holders:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                part.tried.append({"node": spec.name, "status": "timeout",
+                                   "error": "retrieval deadline passed"})
+                return
+            model = information_model_for(part.level, spec.query_models)
+            if model is None:
+                part.tried.append({"node": spec.name, "status": "failed",
+                                   "error": f"node supports no information model for a {part.level} C-MOVE"})
+                continue
+            proxied = ProxyPart(spec.name, Peer(spec.ae_title, spec.host, spec.port), spec.calling_ae_title,
+                                part.level, keys, model, spec.dimse_timeout_s)
+            stream = store.move.options(num_returns="streaming").remote(proxied, destination, remaining)
+            forwarded = 0
+            failed: dict[str, str | None] = {}
+            end: PartEvent | None = None
+            try:
+                async for ref in stream:
+                    event: InstanceEvent | PartEvent = await ref
+                    if isinstance(event, PartEvent):
+                        end = event
+                        continue
+                    if event.forwarded:
+                        forwarded += 1
+                    else:
+                        failed[event.sop_instance_uid] = event.reason
+                    part.counts = {"remaining": 0, "completed": forwarded, "failed": len(failed),
+                                   "warning": 0}
+                    await report()
+            except asyncio.CancelledError:
+                import ray
+
+                ray.cancel(stream)
+                raise
+            archive_failed = int(end.counts.get("failed", 0)) if end is not None else 0
+            ok = end is not None and end.error is None and end.status in (SUCCESS, WARNING_FAILURES)
+            error = end.error if end is not None else "the store actor ended without a result"
+            if error is None and failed:
+                error = f"{len(failed)} instance(s) not taken by {destination.ae_title}, e.g. " \
+                        f"{next(iter(failed.values()))}"
+            part.tried.append({"node": spec.name, "status": "ok" if ok else "failed",
+                               "dimse_status": end.status if end is not None else None, "error": error,
+                               "completed": forwarded, "failed": len(failed) + archive_failed, "warning": 0})
+            if ok or forwarded:
+                # What the destination took stays counted; asking another holder would send it again.
+                part.counts = {"remaining": 0, "completed": forwarded, "failed": len(failed) + archive_failed,
+                               "warning": 0}
+                part.failed_uids = list(failed)
+                # A part none of whose instances reached the destination is not done: its reason (the
+                # destination's refusal) then becomes the retrieval's error.
+                part.done = ok and (forwarded > 0 or not failed)
                 await report()
                 return
             part.counts = dict.fromkeys(part.counts, 0)  # the next holder starts the part afresh

@@ -11,7 +11,7 @@ import ipaddress
 import re
 from datetime import datetime
 from enum import StrEnum
-from typing import Annotated, Any, Literal, Self
+from typing import Annotated, Any, ClassVar, Literal, Self
 
 from pydantic import (
     AfterValidator,
@@ -30,7 +30,8 @@ from spanner.merge import Dedup
 from spanner.query import InformationModel, normalise_filters
 
 __all__ = [  # Dedup is re-exported: spanner.merge owns it, the API models use it
-    "ALL_SPAN", "AETitle", "Dedup", "FailureStrategy", "Host", "NodeIn", "NodeOut", "NodePatch", "NodePut",
+    "ALL_SPAN", "AETitle", "Dedup", "DestinationIn", "DestinationOut", "DestinationPatch",
+    "DestinationPut", "FailureStrategy", "Host", "NodeIn", "NodeOut", "NodePatch", "NodePut",
     "Port", "QueryRecordOut", "Slug", "SpanIn", "SpanOut", "SpanPatch", "SpanPut", "check_span_policy",
     "describe_errors",
 ]
@@ -210,6 +211,12 @@ _D = {  # descriptions shared by the In, Put, Patch and Out variants
     "max_results": "Most matches a spanning query returns",
     "allowed_calling_aets": "Calling AE titles the DICOM front accepts for this span; empty means any",
     "cache_ttl_s": "Seconds an answer is served from the cache; 0 turns caching off",
+    "destination_name": "Unique name of the destination: lowercase letters, digits and '-', 1-64 characters",
+    "destination_ae_title": "AE title of the destination's storage SCP; a retrieval names the destination "
+                            "by it, so it is unique across destinations",
+    "destination_host": "Host name or IP address of the destination",
+    "destination_port": "TCP port of the destination's storage SCP",
+    "destination_callers": "Calling AE titles the DICOM front lets send to this destination; empty means any",
     "created_at": "When this was created (UTC)",
     "updated_at": "When this was last changed (UTC)",
 }
@@ -317,10 +324,29 @@ class NodeOut(NodeIn):
 _NODE_NULLABLE = frozenset({"calling_ae_title", "max_queries_per_s", "query_timeout_s"})
 
 
-class NodePatch(TextInput):
+class _Patch(TextInput):
+    """A PATCH body: absent fields keep their value; null clears only the fields in ``nullable``."""
+
+    nullable: ClassVar[frozenset[str]] = frozenset()
+
+    @model_validator(mode="after")
+    def _no_null_for_required(self) -> Self:
+        for name in sorted(self.model_fields_set - self.nullable):
+            if getattr(self, name) is None:
+                raise PydanticCustomError("null", f"{name}: may not be null; leave it out to keep the "
+                                                  f"current value")
+        return self
+
+    def changes(self) -> dict[str, Any]:
+        """Only the fields the client sent."""
+        return self.model_dump(exclude_unset=True)
+
+
+class NodePatch(_Patch):
     """Fields to change on a node (PATCH); absent fields keep their value, null clears an optional one."""
 
     model_config = _STRICT
+    nullable = _NODE_NULLABLE
 
     ae_title: AETitle | None = _doc("ae_title", "PACS_EAST", default=None)
     host: Host | None = _doc("host", "pacs-east.example.org", default=None)
@@ -337,21 +363,7 @@ class NodePatch(TextInput):
     query_models: QueryModels | None = _doc("query_models", ["study_root"], default=None)
     additional_filters: Filters | None = _doc("additional_filters", _FILTERS_EXAMPLE, default=None)
 
-    @model_validator(mode="after")
-    def _no_null_for_required(self) -> Self:
-        _refuse_nulls(self, _NODE_NULLABLE)
-        return self
 
-    def changes(self) -> dict[str, Any]:
-        """Only the fields the client sent."""
-        return self.model_dump(exclude_unset=True)
-
-
-def _refuse_nulls(model: BaseModel, nullable: frozenset[str]) -> None:
-    for name in sorted(model.model_fields_set - nullable):
-        if getattr(model, name) is None:
-            raise PydanticCustomError("null", f"{name}: may not be null; leave it out to keep the current "
-                                              f"value")
 
 
 # --- spans -------------------------------------------------------------------------------------------
@@ -403,10 +415,11 @@ class SpanOut(_SpanFields, _SpanName):
 _SPAN_NULLABLE = frozenset({"description", "minimum_nodes"})
 
 
-class SpanPatch(TextInput):
+class SpanPatch(_Patch):
     """Fields to change on a span (PATCH); absent fields keep their value, null clears an optional one."""
 
     model_config = _STRICT
+    nullable = _SPAN_NULLABLE
 
     ae_title: AETitle | None = _doc("span_ae_title", "SPAN_RAD", default=None)
     description: str | None = _doc("description", "Every radiology PACS", default=None, max_length=1000)
@@ -418,15 +431,6 @@ class SpanPatch(TextInput):
     max_results: MaxResults | None = _doc("max_results", 1000, default=None)
     allowed_calling_aets: list[AETitle] | None = _doc("allowed_calling_aets", ["WORKSTATION1"], default=None)
     cache_ttl_s: CacheTtl | None = _doc("cache_ttl_s", 60, default=None)
-
-    @model_validator(mode="after")
-    def _no_null_for_required(self) -> Self:
-        _refuse_nulls(self, _SPAN_NULLABLE)
-        return self
-
-    def changes(self) -> dict[str, Any]:
-        """Only the fields the client sent."""
-        return self.model_dump(exclude_unset=True)
 
 
 def check_span_policy(span: _SpanFields, name: str | None) -> None:
@@ -448,6 +452,49 @@ def check_span_policy(span: _SpanFields, name: str | None) -> None:
 def _too_few(span: _SpanFields) -> PydanticCustomError:
     return PydanticCustomError("minimum_nodes", f"minimum_nodes: {span.minimum_nodes} is more than the "
                                                 f"{len(span.nodes)} node(s) of the span")
+
+
+# --- destinations ------------------------------------------------------------------------------------
+
+class _DestinationName(TextInput):
+    name: Slug = _doc("destination_name", "ward-ws1")
+
+
+class DestinationPut(TextInput):
+    """A destination's whole configuration without its name: the body of PUT /destinations/{name}."""
+
+    model_config = _STRICT
+
+    ae_title: AETitle = _doc("destination_ae_title", "WORKSTATION1")
+    host: Host = _doc("destination_host", "ws1.example.org")
+    port: Port = _doc("destination_port", 104)
+    allowed_calling_aets: list[AETitle] = _doc("destination_callers", ["WORKSTATION1"], default_factory=list)
+
+
+class DestinationIn(DestinationPut, _DestinationName):
+    """A new destination: the body of POST /destinations."""
+
+    model_config = _STRICT
+
+
+class DestinationOut(DestinationIn):
+    """A stored destination as the API returns it."""
+
+    model_config = _OUT
+
+    created_at: datetime = _doc("created_at")
+    updated_at: datetime = _doc("updated_at")
+
+
+class DestinationPatch(_Patch):
+    """Fields to change on a destination (PATCH); absent fields keep their value."""
+
+    model_config = _STRICT
+
+    ae_title: AETitle | None = _doc("destination_ae_title", "WORKSTATION1", default=None)
+    host: Host | None = _doc("destination_host", "ws1.example.org", default=None)
+    port: Port | None = _doc("destination_port", 104, default=None)
+    allowed_calling_aets: list[AETitle] | None = _doc("destination_callers", ["WORKSTATION1"], default=None)
 
 
 # --- query records -----------------------------------------------------------------------------------

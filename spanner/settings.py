@@ -76,6 +76,27 @@ class Settings(BaseSettings):
     circuit_cooldown_s: float = Field(default=15.0, gt=0)
     pool_idle_s: float = Field(default=30.0, gt=0, description="Idle associations are released after this")
     retrieve_timeout_s: float = Field(default=600.0, gt=0, description="Deadline of a whole retrieval")
+    store_ae: str = Field(
+        default="SPANNER", min_length=1, max_length=16,
+        description="Proxy retrieval: AE title of the spanner's storage SCP, which every archive must know "
+        "as a move destination (with this host and SPANNER_STORE_PORT)",
+    )
+    store_port: int = Field(
+        default=11115, ge=0, le=65535,
+        description="Proxy retrieval: port of the spanner's storage SCP, on SPANNER_SCP_HOST (one process "
+        "per deployment owns it)",
+    )
+    spool_dir: Path | None = Field(
+        default=None, description="Proxy retrieval: directory of the instance spool (empty: VAR_DIR/spool)"
+    )
+    spool_max_bytes: int = Field(
+        default=20 << 30, gt=0,
+        description="Proxy retrieval: most bytes the spool holds; the oldest instances go first when full",
+    )
+    spool_ttl_s: float = Field(
+        default=3600.0, gt=0,
+        description="Proxy retrieval: seconds a spooled instance may serve a repeated retrieval",
+    )
     merge_inline_max: int = Field(
         default=5000, ge=0, description="Up to this many matches merge in the ingress"
     )
@@ -200,6 +221,10 @@ class Settings(BaseSettings):
             if not self.auth_enabled:
                 raise ValueError("production must not turn API keys off: remove SPANNER_AUTH_ENABLED=false")
         return self
+
+    @property
+    def effective_spool_dir(self) -> Path:
+        return (self.spool_dir or self.var_dir / "spool").resolve()
 
     @property
     def effective_database_url(self) -> str:

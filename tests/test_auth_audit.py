@@ -385,3 +385,27 @@ def test_the_cli_sends_its_key(auth: AuthApp) -> None:
     queried = runner.invoke(cli, ["query", "PATIENT", "-f", "PatientID=PAT*", *url], terminal_width=200,
                             env={"SPANNER_API_KEY": auth.keys["ward"]})
     assert queried.exit_code == 0, queried.output
+
+
+def test_destinations_are_read_with_a_query_key_and_changed_only_with_an_admin_key(
+        auth: AuthApp) -> None:
+    body = {"name": "keyed-ws", "ae_title": "KEYEDWS", "host": "127.0.0.1", "port": 11112}
+    ward = {"X-API-Key": auth.keys["ward"]}
+    boss = {"X-API-Key": auth.keys["boss"]}
+    with anonymous(auth) as http:
+        assert http.get("/api/v1/destinations").status_code == 401
+        refused = http.post("/api/v1/destinations", json=body, headers=ward)
+        assert refused.status_code == 403 and "admin key" in refused.json()["detail"]
+        assert http.post("/api/v1/destinations", json=body, headers=boss).status_code == 201
+        try:
+            listed = http.get("/api/v1/destinations", headers=ward)
+            assert listed.status_code == 200 and [d["name"] for d in listed.json()] == ["keyed-ws"]
+            assert http.get("/api/v1/destinations/keyed-ws", headers=ward).json()["ae_title"] == "KEYEDWS"
+            put = {key: value for key, value in body.items() if key != "name"}
+            for method, json in (("PUT", put), ("PATCH", {"port": 2}), ("DELETE", None)):
+                answer = http.request(method, "/api/v1/destinations/keyed-ws", headers=ward, json=json)
+                assert answer.status_code == 403, (method, answer.text)
+            patched = http.patch("/api/v1/destinations/keyed-ws", json={"port": 11113}, headers=boss)
+            assert patched.status_code == 200 and patched.json()["port"] == 11113
+        finally:
+            assert http.delete("/api/v1/destinations/keyed-ws", headers=boss).status_code == 204

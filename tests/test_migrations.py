@@ -18,7 +18,7 @@ from cli.main import app
 from cluster.launcher import prepare_database
 from serve_app.services import Services
 from spanner.errors import ConfigError
-from spanner.schemas import NodeIn
+from spanner.schemas import DestinationIn, NodeIn
 from spanner.settings import get_settings, load_settings
 from spanner.storage import (
     Audit,
@@ -38,8 +38,9 @@ from spanner.storage.schema import (
 )
 from spanner.storage.tables import metadata
 
-HEAD = "0005"
-PREVIOUS = "0004"
+HEAD = "0006"
+PREVIOUS = "0005"
+BEFORE_ASSERTED = "0004"
 BEFORE_OUTBOX = "0003"
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -92,7 +93,7 @@ def test_the_head_is_the_last_revision_and_ships_in_the_package() -> None:
     assert head_revision() == HEAD
     assert (MIGRATIONS_DIR / "env.py").is_file() and (MIGRATIONS_DIR / "script.py.mako").is_file()
     versions = sorted(p.name[:4] for p in (MIGRATIONS_DIR / "versions").glob("0*.py"))
-    assert versions == ["0001", "0002", "0003", "0004", "0005"]
+    assert versions == ["0001", "0002", "0003", "0004", "0005", "0006"]
 
 
 def test_upgrade_from_empty_builds_exactly_the_code_tables(engine: Engine) -> None:
@@ -125,9 +126,24 @@ def test_upgrade_from_the_previous_revision_keeps_the_data(engine: Engine) -> No
     assert (old.requester, old.total, old.cache) == ("old", 3, None)
 
 
-def test_upgrade_from_the_revision_before_head_adds_the_asserted_caller_and_keeps_records(
-        engine: Engine) -> None:
+def test_upgrade_from_the_revision_before_head_adds_destinations_and_keeps_nodes(engine: Engine) -> None:
     assert upgrade_database(engine, PREVIOUS).after == PREVIOUS
+    assert "destinations" not in tables(engine)
+    Repository(engine).create_node(NodeIn(name="kept", ae_title="KEPT", host="127.0.0.1", port=104))
+    result = upgrade_database(engine)
+    assert (result.before, result.after) == (PREVIOUS, HEAD)
+    assert schema_diff(engine) == []
+    repo = Repository(engine)
+    assert [node.name for node in repo.list_nodes()] == ["kept"]
+    made = repo.create_destination(DestinationIn(name="ws1", ae_title="WS1", host="127.0.0.1", port=11112))
+    assert repo.get_destination_by_ae("WS1") == made
+    assert downgrade_database(engine, PREVIOUS).after == PREVIOUS
+    assert "destinations" not in tables(engine)
+
+
+def test_upgrade_from_before_the_asserted_caller_adds_it_and_keeps_records(
+        engine: Engine) -> None:
+    assert upgrade_database(engine, BEFORE_ASSERTED).after == BEFORE_ASSERTED
     assert "asserted_ae" not in columns(engine, "query_records")
     with engine.begin() as conn:  # the code's tables are ahead of this schema: raw SQL, as 0004 wrote it
         conn.execute(text(
@@ -136,7 +152,7 @@ def test_upgrade_from_the_revision_before_head_adds_the_asserted_caller_and_keep
             "'r', 'success', 2, '[]', 2.0, 'ae:OLDWS', 'dimse', '10.0.0.1')"
         ), {"at": "2026-01-02 03:04:05"})
     result = upgrade_database(engine)
-    assert (result.before, result.after) == (PREVIOUS, HEAD)
+    assert (result.before, result.after) == (BEFORE_ASSERTED, HEAD)
     assert schema_diff(engine) == []
     repo = Repository(engine)
     old = repo.get_query("q4")
@@ -147,7 +163,7 @@ def test_upgrade_from_the_revision_before_head_adds_the_asserted_caller_and_keep
                                   asserted_ae="WS1", asserted_peer="10.1.2.3"))
     new = repo.get_query("q5")
     assert (new.principal, new.asserted_ae, new.asserted_peer) == ("front", "WS1", "10.1.2.3")
-    assert downgrade_database(engine, PREVIOUS).after == PREVIOUS
+    assert downgrade_database(engine, BEFORE_ASSERTED).after == BEFORE_ASSERTED
     assert "asserted_ae" not in columns(engine, "retrieval_records")
 
 

@@ -15,11 +15,14 @@ from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Any
 
-from serve_app.api_models import RetrievalIn
+from actors import store_service
+from serve_app.api_models import RetrievalIn, RetrievalMode
+from serve_app.errors import Forbidden
 from serve_app.services import Services
 from serve_app.usecases.query import span_specs
 from spanner.errors import InvalidQuery
 from spanner.nodespec import NodeSpec
+from spanner.proxy_move import Peer
 from spanner.query import Level, normalise_value
 from spanner.storage import Audit
 
@@ -69,6 +72,26 @@ class Retrieval:
     requester: str
     audit: Audit
     hops: tuple[str, ...] = ()  # the dicom-spanner deployments it already passed (spanner.hops)
+    mode: RetrievalMode = RetrievalMode.DIRECT
+    destination: Peer | None = None  # proxy mode: where the spanner sends
+
+
+async def destination_of(s: Services, body: RetrievalIn, audit: Audit) -> tuple[RetrievalMode, Peer | None]:
+    """The mode and, for proxy, the destination; 422 for proxy to an AE the spanner does not know, 403 for a
+    DICOM caller the destination does not allow."""
+    known = await asyncio.to_thread(s.repo.get_destination_by_ae, body.destination_ae)
+    mode = body.mode or (RetrievalMode.PROXY if known is not None else RetrievalMode.DIRECT)
+    if mode is RetrievalMode.DIRECT:
+        return mode, None
+    if known is None:
+        raise InvalidQuery(f"destination_ae: {body.destination_ae!r} is not a known destination; add it with "
+                           "POST /api/v1/destinations, or ask for mode 'direct' if every holding archive "
+                           "knows it")
+    caller = audit.asserted_ae
+    if caller is not None and known.allowed_calling_aets and caller not in known.allowed_calling_aets:
+        raise Forbidden(f"calling AE {caller!r} may not send to destination {known.name!r} "
+                        f"({known.ae_title}); it allows {', '.join(known.allowed_calling_aets)}")
+    return mode, Peer(known.ae_title, known.host, known.port)
 
 
 async def prepare(
@@ -77,6 +100,7 @@ async def prepare(
 ) -> Retrieval:
     """Errors (unknown span, no enabled node) are raised here, before any progress is streamed."""
     nodes = await asyncio.to_thread(span_specs, s, body.span, None)
+    mode, destination = await destination_of(s, body, audit)
     return Retrieval(
         span=body.span,
         level=body.level,
@@ -87,6 +111,8 @@ async def prepare(
         requester=requester,
         audit=audit,
         hops=hops,
+        mode=mode,
+        destination=destination,
     )
 
 
@@ -116,8 +142,13 @@ async def _work(s: Services, r: Retrieval, events: asyncio.Queue[dict[str, Any] 
 
     try:
         try:
-            result = await s.retriever.retrieve(r.nodes, r.level, r.uids, r.destination_ae, r.timeout_s,
-                                                emit, r.hops)
+            if r.destination is not None:
+                store = await asyncio.to_thread(store_service.get, s.settings)
+                result = await s.retriever.retrieve_proxy(r.nodes, r.level, r.uids, r.destination, store,
+                                                          r.timeout_s, emit)
+            else:
+                result = await s.retriever.retrieve(r.nodes, r.level, r.uids, r.destination_ae, r.timeout_s,
+                                                    emit, r.hops)
         except BaseException as exc:
             # C-MOVEs may already have moved patient data: the audit trail gets its record anyway,
             # written even while this task is being cancelled.
@@ -140,6 +171,7 @@ async def _work(s: Services, r: Retrieval, events: asyncio.Queue[dict[str, Any] 
         final = {
             "event": "result",
             "retrieval_id": retrieval_id,
+            "mode": r.mode.value,
             "status": result.status,
             "dimse_status": result.dimse_status,
             **result.counts,

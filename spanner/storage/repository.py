@@ -30,6 +30,10 @@ from spanner.schemas import (
     ApiKeyOut,
     ApiRole,
     AuditEntryOut,
+    DestinationIn,
+    DestinationOut,
+    DestinationPatch,
+    DestinationPut,
     NodeIn,
     NodeOut,
     NodePatch,
@@ -46,6 +50,7 @@ from spanner.schemas import (
 from spanner.storage.engine import BEGIN_OPTION, describe_db_error
 from spanner.storage.tables import (
     ApiKeyRow,
+    DestinationRow,
     NodeHealthRow,
     NodeRow,
     OutboxRow,
@@ -58,6 +63,7 @@ from spanner.storage.tables import (
 M = TypeVar("M", bound=BaseModel)
 
 _NODE_FIELDS = tuple(NodePut.model_fields)
+_DESTINATION_FIELDS = tuple(DestinationPut.model_fields)
 _SPAN_FIELDS = tuple(name for name in SpanPut.model_fields if name != "nodes")  # members live in span_nodes
 
 
@@ -146,6 +152,51 @@ class Repository:
             session.execute(delete(SpanNodeRow).where(SpanNodeRow.node_name == name))
             session.execute(delete(NodeHealthRow).where(NodeHealthRow.node_name == name))
             session.delete(row)
+
+    # --- destinations --------------------------------------------------------------------------------
+
+    def list_destinations(self) -> list[DestinationOut]:
+        with self._session() as session:
+            rows = session.scalars(select(DestinationRow).order_by(DestinationRow.name)).all()
+            return [DestinationOut.model_validate(row) for row in rows]
+
+    def get_destination(self, name: str) -> DestinationOut:
+        with self._session() as session:
+            return DestinationOut.model_validate(_destination_row(session, name))
+
+    def get_destination_by_ae(self, ae_title: str) -> DestinationOut | None:
+        """The destination a retrieval names by its AE title, or None when the spanner knows no such one."""
+        with self._session() as session:
+            row = session.scalar(select(DestinationRow).where(DestinationRow.ae_title == ae_title))
+            return None if row is None else DestinationOut.model_validate(row)
+
+    def create_destination(self, destination: DestinationIn) -> DestinationOut:
+        with self._session(write=True) as session:
+            if session.get(DestinationRow, destination.name) is not None:
+                raise Conflict(f"destination {destination.name!r} already exists; replace or patch it "
+                               "instead")
+            _check_destination_ae_free(session, destination.name, destination.ae_title)
+            now = _now()
+            row = DestinationRow(name=destination.name, created_at=now, updated_at=now)
+            _assign(row, destination, _DESTINATION_FIELDS)
+            session.add(row)
+            session.flush()
+            return DestinationOut.model_validate(row)
+
+    def replace_destination(self, name: str, destination: DestinationPut) -> DestinationOut:
+        with self._session(write=True) as session:
+            return _store_destination(session, _destination_row(session, name), destination)
+
+    def patch_destination(self, name: str, patch: DestinationPatch) -> DestinationOut:
+        with self._session(write=True) as session:
+            row = _destination_row(session, name)
+            current = {field: getattr(row, field) for field in _DESTINATION_FIELDS}
+            merged = _revalidate(DestinationPut, {**current, **patch.changes()}, f"destination {name!r}")
+            return _store_destination(session, row, merged)
+
+    def delete_destination(self, name: str) -> None:
+        with self._session(write=True) as session:
+            session.delete(_destination_row(session, name))
 
     # --- spans ---------------------------------------------------------------------------------------
 
@@ -683,6 +734,29 @@ def _check_members(session: Session, span_name: str, nodes: Sequence[str]) -> No
     unknown = [node for node in nodes if node not in known]
     if unknown:
         raise InvalidConfig(f"span {span_name!r} lists unknown node(s) {_quoted(unknown)}; create them first")
+
+
+def _destination_row(session: Session, name: str) -> DestinationRow:
+    row = session.get(DestinationRow, name)
+    if row is None:
+        raise NotFound(f"destination {name!r} does not exist")
+    return row
+
+
+def _check_destination_ae_free(session: Session, name: str, ae_title: str) -> None:
+    holder = session.scalar(select(DestinationRow.name).where(DestinationRow.ae_title == ae_title,
+                                                              DestinationRow.name != name))
+    if holder is not None:
+        raise Conflict(f"AE title {ae_title!r} is already used by destination {holder!r}; a retrieval names "
+                       "its destination by AE title, so each needs its own")
+
+
+def _store_destination(session: Session, row: DestinationRow, destination: DestinationPut) -> DestinationOut:
+    _check_destination_ae_free(session, row.name, destination.ae_title)
+    _assign(row, destination, _DESTINATION_FIELDS)
+    row.updated_at = _now()
+    session.flush()
+    return DestinationOut.model_validate(row)
 
 
 def _check_ae_title_free(session: Session, span_name: str, ae_title: str) -> None:

@@ -123,6 +123,21 @@ class SpanNodeRow(Base):
     position: Mapped[int]
 
 
+class DestinationRow(Base):
+    """A DICOM destination the spanner may send to (revision 0006); its AE title names it in a retrieval,
+    so no two destinations share one."""
+
+    __tablename__ = "destinations"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    ae_title: Mapped[str] = mapped_column(String(16), unique=True)
+    host: Mapped[str] = mapped_column(String(255))
+    port: Mapped[int]
+    allowed_calling_aets: Mapped[list[str]]
+    created_at: Mapped[datetime]
+    updated_at: Mapped[datetime]
+
+
 class QueryRecordRow(Base):
     __tablename__ = "query_records"
 

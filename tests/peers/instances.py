@@ -31,14 +31,14 @@ STUDY = f"{ROOT}.1"
 
 def write_instance(folder: Path, n: int, pixel_bytes: int = 2048,
                    transfer_syntax: str = ExplicitVRLittleEndian, chunked: bool = False,
-                   study_uid: str = STUDY) -> Path:
-    """A CT instance with ``pixel_bytes`` of random pixel data; ``chunked`` appends the pixel data in 1 MiB
-    pieces so that the test process never holds it whole."""
+                   study_uid: str = STUDY, series: int = 1) -> Path:
+    """A CT instance with ``pixel_bytes`` of random pixel data, in series ``series`` of the study; ``chunked``
+    appends the pixel data in 1 MiB pieces so that the test process never holds it whole."""
     sop = f"{ROOT}.1.1.{n}"
     ds = Dataset()
     ds.SOPClassUID, ds.SOPInstanceUID = CT_IMAGE_STORAGE, sop
     ds.PatientID, ds.PatientName = "STORE1", "Store^Test"
-    ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, f"{study_uid}.1"
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = study_uid, f"{study_uid}.{series}"
     ds.Modality, ds.InstanceNumber = "CT", n
     ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
     ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 8, 8, 7, 0

@@ -1,0 +1,98 @@
+"""The one storage SCP of a deployment: a named, detached Ray actor that owns SPANNER_STORE_PORT and runs
+proxy retrievals (spanner.proxy_move) over it.
+
+Every archive is configured with one move destination for the spanner (SPANNER_STORE_AE at this host
+and port), so exactly one process may listen there however many ingress replicas run: the replicas
+find this actor by name (``get_if_exists``: the first one to ask creates it, the others get the same
+one) and stream each retrieval's events back from it. The spool lives with it. The port is opened at
+the first retrieval, so a deployment that never proxies never listens there; settings changed later
+reach it only when the actor is restarted (``ray kill`` of the name, or a restart of the cluster).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from actors.dimse import MOVE_MODELS, encoder
+from spanner.proxy_move import HolderPart, InstanceEvent, PartEvent, Peer, proxy_move
+from spanner.query import InformationModel, Level, MoveQuery
+from spanner.settings import Settings
+from spanner.spool import Spool
+from spanner.store_scp import StorageScp
+
+ACTOR_NAME = "spanner-store"
+
+
+@dataclass(frozen=True, slots=True)
+class StoreConfig:
+    ae_title: str
+    host: str
+    port: int
+    spool_dir: str
+    spool_max_bytes: int
+    spool_ttl_s: float
+
+    @classmethod
+    def of(cls, settings: Settings) -> StoreConfig:
+        return cls(settings.store_ae, settings.scp_host, settings.store_port,
+                   str(settings.effective_spool_dir), settings.spool_max_bytes, settings.spool_ttl_s)
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyPart:
+    """One part of a retrieval as the serve side plans it: its holder first, the other holders after."""
+
+    node: str
+    archive: Peer
+    calling_ae: str
+    level: Level
+    keys: tuple[tuple[str, str], ...]
+    model: InformationModel
+    dimse_timeout_s: float
+
+
+@ray.remote(num_cpus=0)
+class StoreService:
+    def __init__(self, config: StoreConfig) -> None:
+        self._config = config
+        self._scp = StorageScp(Spool(Path(config.spool_dir), config.spool_max_bytes, config.spool_ttl_s),
+                               ae_title=config.ae_title)
+        self._port: int | None = None
+        self._starting = asyncio.Lock()
+
+    async def config(self) -> StoreConfig:
+        return self._config
+
+    async def port(self) -> int:
+        """The port it listens on, opening it first when no retrieval has yet."""
+        async with self._starting:
+            if self._port is None:
+                self._port = await self._scp.start(self._config.host, self._config.port)
+            return self._port
+
+    @ray.method(num_returns="streaming")
+    async def move(self, part: ProxyPart, destination: Peer, deadline_s: float
+                   ) -> AsyncIterator[InstanceEvent | PartEvent]:
+        """The part's instances as they are forwarded to ``destination``, then its PartEvent."""
+        await self.port()
+        identifier = MoveQuery(part.level, part.keys, self._config.ae_title).identifier()
+        holder = HolderPart(part.node, part.archive, encoder(identifier), model=MOVE_MODELS[part.model])
+        async for event in proxy_move(self._scp, [holder], destination, calling_ae=part.calling_ae,
+                                      dimse_timeout_s=part.dimse_timeout_s, deadline_s=deadline_s):
+            yield event
+
+
+StoreHandle = Any  # a Ray actor handle of StoreService
+
+
+def get(settings: Settings) -> StoreHandle:
+    """The deployment's store actor, created by whichever replica asks first."""
+    return StoreService.options(  # type: ignore[attr-defined]
+        name=ACTOR_NAME, namespace=settings.namespace, lifetime="detached", get_if_exists=True
+    ).remote(StoreConfig.of(settings))

@@ -170,21 +170,9 @@ class PacsNodeImpl:
         if op.error is not None:
             self._note_connection(op.error)
             return NodeOutcome(name, OutcomeStatus(op.error.status), error=op.error.message)
-        self._circuit_success()
-        if not finished:
-            return NodeOutcome(
-                name,
-                OutcomeStatus.TIMEOUT,
-                incomplete=True,
-                error=_unfinished(op, "C-MOVE"),
-            )
-        if op.aborted:
-            return NodeOutcome(
-                name,
-                OutcomeStatus.ABORTED,
-                incomplete=True,
-                error="the association was aborted before the final C-MOVE response",
-            )
+        cut = self._cut_short(op, finished, "C-MOVE")
+        if cut is not None:
+            return cut
         status = op.final_status or 0
         comment = f": {op.error_comment}" if op.error_comment else ""
         if hops.is_loop_refusal(status, op.error_comment):
@@ -272,21 +260,9 @@ class PacsNodeImpl:
                 error=op.error.message,
                 dimse_status=op.error.dimse_status,
             )
-        self._circuit_success()
-        if not finished:
-            return NodeOutcome(
-                name,
-                OutcomeStatus.TIMEOUT,
-                incomplete=True,
-                error=_unfinished(op, "C-FIND"),
-            )
-        if op.aborted:
-            return NodeOutcome(
-                name,
-                OutcomeStatus.ABORTED,
-                incomplete=True,
-                error="the association was aborted before the final response",
-            )
+        cut = self._cut_short(op, finished, "C-FIND")
+        if cut is not None:
+            return cut
         status = op.final_status
         if status == 0x0000:
             return NodeOutcome(name, OutcomeStatus.OK, dimse_status=0)
@@ -326,6 +302,26 @@ class PacsNodeImpl:
         return NodeOutcome(
             name, OutcomeStatus.FAILED, dimse_status=op.status, error=f"C-ECHO answered 0x{op.status:04X}"
         )
+
+    def _cut_short(
+        self, op: FindOperation | MoveOperation, finished: bool, command: str
+    ) -> NodeOutcome | None:
+        """The outcome of an operation that ended without its final response, else None.
+
+        A node that answered on an association is alive, whatever it answered; one that never sent its
+        A-ASSOCIATE-AC before the deadline counts against the circuit like a refusal, so that a node which
+        accepts TCP and then hangs stops holding every query to its deadline."""
+        if op.associated:
+            self._circuit_success()
+        elif not finished:
+            self._circuit_failure()
+        if not finished:
+            return NodeOutcome(self.spec.name, OutcomeStatus.TIMEOUT, incomplete=True,
+                               error=_unfinished(op, command))
+        if op.aborted:
+            return NodeOutcome(self.spec.name, OutcomeStatus.ABORTED, incomplete=True,
+                               error=f"the association was aborted before the final {command} response")
+        return None
 
     def _note_connection(self, error: Exception) -> None:
         if isinstance(error, NodeUnreachable | AssociationRejected):

@@ -122,6 +122,23 @@ def test_a_node_that_accepts_tcp_and_never_answers_says_no_association(
     assert "C-FIND" in by_node["hang"]["error"] and "C-CANCEL sent" in by_node["hang"]["error"]
 
 
+def test_a_node_that_never_associates_opens_the_circuit(api: Api, sims: dict[str, SimulatedPacs]) -> None:
+    """Timeouts without an association count against the circuit as refusals do: after the threshold the
+    node answers ``circuit_open`` at once instead of holding every query to its deadline."""
+    silent = SilentPort()
+    api.add_node("silent-c", silent.port, ae_title="SILENT")
+    try:
+        seen = [statuses(api.query(level="STUDY", nodes=["silent-c"], timeout_s=0.5)[1])["silent-c"]
+                for _ in range(3)]
+        _, answer, took = timed_query(api, nodes=["silent-c"], timeout_s=5)
+    finally:
+        api.http.delete("/api/v1/nodes/silent-c")
+        silent.release()
+    assert seen == ["timeout"] * 3
+    assert statuses(answer) == {"silent-c": "circuit_open"}
+    assert took < 2.0
+
+
 def test_hang_is_aborted_so_the_association_does_not_linger(api: Api, sims: dict[str, SimulatedPacs]) -> None:
     hang = sims["hang"]
     timed_query(api, nodes=["hang"], timeout_s=0.5)

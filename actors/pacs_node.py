@@ -1,6 +1,7 @@
 """PacsNode: the Ray actor that owns every conversation with one PACS.
 
-It never raises into its caller: every call ends in a NodeOutcome (shared/GUIDE.md). It throttles
+It never raises into its caller: every call ends in a NodeOutcome, which crosses the Ray boundary as a
+value where an exception would lose the node's partial answer. It throttles
 (at most ``max_associations`` operations in flight, at most ``max_queries_per_s`` starts), keeps
 the deadline it is given, and stops dialling a PACS that keeps refusing (circuit breaker).
 """
@@ -26,6 +27,7 @@ from actors.operations import CANCELLED, EchoOperation, FindOperation, MoveOpera
 from actors.pool import AssociationPool
 from actors.throttle import RateLimiter
 from spanner import hops
+from spanner.dicom_constants import Status
 from spanner.errors import AssociationRejected, NodeUnreachable
 from spanner.logs import configure_logging
 from spanner.nodespec import ActorTuning, NodeSpec
@@ -177,9 +179,9 @@ class PacsNodeImpl:
         comment = f": {op.error_comment}" if op.error_comment else ""
         if hops.is_loop_refusal(status, op.error_comment):
             return _loop(name, status, op.error_comment)
-        if status == 0x0000:
+        if status == Status.SUCCESS:
             return NodeOutcome(name, OutcomeStatus.OK, dimse_status=0)
-        if status == 0xB000:  # some sub-operations failed: the archive did its part, with losses
+        if status == Status.SUBOPERATIONS_FAILED:  # the archive did its part, with losses
             return NodeOutcome(
                 name,
                 OutcomeStatus.OK,
@@ -264,7 +266,7 @@ class PacsNodeImpl:
         if cut is not None:
             return cut
         status = op.final_status
-        if status == 0x0000:
+        if status == Status.SUCCESS:
             return NodeOutcome(name, OutcomeStatus.OK, dimse_status=0)
         if status == CANCELLED:
             return NodeOutcome(
@@ -292,7 +294,7 @@ class PacsNodeImpl:
             return NodeOutcome(name, OutcomeStatus(op.error.status), error=op.error.message)
         if not finished:
             return NodeOutcome(name, OutcomeStatus.TIMEOUT, error="no C-ECHO response before the deadline")
-        if op.status == 0x0000:
+        if op.status == Status.SUCCESS:
             self._circuit_success()
             return NodeOutcome(name, OutcomeStatus.OK, dimse_status=0)
         if op.status is None:

@@ -11,8 +11,7 @@ import json
 import sys
 import threading
 
-from pynetdicom import _config
-
+from simulator import pynetdicom_internals
 from simulator.dataset import generate_uniform
 from simulator.fleet import stop_fleet
 from simulator.scp import SimulatedPacs, SimulatorBase, SimulatorConfig
@@ -33,9 +32,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lifetime-s", type=float, default=3600.0, help="stop after this long regardless")
     args = parser.parse_args(argv)
     indexes = [int(i) for i in args.indexes.split(",") if i]
-    # A PACS stand-in should cost as little CPU as it can: pynetdicom's "standard" handlers format a log
-    # line for every PDU and DIMSE message even when nothing logs them (process-wide; set before any AE).
-    _config.LOG_HANDLER_LEVEL = "none"
+    pynetdicom_internals.quiet_handlers()  # a PACS stand-in should cost as little CPU as it can
     fleet: list[SimulatorBase] = []
     try:
         for index in indexes:

@@ -79,3 +79,9 @@ def peer_gone(assoc: Association) -> bool:
 def quiet_response_identifiers() -> None:
     """Stop pynetdicom formatting every response identifier for its debug log (process-wide)."""
     _config.LOG_RESPONSE_IDENTIFIERS = False
+
+
+def quiet_handlers() -> None:
+    """Stop pynetdicom's "standard" handlers formatting a log line for every PDU and DIMSE message even
+    when nothing logs them (process-wide; call before any AE is made)."""
+    _config.LOG_HANDLER_LEVEL = "none"

@@ -150,6 +150,8 @@ class Services:
             reuse_associations=node.reuse_associations,
             query_models=tuple(node.query_models),
             additional_filters=tuple(sorted(node.additional_filters.items())),
+            retrieve_method=node.retrieve_method,
+            placement=tuple(sorted(node.placement.items())),
         )
 
     def sync_actor(self, name: str) -> None:

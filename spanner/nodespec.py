@@ -3,8 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import StrEnum
 
 from spanner.query import InformationModel
+
+
+class RetrieveMethod(StrEnum):
+    """How an archive gives up its instances to a proxied retrieval."""
+
+    C_MOVE = "c-move"  # the archive C-STOREs to the spanner's storage SCP, which it must know
+    C_GET = "c-get"  # the archive C-STOREs back on the node actor's own association
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,6 +31,8 @@ class NodeSpec:
     reuse_associations: bool = True
     query_models: tuple[InformationModel, ...] = (InformationModel.STUDY_ROOT, InformationModel.PATIENT_ROOT)
     additional_filters: tuple[tuple[str, str], ...] = ()
+    retrieve_method: RetrieveMethod = RetrieveMethod.C_MOVE
+    placement: tuple[tuple[str, str], ...] = ()  # Ray node labels the actor must run on
 
 
 @dataclass(frozen=True, slots=True)

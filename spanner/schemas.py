@@ -27,6 +27,7 @@ from pydantic_core import PydanticCustomError
 
 from spanner.errors import InvalidQuery
 from spanner.merge import Dedup
+from spanner.nodespec import RetrieveMethod
 from spanner.query import InformationModel, normalise_filters
 
 __all__ = [  # Dedup is re-exported: spanner.merge owns it, the API models use it
@@ -153,6 +154,20 @@ def _check_filters(value: dict[str, str], info: ValidationInfo) -> dict[str, str
         raise _fail("filters", info, exc.message) from None
 
 
+_LABEL = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9_.-]{0,61}[A-Za-z0-9])?$")
+
+
+def _check_placement(value: dict[str, str], info: ValidationInfo) -> dict[str, str]:
+    if len(value) > 8:
+        raise _fail("placement", info, f"{len(value)} labels; at most 8")
+    for key, label in value.items():
+        for text in (key, label):
+            if not _LABEL.match(text):
+                raise _fail("placement", info, f"{text!r} is not a Ray node label: 1-63 letters, digits, "
+                                               f"'-', '_' or '.', starting and ending with a letter or digit")
+    return value
+
+
 def _check_node_list(value: list[str], info: ValidationInfo) -> list[str]:
     seen: set[str] = set()
     for name in value:
@@ -172,6 +187,7 @@ Positive = Annotated[float, _range(gt=0), Field(json_schema_extra=_bounds(gt=0))
 MaxAssociations = Annotated[int, _range(ge=1, le=64), Field(json_schema_extra=_bounds(ge=1, le=64))]
 QueryModels = Annotated[list[InformationModel], AfterValidator(_check_query_models)]
 Filters = Annotated[dict[str, str], AfterValidator(_check_filters)]
+Placement = Annotated[dict[str, str], AfterValidator(_check_placement)]
 SpanTimeout = Annotated[float, _range(gt=0, le=SPAN_TIMEOUT_MAX),
                         Field(json_schema_extra=_bounds(gt=0, le=SPAN_TIMEOUT_MAX))]
 MinimumNodes = Annotated[int, _range(ge=1), Field(json_schema_extra=_bounds(ge=1))]
@@ -196,6 +212,11 @@ _D = {  # descriptions shared by the In, Put, Patch and Out variants
     "query_models": "Query/Retrieve information models the node supports",
     "additional_filters": "Matching keys added to every query sent to this node (keyword or tag -> value); "
                           "stored by keyword",
+    "retrieve_method": "How the node gives up instances to a proxied retrieval: c-move to the spanner's "
+                       "storage SCP (the archive must know SPANNER_STORE_AE at the spanner's host and "
+                       "SPANNER_STORE_PORT), or c-get on the node actor's own association",
+    "placement": "Ray node labels the node's actor must run on (e.g. {\"site\": \"east\"} for a PACS behind "
+                 "the east site's firewall); empty means any Ray node",
     "span_name": "Unique name of the span: lowercase letters, digits and '-', 1-64 characters; 'all' is "
                  "reserved for the span of every enabled node",
     "span_ae_title": "AE title under which the DICOM front serves this span; unique across spans",
@@ -304,6 +325,8 @@ class NodePut(TextInput):
         "query_models", ["study_root", "patient_root"],
         default_factory=lambda: [InformationModel.STUDY_ROOT, InformationModel.PATIENT_ROOT])
     additional_filters: Filters = _doc("additional_filters", _FILTERS_EXAMPLE, default_factory=dict)
+    retrieve_method: RetrieveMethod = _doc("retrieve_method", "c-move", default=RetrieveMethod.C_MOVE)
+    placement: Placement = _doc("placement", {"site": "east"}, default_factory=dict)
 
 
 class NodeIn(NodePut, _NodeName):
@@ -362,6 +385,8 @@ class NodePatch(_Patch):
     reuse_associations: bool | None = _doc("reuse_associations", True, default=None)
     query_models: QueryModels | None = _doc("query_models", ["study_root"], default=None)
     additional_filters: Filters | None = _doc("additional_filters", _FILTERS_EXAMPLE, default=None)
+    retrieve_method: RetrieveMethod | None = _doc("retrieve_method", "c-get", default=None)
+    placement: Placement | None = _doc("placement", {"site": "east"}, default=None)
 
 
 

@@ -673,3 +673,26 @@ def test_a_request_for_another_sop_class_than_its_context_gets_sop_class_not_sup
     got = asyncio.run(body())
     assert got == [(0x8020, Status.SOP_CLASS_NOT_SUPPORTED, STUDY_ROOT_FIND),
                    (0x8030, Status.SUCCESS, VERIFICATION)]
+
+
+def test_role_selection_sub_items_match_pynetdicoms_encoding() -> None:
+    """A C-GET requester's role selection must be byte-for-byte what other DICOM stacks send and parse."""
+    from pynetdicom.pdu_items import SCP_SCU_RoleSelectionSubItem, UserInformationItem
+
+    from spanner.dimse.pdu import RoleSelection
+
+    ct = "1.2.840.10008.5.1.4.1.1.2"
+    theirs = SCP_SCU_RoleSelectionSubItem()
+    theirs.sop_class_uid = ct
+    theirs.scu_role, theirs.scp_role = False, True
+    ours = RoleSelection(ct, scu_role=False, scp_role=True)
+    assert ours.encode() == theirs.encode()
+    assert RoleSelection.decode(theirs.encode()[4:]) == ours
+
+    info = UserInformation(16384, roles=(ours, RoleSelection("1.2.840.10008.5.1.4.1.1.4", True, True)))
+    decoded = UserInformation.decode(info.encode()[4:])
+    assert decoded.roles == info.roles and decoded.role_for(ct) == ours and decoded.max_pdu == 16384
+    parsed = UserInformationItem()
+    parsed.decode(info.encode())
+    assert [(r.sop_class_uid, r.scu_role, r.scp_role) for r in parsed.role_selection.values()] == [
+        (ct, False, True), ("1.2.840.10008.5.1.4.1.1.4", True, True)]

@@ -18,6 +18,7 @@ from cli.main import app
 from cluster.launcher import prepare_database
 from serve_app.services import Services
 from spanner.errors import ConfigError
+from spanner.nodespec import RetrieveMethod
 from spanner.schemas import DestinationIn, NodeIn
 from spanner.settings import get_settings, load_settings
 from spanner.storage import (
@@ -38,8 +39,9 @@ from spanner.storage.schema import (
 )
 from spanner.storage.tables import metadata
 
-HEAD = "0006"
-PREVIOUS = "0005"
+HEAD = "0007"
+PREVIOUS = "0006"
+BEFORE_DESTINATIONS = "0005"
 BEFORE_ASSERTED = "0004"
 BEFORE_OUTBOX = "0003"
 ROOT = Path(__file__).resolve().parent.parent
@@ -93,7 +95,7 @@ def test_the_head_is_the_last_revision_and_ships_in_the_package() -> None:
     assert head_revision() == HEAD
     assert (MIGRATIONS_DIR / "env.py").is_file() and (MIGRATIONS_DIR / "script.py.mako").is_file()
     versions = sorted(p.name[:4] for p in (MIGRATIONS_DIR / "versions").glob("0*.py"))
-    assert versions == ["0001", "0002", "0003", "0004", "0005", "0006"]
+    assert versions == ["0001", "0002", "0003", "0004", "0005", "0006", "0007"]
 
 
 def test_upgrade_from_empty_builds_exactly_the_code_tables(engine: Engine) -> None:
@@ -126,19 +128,40 @@ def test_upgrade_from_the_previous_revision_keeps_the_data(engine: Engine) -> No
     assert (old.requester, old.total, old.cache) == ("old", 3, None)
 
 
-def test_upgrade_from_the_revision_before_head_adds_destinations_and_keeps_nodes(engine: Engine) -> None:
+def test_upgrade_from_the_revision_before_head_gives_nodes_c_move_and_no_placement(engine: Engine) -> None:
     assert upgrade_database(engine, PREVIOUS).after == PREVIOUS
-    assert "destinations" not in tables(engine)
-    Repository(engine).create_node(NodeIn(name="kept", ae_title="KEPT", host="127.0.0.1", port=104))
+    assert "retrieve_method" not in columns(engine, "nodes")
+    _insert_old_node(engine)
     result = upgrade_database(engine)
     assert (result.before, result.after) == (PREVIOUS, HEAD)
     assert schema_diff(engine) == []
+    kept = Repository(engine).get_node("kept")
+    assert (kept.retrieve_method, kept.placement) == (RetrieveMethod.C_MOVE, {})
+    assert downgrade_database(engine, PREVIOUS).after == PREVIOUS
+    assert "placement" not in columns(engine, "nodes")
+
+
+def test_upgrade_from_before_destinations_adds_them_and_keeps_nodes(engine: Engine) -> None:
+    assert upgrade_database(engine, BEFORE_DESTINATIONS).after == BEFORE_DESTINATIONS
+    assert "destinations" not in tables(engine)
+    _insert_old_node(engine)
+    assert upgrade_database(engine).after == HEAD
     repo = Repository(engine)
     assert [node.name for node in repo.list_nodes()] == ["kept"]
     made = repo.create_destination(DestinationIn(name="ws1", ae_title="WS1", host="127.0.0.1", port=11112))
     assert repo.get_destination_by_ae("WS1") == made
-    assert downgrade_database(engine, PREVIOUS).after == PREVIOUS
+    assert downgrade_database(engine, BEFORE_DESTINATIONS).after == BEFORE_DESTINATIONS
     assert "destinations" not in tables(engine)
+
+
+def _insert_old_node(engine: Engine) -> None:
+    """A node as the revisions before 0007 stored it (the code's model has columns they lack)."""
+    with engine.begin() as conn:
+        conn.execute(text(
+            "INSERT INTO nodes (name, ae_title, host, port, enabled, priority, max_associations, "
+            "connect_timeout_s, dimse_timeout_s, reuse_associations, query_models, additional_filters, "
+            "created_at, updated_at) VALUES ('kept', 'KEPT', '127.0.0.1', 104, true, 100, 4, 5.0, 30.0, "
+            "true, '[\"study_root\"]', '{}', '2026-01-01 00:00:00', '2026-01-01 00:00:00')"))
 
 
 def test_upgrade_from_before_the_asserted_caller_adds_it_and_keeps_records(

@@ -119,13 +119,42 @@ class AcceptedContext:
 
 
 @dataclass(frozen=True, slots=True)
+class RoleSelection:
+    """SCP/SCU Role Selection sub-item (PS3.7 D.3.3.4) for one SOP class.
+
+    A C-GET requester proposes ``scp_role=True`` for each storage class it wants instances of, so that the
+    peer may C-STORE back on the same association; the acceptor answers which roles it grants.
+    """
+
+    sop_class_uid: str
+    scu_role: bool
+    scp_role: bool
+
+    def encode(self) -> bytes:
+        uid = self.sop_class_uid.encode()
+        return item(0x54, struct.pack(">H", len(uid)) + uid + bytes((int(self.scu_role), int(self.scp_role))))
+
+    @classmethod
+    def decode(cls, value: bytes) -> RoleSelection:
+        if len(value) < 2:
+            raise ProtocolError("role selection sub-item too short")
+        (length,) = struct.unpack(">H", value[:2])
+        if len(value) != 2 + length + 2:
+            raise ProtocolError(f"role selection sub-item of {len(value)} bytes does not hold a "
+                                f"{length}-byte UID and two role bytes")
+        return cls(_uid(value[2:2 + length]), bool(value[-2]), bool(value[-1]))
+
+
+@dataclass(frozen=True, slots=True)
 class UserInformation:
     max_pdu: int = DEFAULT_MAX_PDU  # 0: no limit
     implementation_class_uid: str = IMPLEMENTATION_CLASS_UID
     implementation_version: str = IMPLEMENTATION_VERSION
+    roles: tuple[RoleSelection, ...] = ()
 
     def encode(self) -> bytes:
         out = item(0x51, struct.pack(">I", self.max_pdu)) + item(0x52, self.implementation_class_uid.encode())
+        out += b"".join(role.encode() for role in self.roles)  # PS3.7 D.3.3.4: after the class UID
         if self.implementation_version:
             out += item(0x55, self.implementation_version.encode()[:16])
         return item(0x50, out)
@@ -133,6 +162,7 @@ class UserInformation:
     @classmethod
     def decode(cls, value: bytes) -> UserInformation:
         max_pdu, uid, version = 0, "", ""
+        roles: list[RoleSelection] = []
         for kind, sub in items(value, 0):
             if kind == 0x51:
                 if len(sub) != 4:
@@ -140,9 +170,15 @@ class UserInformation:
                 (max_pdu,) = struct.unpack(">I", sub)
             elif kind == 0x52:
                 uid = _uid(sub)
+            elif kind == 0x54:
+                roles.append(RoleSelection.decode(sub))
             elif kind == 0x55:
                 version = sub.decode("ascii", "replace").strip()
-        return cls(max_pdu, uid, version)
+        return cls(max_pdu, uid, version, tuple(roles))
+
+    def role_for(self, sop_class_uid: str) -> RoleSelection | None:
+        """The role selection proposed or granted for one SOP class, if any."""
+        return next((role for role in self.roles if role.sop_class_uid == sop_class_uid), None)
 
 
 def _header(called: str, calling: str) -> bytes:

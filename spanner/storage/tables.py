@@ -90,6 +90,8 @@ class NodeRow(Base):
     reuse_associations: Mapped[bool]
     query_models: Mapped[list[str]]
     additional_filters: Mapped[dict[str, str]]
+    retrieve_method: Mapped[str] = mapped_column(String(16))
+    placement: Mapped[dict[str, str]]
     created_at: Mapped[datetime]
     updated_at: Mapped[datetime]
 

@@ -16,8 +16,10 @@ from spanner.dicom_constants import (
     EXPLICIT_VR_LE,
     IMPLICIT_VR_LE,
     PATIENT_ROOT_FIND,
+    PATIENT_ROOT_GET,
     PATIENT_ROOT_MOVE,
     STUDY_ROOT_FIND,
+    STUDY_ROOT_GET,
     STUDY_ROOT_MOVE,
     VERIFICATION,
 )
@@ -27,7 +29,7 @@ from spanner.errors import AssociationAborted, AssociationRejected, DimseFailure
 from spanner.nodespec import NodeSpec
 from spanner.query import InformationModel
 
-__all__ = ["FIND_MODELS", "MOVE_MODELS", "Association", "EncodedQueries", "Marked", "encoder",
+__all__ = ["FIND_MODELS", "GET_MODELS", "MOVE_MODELS", "Association", "EncodedQueries", "Marked", "encoder",
            "identifier_for", "marked", "node_error", "open_association"]
 
 FIND_MODELS: dict[InformationModel, str] = {
@@ -37,6 +39,10 @@ FIND_MODELS: dict[InformationModel, str] = {
 MOVE_MODELS: dict[InformationModel, str] = {
     InformationModel.PATIENT_ROOT: PATIENT_ROOT_MOVE,
     InformationModel.STUDY_ROOT: STUDY_ROOT_MOVE,
+}
+GET_MODELS: dict[InformationModel, str] = {
+    InformationModel.PATIENT_ROOT: PATIENT_ROOT_GET,
+    InformationModel.STUDY_ROOT: STUDY_ROOT_GET,
 }
 TRANSFER_SYNTAXES = (EXPLICIT_VR_LE, IMPLICIT_VR_LE)
 assert dimse  # the engine package is documented in its __init__

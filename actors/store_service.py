@@ -19,7 +19,8 @@ from typing import Any
 
 import ray
 
-from actors.dimse import MOVE_MODELS, encoder
+from actors.dimse import GET_MODELS, MOVE_MODELS, encoder
+from spanner.nodespec import RetrieveMethod
 from spanner.proxy_move import HolderPart, InstanceEvent, PartEvent, Peer, proxy_move
 from spanner.query import InformationModel, Level, MoveQuery
 from spanner.settings import Settings
@@ -55,6 +56,7 @@ class ProxyPart:
     keys: tuple[tuple[str, str], ...]
     model: InformationModel
     dimse_timeout_s: float
+    method: RetrieveMethod = RetrieveMethod.C_MOVE
 
 
 @ray.remote(num_cpus=0)
@@ -79,10 +81,15 @@ class StoreService:
     @ray.method(num_returns="streaming")
     async def move(self, part: ProxyPart, destination: Peer, deadline_s: float
                    ) -> AsyncIterator[InstanceEvent | PartEvent]:
-        """The part's instances as they are forwarded to ``destination``, then its PartEvent."""
+        """The part's instances as they are forwarded to ``destination``, then its PartEvent.
+
+        The archive sends them to this actor's storage SCP (C-MOVE) or back on the actor's own association
+        (C-GET), as the node's ``retrieve_method`` says."""
         await self.port()
         identifier = MoveQuery(part.level, part.keys, self._config.ae_title).identifier()
-        holder = HolderPart(part.node, part.archive, encoder(identifier), model=MOVE_MODELS[part.model])
+        models = GET_MODELS if part.method is RetrieveMethod.C_GET else MOVE_MODELS
+        holder = HolderPart(part.node, part.archive, encoder(identifier), model=models[part.model],
+                            method=part.method)
         async for event in proxy_move(self._scp, [holder], destination, calling_ae=part.calling_ae,
                                       dimse_timeout_s=part.dimse_timeout_s, deadline_s=deadline_s):
             yield event

@@ -302,7 +302,7 @@ class Retriever:
                                    "error": f"node supports no information model for a {part.level} C-MOVE"})
                 continue
             proxied = ProxyPart(spec.name, Peer(spec.ae_title, spec.host, spec.port), spec.calling_ae_title,
-                                part.level, keys, model, spec.dimse_timeout_s)
+                                part.level, keys, model, spec.dimse_timeout_s, spec.retrieve_method)
             stream = store.move.options(num_returns="streaming").remote(proxied, destination, remaining)
             forwarded = 0
             failed: dict[str, str | None] = {}

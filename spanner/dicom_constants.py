@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from enum import IntEnum
 
+import pydicom.uid as _uid
+
 # -- SOP classes (PS3.4 Annex A and C) ---------------------------------------------------------------
 VERIFICATION = "1.2.840.10008.1.1"
 PATIENT_ROOT_FIND = "1.2.840.10008.5.1.4.1.2.1.1"
@@ -16,8 +18,47 @@ STUDY_ROOT_MOVE = "1.2.840.10008.5.1.4.1.2.2.2"
 STUDY_ROOT_GET = "1.2.840.10008.5.1.4.1.2.2.3"
 FIND_SOP_CLASSES = frozenset({PATIENT_ROOT_FIND, STUDY_ROOT_FIND})
 MOVE_SOP_CLASSES = frozenset({PATIENT_ROOT_MOVE, STUDY_ROOT_MOVE})
+GET_SOP_CLASSES = frozenset({PATIENT_ROOT_GET, STUDY_ROOT_GET})
 # Every Storage SOP Class lives under this root (PS3.4 B.5, PS3.6 A): a storage SCP tests membership by it.
 STORAGE_SOP_CLASS_ROOT = "1.2.840.10008.5.1.4.1.1."
+
+# The storage classes a C-GET requester asks an archive for, one presentation context each with the SCP
+# role (PS3.7 D.3.3.4): an association holds at most 128 contexts, one of them the C-GET's own, so this is a
+# choice of the common ones (pydicom names them). An instance of a class not listed is a failed
+# sub-operation at the archive; a retrieval's failover or a C-MOVE node then has to fetch it.
+COMMON_STORAGE_CLASSES: tuple[str, ...] = tuple(str(getattr(_uid, name)) for name in (
+    "ComputedRadiographyImageStorage", "DigitalXRayImageStorageForPresentation",
+    "DigitalXRayImageStorageForProcessing", "DigitalMammographyXRayImageStorageForPresentation",
+    "DigitalMammographyXRayImageStorageForProcessing", "DigitalIntraOralXRayImageStorageForPresentation",
+    "CTImageStorage", "EnhancedCTImageStorage", "LegacyConvertedEnhancedCTImageStorage",
+    "UltrasoundMultiFrameImageStorage", "UltrasoundImageStorage", "EnhancedUSVolumeStorage",
+    "MRImageStorage", "EnhancedMRImageStorage", "EnhancedMRColorImageStorage",
+    "LegacyConvertedEnhancedMRImageStorage", "MRSpectroscopyStorage",
+    "SecondaryCaptureImageStorage", "MultiFrameSingleBitSecondaryCaptureImageStorage",
+    "MultiFrameGrayscaleByteSecondaryCaptureImageStorage",
+    "MultiFrameGrayscaleWordSecondaryCaptureImageStorage", "MultiFrameTrueColorSecondaryCaptureImageStorage",
+    "XRayAngiographicImageStorage", "EnhancedXAImageStorage", "XRayRadiofluoroscopicImageStorage",
+    "EnhancedXRFImageStorage", "XRay3DAngiographicImageStorage", "XRay3DCraniofacialImageStorage",
+    "BreastTomosynthesisImageStorage", "NuclearMedicineImageStorage",
+    "PositronEmissionTomographyImageStorage",
+    "EnhancedPETImageStorage", "LegacyConvertedEnhancedPETImageStorage", "ParametricMapStorage",
+    "RTImageStorage", "RTDoseStorage", "RTStructureSetStorage", "RTPlanStorage", "RTIonPlanStorage",
+    "RTBeamsTreatmentRecordStorage", "RTBrachyTreatmentRecordStorage", "RTTreatmentSummaryRecordStorage",
+    "SegmentationStorage", "SurfaceSegmentationStorage", "SpatialRegistrationStorage",
+    "DeformableSpatialRegistrationStorage", "SpatialFiducialsStorage", "RealWorldValueMappingStorage",
+    "GrayscaleSoftcopyPresentationStateStorage", "ColorSoftcopyPresentationStateStorage",
+    "PseudoColorSoftcopyPresentationStateStorage", "BlendingSoftcopyPresentationStateStorage",
+    "KeyObjectSelectionDocumentStorage", "BasicTextSRStorage", "EnhancedSRStorage", "ComprehensiveSRStorage",
+    "Comprehensive3DSRStorage", "ExtensibleSRStorage", "MammographyCADSRStorage", "ChestCADSRStorage",
+    "XRayRadiationDoseSRStorage", "PatientRadiationDoseSRStorage", "EncapsulatedPDFStorage",
+    "EncapsulatedCDAStorage", "EncapsulatedSTLStorage", "VLEndoscopicImageStorage",
+    "VideoEndoscopicImageStorage", "VLMicroscopicImageStorage", "VLSlideCoordinatesMicroscopicImageStorage",
+    "VLPhotographicImageStorage", "VideoPhotographicImageStorage", "VLWholeSlideMicroscopyImageStorage",
+    "OphthalmicPhotography8BitImageStorage", "OphthalmicPhotography16BitImageStorage",
+    "OphthalmicTomographyImageStorage", "TwelveLeadECGWaveformStorage", "GeneralECGWaveformStorage",
+    "AmbulatoryECGWaveformStorage", "HemodynamicWaveformStorage", "BasicVoiceAudioWaveformStorage",
+    "RawDataStorage",
+))
 
 # -- transfer syntaxes and the application context (PS3.5 A, PS3.7 A.2) -------------------------------
 IMPLICIT_VR_LE = "1.2.840.10008.1.2"

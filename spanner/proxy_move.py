@@ -1,5 +1,6 @@
-"""Proxy C-MOVE: the holders C-MOVE to the spanner's storage SCP; each instance is forwarded to the
-destination by C-STORE as soon as it is in the spool, so the destination never has to be known to an archive.
+"""Proxy C-MOVE: the holders C-MOVE to the spanner's storage SCP (or, with ``RetrieveMethod.C_GET``, send
+back by C-GET on the spanner's own association); each instance is forwarded to the destination by C-STORE as
+soon as it is in the spool, so the destination never has to be known to an archive.
 
     async for event in proxy_move(scp, parts, Peer("VIEWER", "10.0.0.5", 104), calling_ae="SPANNER"):
         ...  # InstanceEvent per instance (forwarded or failed), PartEvent per holder when its C-MOVE ends
@@ -32,7 +33,16 @@ from dataclasses import dataclass, field, replace
 from spanner.dicom_constants import EXPLICIT_VR_LE, IMPLICIT_VR_LE, STUDY_ROOT_MOVE, Status
 from spanner.dimse.association import Association, Identifier, connect
 from spanner.dimse.errors import DimseError, NoAcceptedContext
-from spanner.dimse.store import TransferSyntaxNotAccepted, storage_contexts, store
+from spanner.dimse.store import (
+    StoreRequest,
+    TransferSyntaxNotAccepted,
+    get,
+    get_contexts,
+    receive_stores,
+    storage_contexts,
+    store,
+)
+from spanner.nodespec import RetrieveMethod
 from spanner.spool import Spool, SpoolEntry
 from spanner.store_scp import Expectation, StorageScp
 
@@ -53,6 +63,8 @@ class Fallback:
 
     node: str
     archive: Peer
+    model: str = STUDY_ROOT_MOVE
+    method: RetrieveMethod = RetrieveMethod.C_MOVE
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,7 +73,8 @@ class HolderPart:
     archive: Peer
     identifier: Identifier
     expected: frozenset[str] = frozenset()
-    model: str = STUDY_ROOT_MOVE
+    model: str = STUDY_ROOT_MOVE  # the C-MOVE or, with RetrieveMethod.C_GET, the C-GET SOP class
+    method: RetrieveMethod = RetrieveMethod.C_MOVE
     fallbacks: tuple[Fallback, ...] = ()  # in priority order
     retry: Callable[[frozenset[str]], Identifier] | None = None  # an identifier for just these SOP UIDs
 
@@ -165,6 +178,39 @@ async def _move(part: HolderPart, expectation: Expectation, store_ae: str, calli
     return PartEvent(part.node, final.status, final.suboperations(), final.comment)
 
 
+async def _get(part: HolderPart, expectation: Expectation, scp: StorageScp, calling_ae: str,
+               dimse_timeout_s: float) -> PartEvent:
+    """The part's instances by C-GET: the archive C-STOREs them back on this association, into the spool."""
+    contexts, roles = get_contexts(part.model)
+    try:
+        assoc = await connect(part.archive.host, part.archive.port, calling_ae=calling_ae,
+                              called_ae=part.archive.ae_title, contexts=contexts, roles=roles,
+                              dimse_timeout_s=dimse_timeout_s)
+    except DimseError as exc:
+        return PartEvent(part.node, None, {}, exc.message)
+    receive_stores(assoc, scp.spool.incoming, scp.max_instance_bytes)
+
+    async def on_store(request: StoreRequest) -> int:
+        return scp.take(expectation, request)
+
+    try:
+        final = None
+        async for response in get(assoc, part.model, part.identifier, expectation.message_id, on_store):
+            final = response
+        assert final is not None
+    except DimseError as exc:
+        assoc.abort()
+        await assoc.close()
+        return PartEvent(part.node, None, {}, exc.message)
+    except asyncio.CancelledError:  # the consumer left: stop the archive's sub-operations
+        assoc.cancel(expectation.message_id, part.model)
+        assoc.abort()
+        await assoc.close()
+        raise
+    await assoc.release()
+    return PartEvent(part.node, final.status, final.suboperations(), final.comment)
+
+
 async def proxy_move(scp: StorageScp, parts: Sequence[HolderPart], destination: Peer, *, calling_ae: str,
                      dimse_timeout_s: float = 30.0, deadline_s: float | None = None
                      ) -> AsyncIterator[InstanceEvent | PartEvent]:
@@ -181,7 +227,9 @@ async def proxy_move(scp: StorageScp, parts: Sequence[HolderPart], destination: 
 
     async def run(part: HolderPart, expectation: Expectation) -> None:
         cached = _cached(scp.spool, part)
-        if cached is None:
+        if cached is None and part.method is RetrieveMethod.C_GET:
+            event = await _get(part, expectation, scp, calling_ae, dimse_timeout_s)
+        elif cached is None:
             event = await _move(part, expectation, scp.ae_title, calling_ae, dimse_timeout_s)
         else:
             for entry in cached:
@@ -238,7 +286,8 @@ async def proxy_move(scp: StorageScp, parts: Sequence[HolderPart], destination: 
             if missing and part.fallbacks and part.retry is not None:
                 fallback = part.fallbacks[0]
                 failover = fallback.node
-                start(replace(part, node=fallback.node, archive=fallback.archive,
+                start(replace(part, node=fallback.node, archive=fallback.archive, model=fallback.model,
+                              method=fallback.method,
                               identifier=part.retry(missing), expected=missing, fallbacks=part.fallbacks[1:]))
                 running += 1
             yield replace(event, not_received=missing, failover_to=failover)

@@ -75,11 +75,12 @@ class StorageScp:
                  maximum_associations: int = 64) -> None:
         self.spool = spool
         self.ae_title = ae_title
+        self.max_instance_bytes = max_instance_bytes or spool.max_bytes
         self._by_id: dict[tuple[str, int], Expectation] = {}
         self._ids = itertools.count(1)
         config = AcceptorConfig(ae_title, STORAGE_CLASSES, STORE_TRANSFER_SYNTAXES,
                                 prefer_proposed_order=True, store_dir=str(spool.incoming),
-                                store_max_bytes=max_instance_bytes or spool.max_bytes,
+                                store_max_bytes=self.max_instance_bytes,
                                 maximum_associations=maximum_associations)
         self.acceptor = Acceptor(config, Handlers(store=self._on_store))
         self.refused = 0  # C-STOREs that matched no retrieval
@@ -133,6 +134,11 @@ class StorageScp:
             self.refused += 1
             raise UnexpectedInstance(f"no retrieval expects {request.sop_instance_uid} from "
                                      f"{request.calling_ae}")
+        return self.take(expectation, request)
+
+    def take(self, expectation: Expectation, request: StoreRequest) -> int:
+        """Put an instance that arrived for ``expectation`` into the spool (the storage SCP's C-STOREs, and
+        those an archive sends back on a C-GET's own association) and hand it to the retrieval."""
         try:
             entry = self.spool.put(expectation.node, request.path)
         except SpoolFull as exc:

@@ -51,7 +51,15 @@ from spanner.dimse.errors import (
     NoAcceptedContext,
     ProtocolError,
 )
-from spanner.dimse.messages import Assembler, Command, Message, encode_command, fragment
+from spanner.dimse.messages import (
+    Assembler,
+    Command,
+    DatasetSink,
+    Message,
+    SinkFactory,
+    encode_command,
+    fragment,
+)
 from spanner.dimse.pdu import (
     DEFAULT_MAX_PDU,
     RELEASE_RP,
@@ -63,6 +71,7 @@ from spanner.dimse.pdu import (
     ContextResult,
     PduType,
     ProposedContext,
+    RoleSelection,
     UserInformation,
     abort,
     read_pdu,
@@ -126,6 +135,10 @@ class Association:
         self.acse_timeout_s = acse_timeout_s
         self.peer_implementation_class_uid = peer_implementation_class_uid
         """As the peer announced it in its A-ASSOCIATE-RQ or -AC (loop protection tells spanners by it)."""
+        self.roles: tuple[RoleSelection, ...] = ()
+        """The role selections the peer granted in its A-ASSOCIATE-AC (requestor side)."""
+        self.sinks: SinkFactory | None = None
+        """Where data sets of requests the peer sends on this association go (C-STOREs of a C-GET)."""
         self._inbox: asyncio.Queue[Message | None] = asyncio.Queue()
         self._ended: BaseException | None = None
         self._released = asyncio.Event()
@@ -146,8 +159,11 @@ class Association:
         """Requestor side: read PDUs in the background from now on."""
         self._reader_task = asyncio.get_running_loop().create_task(self._read_forever())
 
+    def _sink(self, context_id: int, command: Command) -> DatasetSink | None:
+        return self.sinks(context_id, command) if self.sinks is not None else None
+
     async def _read_forever(self) -> None:
-        assembler = Assembler()
+        assembler = Assembler(self._sink)
         try:
             while True:
                 kind, body = await read_pdu(self.reader, self.max_pdu)
@@ -180,6 +196,8 @@ class Association:
             self._end(AssociationAborted("the association was closed"))
             self.writer.close()
             raise
+        finally:
+            assembler.abandon()  # a C-STORE cut off mid data set leaves no file behind
 
     def _end(self, reason: BaseException) -> None:
         if self._ended is None:
@@ -301,8 +319,11 @@ class Association:
 async def connect(host: str, port: int, *, calling_ae: str, called_ae: str,
                   contexts: Sequence[tuple[str, Sequence[str]]], max_pdu: int = DEFAULT_MAX_PDU,
                   connect_timeout_s: float = 10.0, acse_timeout_s: float = 30.0,
-                  dimse_timeout_s: float = 30.0) -> Association:
+                  dimse_timeout_s: float = 30.0, roles: Sequence[RoleSelection] = ()) -> Association:
     """Open an association proposing ``contexts`` (abstract syntax, transfer syntaxes), one context each.
+
+    ``roles``: SCP/SCU role selections to propose (a C-GET requester asks for the SCP role of the storage
+    classes it wants back); what the peer granted is in ``Association.roles``.
 
     Raises ConnectFailed, AssociationRejected, AssociationAborted or DimseTimeout (no answer within the
     ACSE timeout: the ARTIM of the requestor).
@@ -314,7 +335,8 @@ async def connect(host: str, port: int, *, calling_ae: str, called_ae: str,
     set_nodelay(writer)
     proposed = tuple(ProposedContext(2 * i + 1, abstract, tuple(transfers))
                      for i, (abstract, transfers) in enumerate(contexts))
-    writer.write(AssociateRequest(called_ae, calling_ae, proposed, UserInformation(max_pdu)).encode())
+    user = UserInformation(max_pdu, roles=tuple(roles))
+    writer.write(AssociateRequest(called_ae, calling_ae, proposed, user).encode())
     try:
         kind, body = await asyncio.wait_for(read_pdu(reader, max_pdu), acse_timeout_s)
         if kind == PduType.ASSOCIATE_AC:
@@ -352,5 +374,6 @@ async def connect(host: str, port: int, *, calling_ae: str, called_ae: str,
                         peer_max_pdu=accept.user.max_pdu, max_pdu=max_pdu, dimse_timeout_s=dimse_timeout_s,
                         acse_timeout_s=acse_timeout_s,
                         peer_implementation_class_uid=accept.user.implementation_class_uid)
+    assoc.roles = accept.user.roles
     assoc.start_reading()
     return assoc

@@ -99,9 +99,10 @@ def decode_command(raw: bytes) -> Command:
         offset += 8
         if offset + length > len(raw):
             raise ProtocolError(f"command element (0000,{element:04X}) runs past the command set")
-        if group != 0x0000:
-            raise ProtocolError(f"element ({group:04X},{element:04X}) in a command set")
-        fields[element] = raw[offset:offset + length]
+        if group == 0x0000:
+            fields[element] = raw[offset:offset + length]
+        # Elements of other groups are skipped: Orthanc 1.10 (DCMTK) puts (0008,0058) Failed SOP Instance
+        # UID List into the command set of a failed C-GET's response, where PS3.7 has only group 0000.
         offset += length
     return Command(fields)
 

@@ -28,7 +28,7 @@ import contextlib
 import os
 import struct
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, NamedTuple
@@ -40,24 +40,29 @@ from spanner.dicom_constants import (
     AFFECTED_SOP_INSTANCE_UID,
     COMMAND_DATA_SET_TYPE,
     COMMAND_FIELD,
+    COMMON_STORAGE_CLASSES,
     DATASET_PRESENT,
+    ERROR_COMMENT,
     EXPLICIT_VR_LE,
     IMPLEMENTATION_CLASS_UID,
     IMPLEMENTATION_VERSION,
     IMPLICIT_VR_LE,
     MESSAGE_ID,
+    MESSAGE_ID_BEING_RESPONDED_TO,
     MOVE_ORIGINATOR_AE_TITLE,
     MOVE_ORIGINATOR_MESSAGE_ID,
     PRIORITY,
     PRIORITY_MEDIUM,
+    STATUS,
     STORAGE_SOP_CLASS_ROOT,
     VERIFICATION,
     CommandField,
+    Status,
 )
-from spanner.dimse.association import Association, connect
+from spanner.dimse.association import Association, Identifier, Response, connect
 from spanner.dimse.errors import DimseError, NoAcceptedContext, ProtocolError
-from spanner.dimse.messages import Command, encode_command, fragment
-from spanner.dimse.pdu import HEADER, AcceptedContext, PduType
+from spanner.dimse.messages import Command, Message, encode_command, fragment
+from spanner.dimse.pdu import HEADER, AcceptedContext, PduType, RoleSelection
 
 UNCOMPRESSED_LE = (EXPLICIT_VR_LE, IMPLICIT_VR_LE)
 _PREAMBLE = b"\0" * 128 + b"DICM"
@@ -388,3 +393,90 @@ async def send_files(host: str, port: int, paths: Iterable[str | os.PathLike[str
         raise
     await assoc.release()
     return results
+
+
+# -- C-GET, requestor side (PS3.4 C.4.3, PS3.7 9.1.3) ---------------------------------------------------
+StoreHandler = Callable[[StoreRequest], Awaitable[int]]
+
+
+def get_contexts(get_model: str, storage_classes: Sequence[str] = COMMON_STORAGE_CLASSES
+                 ) -> tuple[list[tuple[str, Sequence[str]]], list[RoleSelection]]:
+    """The contexts and role selections of a C-GET requester: the C-GET's own context, then one per
+    storage class with every syntax pydicom knows (the archive then sends what it stores), each with the
+    SCP role for the requester, so that the archive may C-STORE back on the association."""
+    if len(storage_classes) > 127:
+        raise ValueError(f"{len(storage_classes)} storage classes: an association holds at most 128 contexts")
+    contexts: list[tuple[str, Sequence[str]]] = [(get_model, UNCOMPRESSED_LE)]
+    contexts += [(sop_class, STORE_TRANSFER_SYNTAXES) for sop_class in storage_classes]
+    roles = [RoleSelection(sop_class, scu_role=False, scp_role=True) for sop_class in storage_classes]
+    return contexts, roles
+
+
+def receive_stores(assoc: Association, directory: str | os.PathLike[str], max_bytes: int = 0) -> None:
+    """From now on, C-STORE data sets the peer sends on ``assoc`` are written to Part-10 files in
+    ``directory`` as they arrive (a larger one than ``max_bytes`` is refused with 0xA700)."""
+
+    def sink(context_id: int, command: Command) -> SpoolFile | None:
+        context = assoc.contexts.get(context_id)
+        if command.field != CommandField.C_STORE_RQ or context is None or not context.accepted:
+            return None
+        header = part10_header(command.text(AFFECTED_SOP_CLASS_UID) or context.abstract_syntax,
+                               command.text(AFFECTED_SOP_INSTANCE_UID), context.transfer_syntax)
+        return SpoolFile(directory, header, max_bytes)
+
+    assoc.sinks = sink
+
+
+async def _answer_store(assoc: Association, message: Message, on_store: StoreHandler) -> None:
+    """Hand one incoming C-STORE to ``on_store`` and answer it with the status it returns."""
+    command = message.command
+    context = assoc.contexts.get(message.context_id)
+    sink = message.sink
+    comment: str | None = None
+    if context is None or not isinstance(sink, SpoolFile):
+        status, comment = int(Status.UNABLE_TO_PROCESS), "no accepted context for the C-STORE"
+    elif sink.refused is not None:
+        status, comment = int(Status.OUT_OF_RESOURCES), sink.refused
+    else:
+        request = StoreRequest.of(assoc, context, command, sink, "", None)
+        try:
+            status = await on_store(request)
+        except Exception as exc:  # the archive hears why; the retrieval goes on with the next instance
+            status, comment = int(Status.UNABLE_TO_PROCESS), f"{type(exc).__name__}: {exc}"[:64]
+    if isinstance(sink, SpoolFile):
+        sink.discard()  # what the handler did not move away
+    reply: dict[int, int | str] = {
+        AFFECTED_SOP_CLASS_UID: command.text(AFFECTED_SOP_CLASS_UID),
+        AFFECTED_SOP_INSTANCE_UID: command.text(AFFECTED_SOP_INSTANCE_UID),
+        COMMAND_FIELD: CommandField.C_STORE_RSP, MESSAGE_ID_BEING_RESPONDED_TO: command.message_id,
+        STATUS: status}
+    if comment and status != Status.SUCCESS:
+        reply[ERROR_COMMENT] = comment
+    assoc.send(message.context_id, reply)
+    await assoc.drain()
+
+
+async def get(assoc: Association, abstract_syntax: str, identifier: Identifier, msg_id: int,
+              on_store: StoreHandler, priority: int = PRIORITY_MEDIUM) -> AsyncIterator[Response]:
+    """C-GET over ``assoc`` (opened with ``get_contexts`` and ``receive_stores``): the archive's pending
+    and final responses, while each instance it C-STOREs back goes to ``on_store`` as it arrives.
+
+    The DIMSE timeout runs between messages, so a long retrieval that keeps sending never times out.
+    """
+    ctx = assoc.context_for(abstract_syntax)
+    data = identifier if isinstance(identifier, bytes) else identifier(ctx.transfer_syntax)
+    assoc.send(ctx.context_id, {AFFECTED_SOP_CLASS_UID: abstract_syntax, COMMAND_FIELD: CommandField.C_GET_RQ,
+                                MESSAGE_ID: msg_id, PRIORITY: priority}, data)
+    while True:
+        message = await assoc.next_message()
+        command = message.command
+        if command.field == CommandField.C_STORE_RQ:
+            await _answer_store(assoc, message, on_store)
+            continue
+        if command.field != CommandField.C_GET_RSP or command.responding_to != msg_id:
+            raise ProtocolError(f"unexpected DIMSE message 0x{command.field:04X} while waiting for "
+                                f"responses to C-GET {msg_id}")
+        response = Response(command.status, message.dataset, command, ctx.transfer_syntax)
+        yield response
+        if not response.pending:
+            return

@@ -58,6 +58,11 @@ class ProxyPart:
     dimse_timeout_s: float
     method: RetrieveMethod = RetrieveMethod.C_MOVE
 
+    @property
+    def cache_key(self) -> str:
+        """The part as the spool's manifests name it: what it asks for, not who holds it."""
+        return "|".join([self.level.value, *(f"{k}={v}" for k, v in self.keys)])
+
 
 @ray.remote(num_cpus=0)
 class StoreService:
@@ -89,13 +94,33 @@ class StoreService:
         identifier = MoveQuery(part.level, part.keys, self._config.ae_title).identifier()
         models = GET_MODELS if part.method is RetrieveMethod.C_GET else MOVE_MODELS
         holder = HolderPart(part.node, part.archive, encoder(identifier), model=models[part.model],
-                            method=part.method)
+                            method=part.method, cache_key=part.cache_key)
         async for event in proxy_move(self._scp, [holder], destination, calling_ae=part.calling_ae,
                                       dimse_timeout_s=part.dimse_timeout_s, deadline_s=deadline_s):
             yield event
 
 
+    async def forget_node(self, node: str) -> int:
+        """A node changed or went: nothing spooled from it is served again; how many instances went."""
+        return self._scp.spool.drop_node(node)
+
+
 StoreHandle = Any  # a Ray actor handle of StoreService
+
+
+def existing(settings: Settings) -> StoreHandle | None:
+    """The deployment's store actor if one runs (a deployment that never proxied has none)."""
+    try:
+        return ray.get_actor(ACTOR_NAME, namespace=settings.namespace)
+    except ValueError:
+        return None
+
+
+def forget_node(settings: Settings, node: str, timeout_s: float = 10.0) -> None:
+    """Blocking: the store actor, if one runs, serves nothing spooled from ``node`` any more."""
+    handle = existing(settings)
+    if handle is not None:
+        ray.get(handle.forget_node.remote(node), timeout=timeout_s)
 
 
 def get(settings: Settings) -> StoreHandle:

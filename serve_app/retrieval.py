@@ -333,7 +333,8 @@ class Retriever:
                         f"{next(iter(failed.values()))}"
             part.tried.append({"node": spec.name, "status": "ok" if ok else "failed",
                                "dimse_status": end.status if end is not None else None, "error": error,
-                               "completed": forwarded, "failed": len(failed) + archive_failed, "warning": 0})
+                               "completed": forwarded, "failed": len(failed) + archive_failed, "warning": 0,
+                               "from_spool": end is not None and end.from_spool})
             if ok or forwarded:
                 # What the destination took stays counted; asking another holder would send it again.
                 part.counts = {"remaining": 0, "completed": forwarded, "failed": len(failed) + archive_failed,

@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
-from actors import event_relay, registry
+from actors import event_relay, registry, store_service
 from serve_app.admission import Admission
 from serve_app.coordinator import Coordinator
 from serve_app.keys import KeyCache
@@ -155,8 +155,11 @@ class Services:
         )
 
     def sync_actor(self, name: str) -> None:
-        """After a node changed: its actor runs the current spec, or stops if the node is gone or off."""
+        """After a node changed: its actor runs the current spec, or stops if the node is gone or off, and
+        nothing the spool holds from it is served again (a blocking call: routes that change nodes are
+        synchronous and run in a worker thread)."""
         self.coordinator.forget(name)
+        store_service.forget_node(self.settings, name)
         try:
             node: NodeOut | None = self.repo.get_node(name)
         except NotFound:

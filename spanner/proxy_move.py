@@ -77,6 +77,7 @@ class HolderPart:
     method: RetrieveMethod = RetrieveMethod.C_MOVE
     fallbacks: tuple[Fallback, ...] = ()  # in priority order
     retry: Callable[[frozenset[str]], Identifier] | None = None  # an identifier for just these SOP UIDs
+    cache_key: str | None = None  # names the part in the spool's manifests (its level and keys)
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,9 +144,12 @@ class _Forwarder:
 
 
 def _cached(spool: Spool, part: HolderPart) -> list[SpoolEntry] | None:
-    """The part's instances when every expected one is in the spool from the same node, else None."""
+    """The part's instances when every expected one is in the spool from the same node, else None.
+
+    A part that lists no UIDs is served from the spool when an earlier retrieval of the same part (its
+    ``cache_key``) from the same node arrived whole and every instance of it is still there."""
     if not part.expected:
-        return None
+        return None if part.cache_key is None else spool.recall(part.cache_key, part.node)
     entries = [spool.get(uid) for uid in sorted(part.expected)]
     found = [e for e in entries if e is not None and e.node == part.node]
     return found if len(found) == len(entries) else None
@@ -282,6 +286,10 @@ async def proxy_move(scp: StorageScp, parts: Sequence[HolderPart], destination: 
                 yield InstanceEvent(uid, expectation.node, False, why)
             # Failures of the spool would fail again elsewhere; what never came is asked of the next holder.
             missing = frozenset(expectation.expected - expectation.received - set(expectation.failures))
+            whole = (event.status == Status.SUCCESS and event.error is None and not missing
+                     and not expectation.failures and not event.counts.get("failed"))
+            if whole and part.cache_key is not None and not event.from_spool and expectation.received:
+                scp.spool.remember(part.cache_key, part.node, expectation.received)
             failover = None
             if missing and part.fallbacks and part.retry is not None:
                 fallback = part.fallbacks[0]

@@ -4,6 +4,8 @@
     entry = spool.put(node="pacs-a", path=received_file)   # moves the Part-10 file in; SpoolFull if no room
     spool.get(sop_instance_uid)                             # the entry, or None (absent or expired)
     spool.drop_node("pacs-a")                               # a node changed: what came from it goes
+    spool.remember("STUDY|1.2.3", "pacs-a", uids)           # a part arrived whole: its instance list
+    spool.recall("STUDY|1.2.3", "pacs-a")                   # the entries, when every one is still here
 
 - Instances are Part-10 files, keyed by SOP Instance UID; each entry remembers the node it came from.
   A second instance with the same UID replaces the first.
@@ -14,6 +16,10 @@
 - ``incoming``: a folder inside the spool for files being received (the store SCP's ``store_dir``), so that
   ``put`` is a rename on the same file system. The bytes of files still arriving are not counted: the store
   SCP's per-instance limit bounds each of them.
+- Manifests: the instance list of a part that arrived whole (its level and keys, from one node), so that
+  a repeated retrieval of the same part is served from the spool without asking the archive. A manifest
+  lives as long as the TTL, goes with ``drop_node``, and is worth nothing once one of its instances has
+  left the spool. Within the TTL, instances the archive received after the manifest are not seen.
 - The folder holds a marker file. A folder that has files but no marker is refused (a mistyped
   SPANNER_SPOOL_DIR never has its contents deleted); with the marker, leftovers of an earlier run are
   deleted at start: the index lives in memory only.
@@ -86,6 +92,7 @@ class Spool:
         self.ttl_s = ttl_s
         self._clock = clock
         self._entries: dict[str, SpoolEntry] = {}  # insertion order = age order (put re-inserts)
+        self._manifests: dict[tuple[str, str], tuple[frozenset[str], float]] = {}  # (key, node) -> UIDs
         self.used_bytes = 0
         self._prepare()
 
@@ -188,8 +195,27 @@ class Spool:
             self._drop(entry)
         return len(gone)
 
+    def remember(self, key: str, node: str, uids: frozenset[str] | set[str]) -> None:
+        """``key`` (a part's level and keys) held exactly ``uids`` at ``node``, all of which are spooled."""
+        self._manifests[(key, node)] = (frozenset(uids), self._clock())
+
+    def recall(self, key: str, node: str) -> list[SpoolEntry] | None:
+        """The remembered part's entries in UID order, or None when unknown, expired or incomplete."""
+        found = self._manifests.get((key, node))
+        if found is None:
+            return None
+        uids, at = found
+        entries = [self.get(uid) for uid in sorted(uids)]
+        fresh = self._clock() - at < self.ttl_s
+        if not fresh or not uids or any(e is None or e.node != node for e in entries):
+            del self._manifests[(key, node)]
+            return None
+        return [e for e in entries if e is not None]
+
     def drop_node(self, node: str) -> int:
         """Drop everything that came from ``node`` (its settings changed or it was removed)."""
+        for key in [k for k in self._manifests if k[1] == node]:
+            del self._manifests[key]
         gone = [e for e in self._entries.values() if e.node == node]
         for entry in gone:
             self._drop(entry)
@@ -203,5 +229,6 @@ class Spool:
         entry.path.unlink(missing_ok=True)
 
     def clear(self) -> None:
+        self._manifests.clear()
         for entry in list(self._entries.values()):
             self._drop(entry)

@@ -130,7 +130,8 @@ def retrieve(api: Api, **body: Any) -> dict[str, Any]:
 
 @pytest.mark.orthanc
 @pytest.mark.dcmtk
-def test_a_node_set_to_c_get_delivers_through_the_api_and_c_move_cannot(api: Api, folder: Path) -> None:
+def test_a_c_get_node_delivers_through_the_api_and_from_the_spool_until_the_node_changes(
+        api: Api, folder: Path) -> None:
     require(orthanc_executable() is not None, "Debian's orthanc")
     files = folder / "files"
     files.mkdir()
@@ -156,9 +157,20 @@ def test_a_node_set_to_c_get_delivers_through_the_api_and_c_move_cannot(api: Api
             uid = read_part10(path).sop_instance_uid
             assert dcmread(storescp.received()[uid]).PixelData == dcmread(path).PixelData
 
+        assert [t["from_spool"] for part in result["parts"] for t in part["tried"]] == [False]
+
+        again = retrieve(api)  # the same study again: from the spool, the archive not asked
+        assert (again["status"], again["completed"]) == ("success", 5), again
+        assert [t["from_spool"] for part in again["parts"] for t in part["tried"]] == [True]
+
+        assert api.http.patch("/api/v1/nodes/cget-only", json={"priority": 5}).status_code == 200
+        after_change = retrieve(api)  # the node changed: what came from it is fetched afresh
+        assert (after_change["status"], after_change["completed"]) == ("success", 5), after_change
+        assert [t["from_spool"] for part in after_change["parts"] for t in part["tried"]] == [False]
+
         patched = api.http.patch("/api/v1/nodes/cget-only", json={"retrieve_method": "c-move"})
         assert patched.status_code == 200 and patched.json()["retrieve_method"] == "c-move"
-        moved = retrieve(api)
+        moved = retrieve(api)  # this archive does not know the spanner's storage SCP
         assert moved["status"] == "failed" and moved["completed"] == 0, moved
 
         bad = api.http.patch("/api/v1/nodes/cget-only", json={"retrieve_method": "c-send"})

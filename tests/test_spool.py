@@ -121,3 +121,26 @@ def test_bad_settings_and_bad_files(folder: Path) -> None:
     with pytest.raises(NotPart10):
         spool.put("pacs-a", junk)
     assert spool.used_bytes == 0 and len(spool) == 0
+
+
+def test_manifests_recall_a_whole_part_until_an_instance_goes_the_ttl_passes_or_the_node_changes(
+        folder: Path) -> None:
+    clock = Clock()
+    spool = Spool(folder / "spool", max_bytes=35 * 1024, ttl_s=60, clock=clock)
+    one, two = (spool.put("pacs-a", incoming(spool, n)) for n in (1, 2))
+    uids = {one.sop_instance_uid, two.sop_instance_uid}
+    assert spool.recall("STUDY|x", "pacs-a") is None
+    spool.remember("STUDY|x", "pacs-a", uids)
+    assert spool.recall("STUDY|x", "pacs-a") == sorted([one, two], key=lambda e: e.sop_instance_uid)
+    assert spool.recall("STUDY|x", "pacs-b") is None  # another node's part is not this one
+    spool.put("pacs-b", incoming(spool, 3))
+    four = spool.put("pacs-b", incoming(spool, 4))  # evicts the oldest (one): the part is no longer whole
+    assert spool.recall("STUDY|x", "pacs-a") is None
+    spool.remember("STUDY|y", "pacs-b", {four.sop_instance_uid})
+    clock.now += 61
+    assert spool.recall("STUDY|y", "pacs-b") is None  # the TTL passed
+    three = spool.put("pacs-b", incoming(spool, 5))
+    spool.remember("STUDY|z", "pacs-b", {three.sop_instance_uid})
+    assert spool.recall("STUDY|z", "pacs-b") == [three]
+    spool.drop_node("pacs-b")
+    assert spool.recall("STUDY|z", "pacs-b") is None

@@ -230,3 +230,30 @@ def _failed_uids(raw: bytes, implicit: bool) -> list[str]:
         return []
     values = [value.value] if isinstance(value.value, str) else value.value
     return [str(v) for v in values if v]
+
+
+class LeaseOperation:
+    """A slot held for work done elsewhere (a proxied retrieval's associations, opened by the store actor):
+    it counts against the node's association limit from the moment it is granted until it is released,
+    or until its deadline, when the actor stops it as any operation."""
+
+    def __init__(self) -> None:
+        self.granted = asyncio.Event()
+        self.finished = asyncio.Event()
+        self._released = asyncio.Event()
+
+    async def run(self) -> None:
+        self.granted.set()
+        try:
+            await self._released.wait()
+        finally:
+            self.finished.set()
+
+    def release(self) -> None:
+        self._released.set()
+
+    def cancel(self) -> None:
+        self._released.set()
+
+    def abort_if_running(self) -> None:
+        self._released.set()

@@ -23,7 +23,7 @@ import ray
 from actors.circuit import CircuitBreaker, CircuitState, Decision
 from actors.dimse import FIND_MODELS, MOVE_MODELS, EncodedQueries, marked
 from actors.metrics import NodeMetrics
-from actors.operations import CANCELLED, EchoOperation, FindOperation, MoveOperation
+from actors.operations import CANCELLED, EchoOperation, FindOperation, LeaseOperation, MoveOperation
 from actors.pool import AssociationPool
 from actors.throttle import RateLimiter
 from spanner import hops
@@ -62,6 +62,8 @@ class PacsNodeImpl:
         self._stopping: set[asyncio.Task[None]] = set()
         self._ends: dict[int, float] = {}  # in-flight operation -> when it is expected to end at the latest
         self._waiting = 0  # queries waiting for a slot
+        self._leases: dict[int, tuple[LeaseOperation, asyncio.Future[bool]]] = {}
+        self._lease_ids = itertools.count(1)
         self._typical_s: float | None = None  # moving average of how long an operation holds its slot
         self.in_flight = 0
         self.outcomes: Counter[str] = Counter()
@@ -105,6 +107,42 @@ class PacsNodeImpl:
             self.metrics.throttled()
         self._publish()
         return outcome
+
+    async def lease(self, timeout_s: float) -> tuple[NodeOutcome | None, int]:
+        """One of the node's slots for a proxied retrieval run by the store actor, admitted like a query
+        (circuit breaker, rate limit, association limit): (None, lease ID) once granted, else (the outcome
+        that refuses it, 0). It is held until ``release`` or for ``timeout_s`` at most."""
+        deadline = time.monotonic() + timeout_s
+        try:
+            refused = await self._admit(deadline, probe_allowed=True)
+        except _Throttled:
+            refused = _throttled(self.spec)
+        if refused is not None:
+            return refused, 0
+        op = LeaseOperation()
+        lease_id = next(self._lease_ids)
+        runner = asyncio.ensure_future(self._run(op, deadline))
+        granted = asyncio.ensure_future(op.granted.wait())
+        await asyncio.wait({runner, granted}, return_when=asyncio.FIRST_COMPLETED)
+        if not granted.done():
+            granted.cancel()
+            try:
+                runner.result()
+            except _Throttled:
+                return _throttled(self.spec), 0
+            return NodeOutcome(self.spec.name, OutcomeStatus.TIMEOUT, error="no slot before the deadline"), 0
+        self._leases[lease_id] = (op, runner)
+        runner.add_done_callback(lambda _: self._leases.pop(lease_id, None))
+        return None, lease_id
+
+    async def release(self, lease_id: int) -> None:
+        """Give a lease's slot back (harmless when it already ended); returns once the slot is free."""
+        held = self._leases.pop(lease_id, None)
+        if held is not None:
+            op, runner = held
+            op.release()
+            with contextlib.suppress(Exception):
+                await runner
 
     async def move(self, query: MoveQuery, timeout_s: float) -> AsyncIterator[dict[str, Any]]:
         """C-MOVE to ``query.destination``: progress events as they come, then one result event."""
@@ -556,6 +594,15 @@ class PacsNode:
                 "failed_uids": [],
                 "dimse_status": None,
             }
+
+    async def lease(self, timeout_s: float) -> tuple[NodeOutcome | None, int]:
+        """A slot for a proxied retrieval (see PacsNodeImpl.lease)."""
+        result: tuple[NodeOutcome | None, int] = await _guard(
+            self._impl.spec, lambda: self._impl.lease(timeout_s), 0)
+        return result
+
+    async def release(self, lease_id: int) -> None:
+        await self._impl.release(lease_id)
 
     async def spec(self) -> NodeSpec:
         return self._impl.spec

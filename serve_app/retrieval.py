@@ -33,7 +33,7 @@ from spanner.dicom_constants import (
 )
 from spanner.nodespec import NodeSpec
 from spanner.proxy_move import InstanceEvent, PartEvent, Peer
-from spanner.query import Level, MoveQuery, NodeQuery, information_model_for
+from spanner.query import InformationModel, Level, MoveQuery, NodeQuery, information_model_for
 from spanner.schemas import Dedup, FailureStrategy
 
 # C-MOVE final statuses (PS3.4 C.4.2.1.5)
@@ -301,51 +301,70 @@ class Retriever:
                 part.tried.append({"node": spec.name, "status": "failed",
                                    "error": f"node supports no information model for a {part.level} C-MOVE"})
                 continue
-            proxied = ProxyPart(spec.name, Peer(spec.ae_title, spec.host, spec.port), spec.calling_ae_title,
-                                part.level, keys, model, spec.dimse_timeout_s, spec.retrieve_method)
-            stream = store.move.options(num_returns="streaming").remote(proxied, destination, remaining)
-            forwarded = 0
-            failed: dict[str, str | None] = {}
-            end: PartEvent | None = None
+            # The node's own actor admits the move like a query (circuit, rate limit, association limit)
+            # and holds one of its slots while the store actor fetches from the archive.
+            node = await self._coordinator.handle(spec)
+            refused, lease = await node.lease.remote(remaining)
+            if refused is not None:
+                part.tried.append({"node": spec.name, "status": refused.status.value, "error": refused.error})
+                continue
             try:
-                async for ref in stream:
-                    event: InstanceEvent | PartEvent = await ref
-                    if isinstance(event, PartEvent):
-                        end = event
-                        continue
-                    if event.forwarded:
-                        forwarded += 1
-                    else:
-                        failed[event.sop_instance_uid] = event.reason
-                    part.counts = {"remaining": 0, "completed": forwarded, "failed": len(failed),
-                                   "warning": 0}
-                    await report()
-            except asyncio.CancelledError:
-                import ray
+                if await self._proxy_from(part, spec, keys, model, destination, store, deadline, report):
+                    return
+            finally:
+                node.release.remote(lease)
 
-                ray.cancel(stream)
-                raise
-            archive_failed = int(end.counts.get("failed", 0)) if end is not None else 0
-            ok = end is not None and end.error is None and end.status in (SUCCESS, WARNING_FAILURES)
-            error = end.error if end is not None else "the store actor ended without a result"
-            if error is None and failed:
-                error = f"{len(failed)} instance(s) not taken by {destination.ae_title}, e.g. " \
-                        f"{next(iter(failed.values()))}"
-            part.tried.append({"node": spec.name, "status": "ok" if ok else "failed",
-                               "dimse_status": end.status if end is not None else None, "error": error,
-                               "completed": forwarded, "failed": len(failed) + archive_failed, "warning": 0,
-                               "from_spool": end is not None and end.from_spool})
-            if ok or forwarded:
-                # What the destination took stays counted; asking another holder would send it again.
-                part.counts = {"remaining": 0, "completed": forwarded, "failed": len(failed) + archive_failed,
+    async def _proxy_from(self, part: Part, spec: NodeSpec, keys: tuple[tuple[str, str], ...],
+                          model: InformationModel, destination: Peer, store: StoreHandle, deadline: float,
+                          report: Callable[[], Awaitable[None]]) -> bool:
+        """One holder's attempt at a part; True when the part is settled (done, or partly delivered)."""
+        remaining = max(0.0, deadline - time.monotonic())
+        proxied = ProxyPart(spec.name, Peer(spec.ae_title, spec.host, spec.port), spec.calling_ae_title,
+                            part.level, keys, model, spec.dimse_timeout_s, spec.retrieve_method)
+        stream = store.move.options(num_returns="streaming").remote(proxied, destination, remaining)
+        forwarded = 0
+        failed: dict[str, str | None] = {}
+        end: PartEvent | None = None
+        try:
+            async for ref in stream:
+                event: InstanceEvent | PartEvent = await ref
+                if isinstance(event, PartEvent):
+                    end = event
+                    continue
+                if event.forwarded:
+                    forwarded += 1
+                else:
+                    failed[event.sop_instance_uid] = event.reason
+                part.counts = {"remaining": 0, "completed": forwarded, "failed": len(failed),
                                "warning": 0}
-                part.failed_uids = list(failed)
-                # A part none of whose instances reached the destination is not done: its reason (the
-                # destination's refusal) then becomes the retrieval's error.
-                part.done = ok and (forwarded > 0 or not failed)
                 await report()
-                return
-            part.counts = dict.fromkeys(part.counts, 0)  # the next holder starts the part afresh
+        except asyncio.CancelledError:
+            import ray
+
+            ray.cancel(stream)
+            raise
+        archive_failed = int(end.counts.get("failed", 0)) if end is not None else 0
+        ok = end is not None and end.error is None and end.status in (SUCCESS, WARNING_FAILURES)
+        error = end.error if end is not None else "the store actor ended without a result"
+        if error is None and failed:
+            error = f"{len(failed)} instance(s) not taken by {destination.ae_title}, e.g. " \
+                    f"{next(iter(failed.values()))}"
+        part.tried.append({"node": spec.name, "status": "ok" if ok else "failed",
+                           "dimse_status": end.status if end is not None else None, "error": error,
+                           "completed": forwarded, "failed": len(failed) + archive_failed, "warning": 0,
+                           "from_spool": end is not None and end.from_spool})
+        if ok or forwarded:
+            # What the destination took stays counted; asking another holder would send it again.
+            part.counts = {"remaining": 0, "completed": forwarded, "failed": len(failed) + archive_failed,
+                           "warning": 0}
+            part.failed_uids = list(failed)
+            # A part none of whose instances reached the destination is not done: its reason (the
+            # destination's refusal) then becomes the retrieval's error.
+            part.done = ok and (forwarded > 0 or not failed)
+            await report()
+            return True
+        part.counts = dict.fromkeys(part.counts, 0)  # the next holder starts the part afresh
+        return False
 
 
 def _totals(parts: list[Part]) -> dict[str, int]:

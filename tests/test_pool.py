@@ -217,3 +217,32 @@ def test_a_response_identifier_nothing_can_read_ends_that_query_aborted_and_free
     assert status == "aborted"
     assert error is not None and "cannot be read" in error
     assert idle == 0
+
+
+def test_a_retrieval_lease_holds_a_slot_until_released_or_its_deadline(sim: WireSimulatedPacs) -> None:
+    """The store actor's move holds one of the node's slots: with one slot, a query meanwhile is
+    ``throttled``; after release the next lease is granted; an unreleased lease ends at its deadline."""
+    from actors.pacs_node import PacsNodeImpl
+    from spanner.query import Level, NodeQuery
+
+    async def body() -> tuple[list[str | None], int]:
+        tuning = ActorTuning(log_level="WARNING", cancel_grace_s=0.1)
+        node = PacsNodeImpl(spec_for(sim.port, max_associations=1), tuning)
+        seen: list[str | None] = []
+        try:
+            refused, lease = await node.lease(timeout_s=5)
+            seen.append(None if refused is None else refused.status.value)
+            query, _ = await node.find(NodeQuery(Level.STUDY), timeout_s=0.3)
+            seen.append(query.status.value)
+            await node.release(lease)
+            refused, _ = await node.lease(timeout_s=0.3)  # granted, never released
+            seen.append(None if refused is None else refused.status.value)
+            await until(lambda: node.in_flight == 0)  # its deadline (0.3 s) and the grace end it
+            query, matches = await node.find(NodeQuery(Level.STUDY), timeout_s=2)
+            seen.append(query.status.value)
+            return seen, len(matches)
+        finally:
+            await node.close()
+
+    seen, matches = asyncio.run(body())
+    assert seen == [None, "throttled", None, "ok"] and matches == 2

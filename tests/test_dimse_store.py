@@ -293,3 +293,38 @@ def test_a_store_refused_on_protocol_grounds_leaves_no_file(folder: Path) -> Non
 
     asyncio.run(body())
     assert list(incoming.iterdir()) == []
+
+
+@pytest.mark.dcmtk
+def test_compressed_instances_are_decompressed_for_a_receiver_of_uncompressed_data_only(folder: Path) -> None:
+    """RLE (pydicom's own codec) and JPEG 2000 lossless (pylibjpeg-openjpeg) reach a storescp that takes
+    only Explicit VR Little Endian with the same pixel values; a JPEG whose data does not decode fails
+    alone, with the reason."""
+    from pydicom.uid import JPEG2000Lossless, RLELossless
+
+    files = folder / "files"
+    files.mkdir()
+    compressed: dict[str, Path] = {}
+    for n, syntax in ((11, RLELossless), (12, JPEG2000Lossless)):
+        path = write_instance(files, n, 64 * 1024)
+        ds = pydicom.dcmread(path)
+        ds.PixelData = bytes((i * 7 + n) % 251 for i in range(len(ds.PixelData)))  # compressible, not random
+        ds.compress(syntax, generate_instance_uid=False)
+        ds.save_as(path, enforce_file_format=True)
+        compressed[syntax] = path
+    broken = write_instance(files, 13, 2000, JPEGBaseline8Bit)  # random bytes between JPEG markers
+    received = folder / "explicit"
+    received.mkdir()
+    explicit_only = Storescp(received, "+xe")
+    try:
+        results = asyncio.run(send_files("127.0.0.1", explicit_only.port, [*compressed.values(), broken],
+                                         calling_ae="SPANNER", called_ae="DEST"))
+    finally:
+        explicit_only.stop()
+    assert [r.status for r in results[:2]] == [Status.SUCCESS] * 2, results
+    assert results[2].status is None and "could not be decompressed" in (results[2].error or "")
+    got = explicit_only.received()
+    for syntax, path in compressed.items():
+        copy = got[read_part10(path).sop_instance_uid]
+        assert read_part10(copy).transfer_syntax == ExplicitVRLittleEndian, syntax
+        assert (pydicom.dcmread(copy).pixel_array == pydicom.dcmread(path).pixel_array).all(), syntax

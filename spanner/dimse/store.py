@@ -15,8 +15,10 @@ SCU: ``read_part10`` reads a stored file's meta header (SOP class, SOP instance,
 data set starts); ``storage_contexts`` proposes, per SOP class, the stored transfer syntax in a context of its
 own and Explicit/Implicit VR Little Endian in another; ``store`` sends the file's data set over an open
 association, read from disk in PDU-sized pieces. When the peer accepted only the other context, an
-uncompressed instance is converted between Explicit and Implicit VR Little Endian with pydicom (that one
-instance is then in memory); an instance in any other syntax fails with ``TransferSyntaxNotAccepted``.
+instance is converted to Explicit or Implicit VR Little Endian with pydicom, decompressing its pixel data
+first when it is stored compressed (that one instance is then in memory); an instance in a syntax no
+installed decoder reads fails with ``TransferSyntaxNotAccepted``, one whose data will not decode with
+``ConversionFailed``.
 
 Disk writes and reads are plain blocking calls on the event loop: pieces are at most one PDU (16 KiB to
 a few hundred KiB) and land in or come from the page cache.
@@ -271,6 +273,22 @@ def storage_contexts(instances: Iterable[tuple[str, str]]) -> list[tuple[str, Se
     return contexts
 
 
+def convertible(transfer_syntax: str) -> bool:
+    """Whether an instance stored in ``transfer_syntax`` can be re-encoded in Explicit/Implicit VR Little
+    Endian here: the uncompressed ones and deflate always; a compressed one when a pydicom pixel data
+    decoder for it is installed (pylibjpeg: JPEG, JPEG-LS, JPEG 2000; pydicom itself: RLE)."""
+    from pydicom.pixels.decoders.base import get_decoder
+    from pydicom.uid import UID
+
+    uid = UID(transfer_syntax)
+    if transfer_syntax in UNCOMPRESSED_LE or (uid.is_transfer_syntax and not uid.is_compressed):
+        return True
+    try:
+        return bool(get_decoder(uid).is_available)
+    except NotImplementedError:  # no decoder is known for this syntax at all
+        return False
+
+
 def _pick_context(assoc: Association, instance: StoredInstance) -> AcceptedContext:
     accepted = [c for c in assoc.contexts.values()
                 if c.accepted and c.abstract_syntax == instance.sop_class_uid]
@@ -280,23 +298,38 @@ def _pick_context(assoc: Association, instance: StoredInstance) -> AcceptedConte
     for ctx in accepted:
         if ctx.transfer_syntax == instance.transfer_syntax:
             return ctx
-    for ctx in accepted:
-        if ctx.transfer_syntax in UNCOMPRESSED_LE and instance.transfer_syntax in UNCOMPRESSED_LE:
-            return ctx
+    if convertible(instance.transfer_syntax):
+        for ctx in sorted(accepted, key=lambda c: c.transfer_syntax != EXPLICIT_VR_LE):
+            if ctx.transfer_syntax in UNCOMPRESSED_LE:
+                return ctx
     offered = ", ".join(sorted({c.transfer_syntax for c in accepted}))
     raise TransferSyntaxNotAccepted(
         f"instance {instance.sop_instance_uid} is stored in {instance.transfer_syntax}; the peer accepts "
-        f"{instance.sop_class_uid} only in {offered}, and the spanner converts only between Explicit and "
-        f"Implicit VR Little Endian")
+        f"{instance.sop_class_uid} only in {offered}, and the spanner converts only to Explicit or "
+        f"Implicit VR Little Endian from a syntax it can decode")
+
+
+class ConversionFailed(TransferSyntaxNotAccepted):
+    """The instance's syntax is one the spanner decodes, but this instance's data could not be decoded."""
 
 
 def _converted(instance: StoredInstance, transfer_syntax: str) -> bytes:
-    """The data set re-encoded in the other uncompressed Little Endian syntax (in memory: one instance)."""
+    """The data set re-encoded in Explicit or Implicit VR Little Endian, decompressing its pixel data when
+    it is stored compressed (in memory: one instance, decoded)."""
     from pydicom import dcmread  # only conversions need these
     from pydicom.filebase import DicomBytesIO
     from pydicom.filewriter import write_dataset
+    from pydicom.uid import UID
 
     ds = dcmread(instance.path)
+    if UID(instance.transfer_syntax).is_compressed:
+        try:
+            # The instance keeps its UID: a change of transfer syntax does not make a new instance.
+            ds.decompress(generate_instance_uid=False)  # now Explicit VR Little Endian
+        except Exception as exc:  # a codec's own error types: the instance is not sent, with the reason
+            raise ConversionFailed(
+                f"instance {instance.sop_instance_uid} is stored in {instance.transfer_syntax} and could not "
+                f"be decompressed for a receiver that takes only uncompressed data: {exc}") from exc
     out = DicomBytesIO()
     out.is_little_endian, out.is_implicit_VR = True, transfer_syntax == IMPLICIT_VR_LE
     write_dataset(out, ds)

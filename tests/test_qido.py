@@ -191,7 +191,8 @@ def web(api: Api, ray_session: str, tmp_path_factory: pytest.TempPathFactory,
                                      "database_url": url, "auth_enabled": True, "cors_origins": VIEWER}
     serve.run(build_app(AppArgs(settings=settings)), name="spanner-web", route_prefix="/web")
     app = WebApp(f"{api.base_url}/web", keys)
-    with httpx.Client(base_url=app.base_url, headers={"Authorization": f"Bearer {keys['boss']}"}) as admin:
+    with httpx.Client(base_url=app.base_url, timeout=60,
+                      headers={"Authorization": f"Bearer {keys['boss']}"}) as admin:
         for name, peer in universe.archives.items():
             body = {"name": name, "ae_title": peer.aet, "host": "127.0.0.1", "port": peer.dicom_port}
             assert admin.post("/api/v1/nodes", json=body).status_code == 201
@@ -234,3 +235,29 @@ def test_no_cors_when_no_origin_is_allowed(api: Api, universe: Universe) -> None
         "Origin": VIEWER, "Access-Control-Request-Method": "GET"})
     assert "access-control-allow-origin" not in preflight.headers
     assert preflight.status_code == 405
+
+
+def test_the_demo_fleets_simulator_answers_every_level(api: Api) -> None:
+    """`make run` serves the project's simulated PACS: the README's curl lines work against them."""
+    from simulator.dataset import generate_fleet
+    from simulator.scp import SimulatedPacs, SimulatorConfig
+
+    sim = SimulatedPacs(SimulatorConfig(ae_title="DWSIM"), generate_fleet(3, 1, 6)[0])
+    sim.start()
+    try:
+        api.add_node("dw-sim", sim.port, ae_title="DWSIM")
+        api.add_span("dw-sim", ["dw-sim"], ae_title="DWSIM")
+        studies = get(api, "/dicomweb/spans/dw-sim/studies?PatientName=*&includefield=StudyDescription")
+        assert studies.status_code == 200 and studies.json(), studies.text
+        study = studies.json()[0]["0020000D"]["Value"][0]
+        series = get(api, f"/dicomweb/spans/dw-sim/studies/{study}/series")
+        assert series.status_code == 200 and series.json()
+        assert all(ds["0020000D"]["Value"] == [study] for ds in series.json())
+        instances = get(api, f"/dicomweb/spans/dw-sim/studies/{study}/instances")
+        assert instances.status_code == 200 and instances.json()
+        assert all(ds["00081190"]["Value"][0].startswith(f"{api.base_url}/dicomweb/spans/dw-sim/studies/")
+                   for ds in instances.json())
+    finally:
+        api.http.delete("/api/v1/spans/dw-sim")
+        api.http.delete("/api/v1/nodes/dw-sim")
+        sim.stop()

@@ -244,7 +244,9 @@ async def search(
         failed = {"detail": f"the search failed under span {span!r}'s failure strategy: "
                             f"{result.get('reason') or result['status']}", "nodes": result["nodes"]}
         return QidoAnswer(answer.status, failed, warnings, answer.record)
-    matches = result["matches"]
+    # Copies: the answer as the archives gave it is what the query cache stores, once the record is written.
+    matches: list[dict[str, Any]] = [{"dataset": dict(m["dataset"]), "nodes": list(m["nodes"])}
+                                     for m in result["matches"]]
     if search_.level is Level.STUDY and matches and PER_ARCHIVE_KEYS & set(search_.filters):
         await _complete_studies(s, span, matches, attributes, audit, requester, read_cache)
     if search_.level is Level.STUDY and _counted(attributes):
@@ -277,7 +279,7 @@ async def _complete_studies(
     for whole in answer.body["matches"]:
         match = page.get(_first(whole["dataset"], _UID_TAGS[Level.STUDY]) or "")
         if match is not None:
-            match["dataset"], match["nodes"] = whole["dataset"], whole["nodes"]
+            match["dataset"], match["nodes"] = dict(whole["dataset"]), list(whole["nodes"])
 
 
 def _counted(attributes: Iterable[str]) -> bool:

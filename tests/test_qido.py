@@ -64,6 +64,18 @@ def test_ohif_study_list_request(api: Api, universe: Universe) -> None:
     assert warnings(response) == []
 
 
+def test_split_study_counts_hold_from_the_cache_too(api: Api, universe: Universe) -> None:
+    """The split study's counts are counted again over its series (2 series, 5 instances; each archive
+    alone says 1 and 3 or 2); a second search answered from the query cache says the same."""
+    path = f"{ROOT}/studies?StudyInstanceUID={SPLIT_STUDY}"
+    answers = [api.http.get(path, headers={"Accept": "application/dicom+json"}).json()[0] for _ in range(2)]
+    for answer in answers:
+        assert answer["00201206"]["Value"] == [2] and answer["00201208"]["Value"] == [5]
+    assert answers[0] == answers[1]
+    records = api.http.get("/api/v1/queries", params={"limit": 10}).json()
+    assert "hit" in {r["cache"] for r in records if r["span"] == SPAN}
+
+
 def test_empty_answer_is_200_and_an_empty_list(api: Api, universe: Universe) -> None:
     response = get(api, f"{ROOT}/studies?PatientID=NOBODY")
     assert response.status_code == 200 and response.json() == []

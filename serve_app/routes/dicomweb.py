@@ -109,7 +109,8 @@ async def _search(
         search = qido.parse(level, list(request.query_params.multi_items()), study, series)
         answer = await qido.search(
             s, span_of(request), search, audit_of(request, principal, None, Channel.DICOMWEB), requester,
-            root_of(request), read_cache="no-cache" not in directives, arrived=arrived(request),
+            root_of(request), read_cache="no-cache" not in directives, store="no-store" not in directives,
+            arrived=arrived(request),
         )
     except InvalidQuery as exc:  # a parameter, or the span cannot take the search (no node, timeout)
         return bad_request(exc)

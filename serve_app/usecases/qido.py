@@ -227,14 +227,15 @@ class QidoAnswer:
 
 async def search(
     s: Services, span: str, search_: Search, audit: Audit, requester: str, root: str, *,
-    read_cache: bool = True, arrived: float | None = None,
+    read_cache: bool = True, store: bool = True, arrived: float | None = None,
 ) -> QidoAnswer:
-    """Run ``search_`` on ``span``; ``root`` is this front's URL for the span (for RetrieveURL)."""
+    """Run ``search_`` on ``span``; ``root`` is this front's URL for the span (for RetrieveURL).
+    ``read_cache`` / ``store``: as for ``query.run_query`` (Cache-Control no-cache / no-store)."""
     attributes = search_.attributes()
     body = QueryIn(level=search_.level, filters=dict(search_.filters), return_keys=list(attributes),
                    span=span, limit=search_.limit, offset=search_.offset)
-    answer = await query.run_query(s, body, audit, requester, read_cache=read_cache, arrived=arrived,
-                                   cap_limit=True)
+    answer = await query.run_query(s, body, audit, requester, read_cache=read_cache, store=store,
+                                   arrived=arrived, cap_limit=True)
     result = answer.body
     warnings = [f"archive {o['node']}: {o['status']}" + (f" ({o['error']})" if o.get("error") else "")
                 for o in result["nodes"] if o["status"] != "ok"]

@@ -43,6 +43,7 @@ bench: $(VENV)/.installed-bench peers
 	$(BIN)/python -m benchmarks.merge
 	$(BIN)/python -m benchmarks.throughput
 	$(BIN)/python -m benchmarks.orthanc
+	$(BIN)/python -m benchmarks.dicomweb
 
 ## The same, small (under 3 minutes on a quiet machine); results in benchmarks/results/*-quick.*
 bench-quick: $(VENV)/.installed-bench peers
@@ -51,6 +52,7 @@ bench-quick: $(VENV)/.installed-bench peers
 	$(BIN)/python -m benchmarks.merge --quick
 	$(BIN)/python -m benchmarks.throughput --quick
 	$(BIN)/python -m benchmarks.orthanc --quick
+	$(BIN)/python -m benchmarks.dicomweb --quick
 	$(BIN)/python -m benchmarks.soak --quick
 
 lint: $(VENV)/.installed-test

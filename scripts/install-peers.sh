@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Installs the real DICOM peers the tests use (Debian's orthanc and dcmtk; iproute2's ss) and makes sure the services the
-# tests talk to (PostgreSQL, Redis, RabbitMQ on loopback) are up, starting a stopped one the way this
-# machine kind starts it. Idempotent; needs root (or sudo) only when something is missing.
+# Installs the real DICOM peers the tests use (Debian's orthanc with its DICOMweb plugin orthanc-dicomweb, and
+# dcmtk; iproute2's ss) and makes sure the services the tests talk to (PostgreSQL, Redis, RabbitMQ on
+# loopback) are up, starting a stopped one the way this machine kind starts it. Idempotent; needs root (or
+# sudo) only when something is missing.
 set -euo pipefail
 
 SUDO=""
@@ -9,6 +10,7 @@ SUDO=""
 
 missing=()
 command -v Orthanc >/dev/null 2>&1 || missing+=(orthanc)
+dpkg -s orthanc-dicomweb >/dev/null 2>&1 || missing+=(orthanc-dicomweb)  # the DICOMweb reference server
 command -v findscu >/dev/null 2>&1 || missing+=(dcmtk)
 command -v ss >/dev/null 2>&1 || missing+=(iproute2)  # the loopback test reads every connection with ss
 if [ ${#missing[@]} -gt 0 ]; then

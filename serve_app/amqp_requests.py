@@ -57,6 +57,7 @@ from spanner.amqp import (
     redact,
 )
 from spanner.errors import BrokerUnavailable, SpannerError
+from spanner.schemas import Channel
 from spanner.settings import Settings
 from spanner.storage import Audit
 
@@ -82,7 +83,7 @@ async def answer(s: Services, request: AmqpRequest) -> tuple[dict[str, Any], int
     """Run one AMQP request as its key's principal; an absent or unknown key raises Unauthenticated
     (401) when authentication is on, which the consumer answers and dead-letters."""
     principal = await principal_of(s, request.api_key)
-    audit = Audit(principal=principal.name, channel="amqp", client=request.user_id)
+    audit = Audit(principal=principal.name, channel=Channel.AMQP, client=request.user_id)
     requester = f"amqp:{principal.name}" + (f" ({request.app_id})" if request.app_id else "")
     answer = await query.run_query(s, request.query, audit, requester, read_cache=not request.no_cache)
     await s.records.submit(answer.record)

@@ -26,7 +26,7 @@ from serve_app.errors import Forbidden, Unauthenticated
 from serve_app.services import Services
 from spanner import hops
 from spanner.keys import hash_key
-from spanner.schemas import ApiRole
+from spanner.schemas import ApiRole, Channel
 from spanner.storage import Audit
 
 CALLING_AE_HEADER = "X-Spanner-Calling-AE"
@@ -103,8 +103,11 @@ async def require_admin(principal: Principal = Depends(authenticate)) -> Princip
     return principal
 
 
-def audit_of(request: Request, principal: Principal, patient_id: str | None) -> Audit:
-    """Who asked: always the key (principal); for the DICOM front's requests also the caller it asserts.
+def audit_of(
+    request: Request, principal: Principal, patient_id: str | None, channel: Channel = Channel.HTTP
+) -> Audit:
+    """Who asked: always the key (principal), over ``channel``; for the DICOM front's requests also the
+    caller it asserts (and then the channel is ``dimse``).
 
     Only a ``dicom_front`` key (or anyone while authentication is off) may assert a caller: from any
     other key the headers are refused with 403, so a key holder cannot write another name into the
@@ -114,11 +117,11 @@ def audit_of(request: Request, principal: Principal, patient_id: str | None) -> 
     calling_ae = request.headers.get(CALLING_AE_HEADER, "").strip()
     peer = request.headers.get(PEER_HEADER, "").strip()
     if not calling_ae and not peer:
-        return Audit(principal=principal.name, channel="http", client=client, patient_id=patient_id)
+        return Audit(principal=principal.name, channel=channel, client=client, patient_id=patient_id)
     if principal.authenticated and principal.role is not ApiRole.DICOM_FRONT:
         raise Forbidden(f"API key {principal.name!r} has role {principal.role.value!r}: only a key of role "
                         f"{ApiRole.DICOM_FRONT.value!r} may send {CALLING_AE_HEADER} or {PEER_HEADER}")
-    return Audit(principal=principal.name, channel="dimse", client=client, patient_id=patient_id,
+    return Audit(principal=principal.name, channel=Channel.DIMSE, client=client, patient_id=patient_id,
                  asserted_ae=calling_ae[:16] or None, asserted_peer=peer[:255] or None)
 
 

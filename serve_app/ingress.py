@@ -11,11 +11,12 @@ import asyncio
 from typing import Any
 
 from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
 from ray import serve
 
 from serve_app import amqp_requests, errors
 from serve_app.amqp_requests import AmqpRequest, RequestConsumer
-from serve_app.routes import audit, destinations, health, nodes, queries, retrievals, spans
+from serve_app.routes import audit, destinations, dicomweb, health, nodes, queries, retrievals, spans
 from serve_app.services import Services
 from serve_app.timing import ServerTiming
 from spanner.logs import configure_logging
@@ -35,7 +36,16 @@ def create_app(services: Services) -> FastAPI:
     errors.install(app)
     for module in (queries, retrievals, nodes, spans, destinations, audit, health):
         app.include_router(module.router)
+    dicomweb.mount(app, dicomweb.router)
     app.add_middleware(ServerTiming)
+    origins = services.settings.cors_origin_list
+    if origins:
+        # Outermost: a preflight is answered before authentication, which it never carries.
+        app.add_middleware(
+            CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST", "PUT", "PATCH", "DELETE"],
+            allow_headers=["Authorization", "Accept", "Content-Type", "Cache-Control", "X-API-Key"],
+            expose_headers=["Warning", "Content-Type", "Content-Location", "Server-Timing"], max_age=600,
+        )
     return app
 
 

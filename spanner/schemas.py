@@ -31,7 +31,7 @@ from spanner.nodespec import RetrieveMethod
 from spanner.query import InformationModel, normalise_filters
 
 __all__ = [  # Dedup is re-exported: spanner.merge owns it, the API models use it
-    "ALL_SPAN", "AETitle", "Dedup", "DestinationIn", "DestinationOut", "DestinationPatch",
+    "ALL_SPAN", "AETitle", "Channel", "Dedup", "DestinationIn", "DestinationOut", "DestinationPatch",
     "DestinationPut", "FailureStrategy", "Host", "NodeIn", "NodeOut", "NodePatch", "NodePut",
     "Port", "QueryRecordOut", "Slug", "SpanIn", "SpanOut", "SpanPatch", "SpanPut", "check_span_policy",
     "describe_errors",
@@ -530,7 +530,7 @@ class _AuditFields(BaseModel):
     principal: str | None = Field(default=None, description="Who asked: the name of the API key that made "
                                   "the request, or anonymous (null before the audit trail existed)",
                                   examples=["ward-ws"])
-    channel: str | None = Field(default=None, description="http, dimse or amqp", examples=["http"])
+    channel: str | None = Field(default=None, description="http, dimse, amqp or dicomweb", examples=["http"])
     client: str | None = Field(default=None, description="Network address (HTTP) or broker user (AMQP) of "
                                "the asking client", examples=["10.0.0.7"])
     asserted_ae: str | None = Field(default=None, description="DICOM requests: the calling AE title the "
@@ -592,7 +592,7 @@ class AuditEntryOut(BaseModel):
     id: str
     created_at: datetime = Field(description="When it started (UTC)")
     principal: str | None = Field(description="Name of the API key that asked, or anonymous")
-    channel: str | None = Field(description="http, dimse or amqp")
+    channel: str | None = Field(description="http, dimse, amqp or dicomweb")
     client: str | None = Field(description="Address (HTTP) or broker user (AMQP) of the asking client")
     asserted_ae: str | None = Field(default=None, description="DICOM: calling AE title the front asserted")
     asserted_peer: str | None = Field(default=None, description="DICOM: client address the front asserted")
@@ -606,6 +606,16 @@ class AuditEntryOut(BaseModel):
     nodes: list[dict[str, Any]] = Field(description="Per-node outcomes (queries) or parts (retrievals)")
     elapsed_ms: float
     error: str | None = None
+
+
+class Channel(StrEnum):
+    """The door a query or retrieval came through, as the audit trail records it (at most 8 characters:
+    the column's width)."""
+
+    HTTP = "http"  # the JSON API under /api
+    DIMSE = "dimse"  # the DICOM front, asserting its caller
+    AMQP = "amqp"  # a request on RabbitMQ
+    DICOMWEB = "dicomweb"  # the DICOMweb front under /dicomweb
 
 
 class ApiRole(StrEnum):

@@ -7,11 +7,12 @@ serves (a SQLite file under ``var/``, an in-process cache, no broker, a local Ra
 
 from __future__ import annotations
 
+import re
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import AliasChoices, Field, model_validator
+from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from spanner.errors import ConfigError
@@ -203,6 +204,13 @@ class Settings(BaseSettings):
         default=365, ge=0, description="Query and retrieval records older than this are purged (0: never)"
     )
 
+    cors_origins: str = Field(
+        default="",
+        description="Origins (comma-separated, e.g. 'http://127.0.0.1:3000') whose pages may call the API "
+        "and the DICOMweb front from a browser (CORS: Authorization and Accept allowed, preflight answered); "
+        "'*' allows any; empty turns CORS off",
+    )
+
     demo_fleet: bool = Field(
         default=True, description="Start three simulated PACS when no node is configured"
     )
@@ -222,6 +230,20 @@ class Settings(BaseSettings):
                 raise ValueError("production must not turn API keys off: remove SPANNER_AUTH_ENABLED=false")
         return self
 
+    @field_validator("cors_origins")
+    @classmethod
+    def _check_origins(cls, value: str) -> str:
+        for origin in _split_origins(value):
+            if origin != "*" and not _ORIGIN.fullmatch(origin):
+                raise ValueError(f"cors_origins: {origin!r} is not an origin; write scheme://host[:port] "
+                                 "without a path or trailing slash, e.g. http://127.0.0.1:3000, or '*'")
+        return value
+
+    @property
+    def cors_origin_list(self) -> list[str]:
+        """The allowed origins of ``cors_origins``, each once."""
+        return list(dict.fromkeys(_split_origins(self.cors_origins)))
+
     @property
     def effective_spool_dir(self) -> Path:
         return (self.spool_dir or self.var_dir / "spool").resolve()
@@ -231,6 +253,13 @@ class Settings(BaseSettings):
         if self.database_url:
             return self.database_url
         return f"sqlite:///{(self.var_dir / 'spanner.db').resolve()}"
+
+
+_ORIGIN = re.compile(r"https?://[A-Za-z0-9.\-\[\]:]+")
+
+
+def _split_origins(value: str) -> list[str]:
+    return [part.strip() for part in value.split(",") if part.strip()]
 
 
 @lru_cache(maxsize=1)

@@ -23,7 +23,7 @@ from simulator.dataset import generate_fleet
 from simulator.scp import SimulatedPacs, SimulatorConfig
 from spanner.errors import NotFound
 from spanner.keys import new_key
-from spanner.schemas import QueryRecordOut
+from spanner.schemas import Channel, QueryRecordOut
 from spanner.settings import get_settings, load_settings
 from spanner.storage import Audit, Repository, make_engine
 from tests.conftest import Api, migrate
@@ -45,7 +45,8 @@ class AuthApp:
 def _old_query(repo: Repository, query_id: str) -> None:
     repo.record_query(query_id=query_id, span="all", level="STUDY", filters={"PatientID": "OLD1"},
                       requester="x", status="success", total=0, outcomes=[], elapsed_ms=1.0, created_at=OLD,
-                      audit=Audit(principal="old", channel="http", client="10.0.0.1", patient_id="OLD1"))
+                      audit=Audit(principal="old", channel=Channel.HTTP, client="10.0.0.1",
+                                  patient_id="OLD1"))
 
 
 @pytest.fixture(scope="module")

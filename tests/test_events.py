@@ -22,6 +22,7 @@ from spanner import events
 from spanner.amqp import EventPublisher
 from spanner.errors import BrokerUnavailable
 from spanner.relay import OutboxRelay
+from spanner.schemas import Channel
 from spanner.storage import Audit, Repository, make_engine
 from spanner.storage.tables import OutboxRow
 from tests.conftest import migrate, require
@@ -77,7 +78,7 @@ def record(repo: Repository, outcomes: list[dict[str, Any]], cache: str = "miss"
     query_id = uuid.uuid4().hex
     repo.record_query(query_id=query_id, span="all", level="STUDY", filters={"PatientID": "PID-4711"},
                       requester="10.0.0.1", status="success", total=2, outcomes=outcomes, elapsed_ms=12.5,
-                      cache=cache, audit=Audit(principal="ward", channel="http", client="10.0.0.1",
+                      cache=cache, audit=Audit(principal="ward", channel=Channel.HTTP, client="10.0.0.1",
                                                patient_id="PID-4711"), emit=True, **extra)
     return query_id
 
@@ -150,7 +151,7 @@ def test_retrieval_events_carry_uids_but_not_the_patient(repo: Repository) -> No
                           uids={"StudyInstanceUID": ["1.2.3"], "PatientID": ["PID-4711"]},
                           destination_ae="WS1", requester="x", status="success", dimse_status=0, completed=3,
                           failed=0, warning=0, parts=parts, elapsed_ms=50.0, emit=True,
-                          audit=Audit(principal="ward", channel="http"))
+                          audit=Audit(principal="ward", channel=Channel.HTTP))
     (event,) = repo.pending_events()
     assert event.routing_key == "retrieval.completed"
     data = event.body["data"]

@@ -19,7 +19,7 @@ from cluster.launcher import prepare_database
 from serve_app.services import Services
 from spanner.errors import ConfigError
 from spanner.nodespec import RetrieveMethod
-from spanner.schemas import DestinationIn, NodeIn
+from spanner.schemas import Channel, DestinationIn, NodeIn
 from spanner.settings import get_settings, load_settings
 from spanner.storage import (
     Audit,
@@ -182,7 +182,7 @@ def test_upgrade_from_before_the_asserted_caller_adds_it_and_keeps_records(
     assert (old.principal, old.total, old.asserted_ae, old.asserted_peer) == ("ae:OLDWS", 2, None, None)
     repo.record_query(query_id="q5", span="all", level="STUDY", filters={}, requester="r", status="success",
                       total=0, outcomes=[], elapsed_ms=1.0,
-                      audit=Audit(principal="front", channel="dimse", client="127.0.0.1",
+                      audit=Audit(principal="front", channel=Channel.DIMSE, client="127.0.0.1",
                                   asserted_ae="WS1", asserted_peer="10.1.2.3"))
     new = repo.get_query("q5")
     assert (new.principal, new.asserted_ae, new.asserted_peer) == ("front", "WS1", "10.1.2.3")

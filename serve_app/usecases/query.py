@@ -74,8 +74,11 @@ def _specs(s: Services, span: str, members: list[NodeOut], only: list[str] | Non
     return [s.spec_for(n) for n in members]
 
 
-def plan_query(s: Services, q: QueryIn) -> tuple[QueryPlan, SpanOut]:
-    """The query resolved against its span's policies and limits (call in a thread: it reads the DB)."""
+def plan_query(s: Services, q: QueryIn, *, cap_limit: bool = False) -> tuple[QueryPlan, SpanOut]:
+    """The query resolved against its span's policies and limits (call in a thread: it reads the DB).
+
+    A limit above the span's ``max_results`` is refused, or with ``cap_limit`` lowered to it (DICOMweb:
+    a server may answer fewer matches than asked, and says so)."""
     span, enabled = s.repo.span_for_query(q.span)  # NotFound for an unknown span
     members = _specs(s, q.span, enabled, q.nodes)
     timeout = q.timeout_s if q.timeout_s is not None else span.timeout_s
@@ -86,6 +89,8 @@ def plan_query(s: Services, q: QueryIn) -> tuple[QueryPlan, SpanOut]:
     if strategy is FailureStrategy.MINIMUM and minimum > len(members):
         raise InvalidQuery(f"minimum_nodes {minimum} is more than the {len(members)} node(s) queried")
     limit = q.limit if q.limit is not None else span.max_results
+    if limit > span.max_results and cap_limit:
+        limit = span.max_results
     if limit > span.max_results:
         raise InvalidQuery(
             f"limit {limit} is above span {q.span!r}'s max_results of {span.max_results}; page with offset"
@@ -105,9 +110,11 @@ def plan_query(s: Services, q: QueryIn) -> tuple[QueryPlan, SpanOut]:
     return plan, span
 
 
-def prepare_query(s: Services, q: QueryIn, *, read_cache: bool = True) -> PreparedQuery:
+def prepare_query(
+    s: Services, q: QueryIn, *, read_cache: bool = True, cap_limit: bool = False
+) -> PreparedQuery:
     """The plan and, when the span caches, the cache key and any cached answer (one thread hop)."""
-    plan, span = plan_query(s, q)
+    plan, span = plan_query(s, q, cap_limit=cap_limit)
     if span.cache_ttl_s <= 0:
         return PreparedQuery(plan, 0, NO_LOOKUP)
     return PreparedQuery(plan, span.cache_ttl_s, s.cache.lookup(cache_identity(plan), read=read_cache))
@@ -127,16 +134,17 @@ class Answer:
 
 async def run_query(
     s: Services, body: QueryIn, audit: Audit, requester: str, *, read_cache: bool = True, store: bool = True,
-    hops: tuple[str, ...] = (), arrived: float | None = None,
+    hops: tuple[str, ...] = (), arrived: float | None = None, cap_limit: bool = False,
 ) -> Answer:
     """Spanner errors (unknown span, bad value) propagate for the caller's door to translate. ``audit``
     says who asked; the PatientID asked about is added here, once the filters are normalised. ``hops``:
     the dicom-spanner deployments the query already passed (loop protection, spanner.hops); an answer
     to such a query is not stored in the cache, since whether a node is a loop depends on the chain. The
-    deadline counts from ``arrived`` (monotonic clock: when the door received the request), else from now."""
+    deadline counts from ``arrived`` (monotonic clock: when the door received the request), else from now.
+    ``cap_limit``: a limit above the span's max_results is lowered to it instead of refused."""
     started = time.monotonic() if arrived is None else arrived
     s.admission.precheck(body.span, body.timeout_s)  # or Overloaded (503) before any database work
-    prepared = await asyncio.to_thread(prepare_query, s, body, read_cache=read_cache)
+    prepared = await asyncio.to_thread(prepare_query, s, body, read_cache=read_cache, cap_limit=cap_limit)
     plan = dataclasses.replace(prepared.plan, query=dataclasses.replace(prepared.plan.query, hops=hops))
     audit = dataclasses.replace(audit, patient_id=plan.query.filters.get("PatientID") or None)
     if prepared.lookup.answer is not None:

@@ -30,6 +30,7 @@ from spanner.schemas import (
     ApiKeyOut,
     ApiRole,
     AuditEntryOut,
+    Channel,
     DestinationIn,
     DestinationOut,
     DestinationPatch,
@@ -574,7 +575,7 @@ class Audit:
     and, for DICOM requests, the caller the DICOM front asserted."""
 
     principal: str | None = None
-    channel: str | None = None
+    channel: Channel | None = None
     client: str | None = None
     patient_id: str | None = None
     asserted_ae: str | None = None

@@ -29,6 +29,8 @@ from tests.peers.ports import LOOPBACK, free_port, wait_for_port
 
 ORTHANC_EXECUTABLE = "Orthanc"
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
+DICOMWEB_PACKAGE = "orthanc-dicomweb"
+DICOMWEB_ROOT = "/dicom-web/"
 
 Modality = tuple[str, str, int]
 """A DicomModalities entry: (AE title, host, port)."""
@@ -47,6 +49,20 @@ class OrthancPeerError(RuntimeError):
     """Orthanc did not start, or its REST API refused a request; the message carries the log tail."""
 
 
+def dicomweb_plugin() -> str | None:
+    """Path of the DICOMweb plugin of Debian's ``orthanc-dicomweb``, as the package lists it; None when the
+    package is not installed."""
+    try:
+        listed = subprocess.run(["dpkg", "-L", DICOMWEB_PACKAGE], capture_output=True, text=True, check=False)
+    except FileNotFoundError:
+        return None
+    for line in listed.stdout.splitlines():
+        path = line.strip()
+        if "/plugins/" in path and path.endswith(".so") and os.path.exists(path):
+            return path
+    return None
+
+
 def orthanc_executable() -> str | None:
     """Path of the Orthanc binary, or None when the Debian package is not installed."""
     return shutil.which(ORTHANC_EXECUTABLE) or (
@@ -61,6 +77,7 @@ class OrthancPeer:
     destinations must still be declared in `modalities` (or later with `add_modality`).
     `default_encoding` is Orthanc's "DefaultEncoding": None keeps its default "Latin1", whose C-FIND answers
     carry ISO_IR 100 and lose characters outside Latin-1; "Utf8" answers ISO_IR 192.
+    `dicomweb=True` loads the DICOMweb plugin of Debian's `orthanc-dicomweb`, served under `dicomweb_url`.
     """
 
     def __init__(
@@ -71,6 +88,7 @@ class OrthancPeer:
         start_deadline_s: float = 10.0,
         tcp_nodelay: bool = True,
         default_encoding: str | None = None,
+        dicomweb: bool = False,
     ) -> None:
         if not 0 < len(aet) <= 16:
             raise ValueError(f"AE title {aet!r} must be 1 to 16 characters")
@@ -80,6 +98,7 @@ class OrthancPeer:
         self._start_deadline_s = start_deadline_s
         self._tcp_nodelay = tcp_nodelay
         self._default_encoding = default_encoding
+        self._dicomweb = dicomweb
         self._dicom_port = 0
         self._http_port = 0
         self._workdir: Path | None = None
@@ -109,6 +128,11 @@ class OrthancPeer:
     @property
     def base_url(self) -> str:
         return f"http://{LOOPBACK}:{self._http_port}"
+
+    @property
+    def dicomweb_url(self) -> str:
+        """Root of the DICOMweb services (with ``dicomweb=True``), without a trailing slash."""
+        return self.base_url + DICOMWEB_ROOT.rstrip("/")
 
     @property
     def pid(self) -> int | None:
@@ -165,6 +189,12 @@ class OrthancPeer:
         }
         if self._default_encoding is not None:
             config["DefaultEncoding"] = self._default_encoding
+        if self._dicomweb:
+            plugin = dicomweb_plugin()
+            if plugin is None:
+                raise OrthancPeerError(f"the DICOMweb plugin is missing (Debian's `{DICOMWEB_PACKAGE}`)")
+            config["Plugins"] = [plugin]
+            config["DicomWeb"] = {"Enable": True, "Root": DICOMWEB_ROOT, "EnableWado": True}
         config.update(self._extra_config)
         return config
 

@@ -23,7 +23,7 @@ from scp.spans import SpanDirectory
 from spanner import hops
 from spanner.dimse.acceptor import Acceptor, AcceptorConfig, Handlers
 from spanner.dimse.background import LoopThread
-from spanner.dimse.store import STORAGE_CLASSES
+from spanner.dimse.store import StorageClasses
 from spanner.logs import configure_logging
 from spanner.settings import Settings
 
@@ -94,7 +94,7 @@ class SpannerScp:
             idle_s=s.scp_network_timeout_s,
             maximum_associations=s.scp_max_associations,
             maximum_per_peer=s.scp_max_connections_per_peer,
-            get_storage_classes=STORAGE_CLASSES,
+            get_storage_classes=StorageClasses(),  # every Storage SOP Class, nothing else
         )
         acceptor = Acceptor(config, Handlers(echo=front.echo, find=front.find, move=front.move,
                                              get=front.get, admit=front.admit))

@@ -211,6 +211,26 @@ def test_c_cancel_stops_within_a_few_instances(fleet: Fleet) -> None:
 
 
 @pytest.mark.orthanc
+def test_a_requester_that_aborts_leaves_nothing_behind(fleet: Fleet) -> None:
+    received: list[str] = []
+    assoc = connect(fleet, received)
+    for status, _ in assoc.send_c_get(study(LONG), STUDY_ROOT_GET):
+        if status.Status == 0xFF00 and status.NumberOfCompletedSuboperations >= 2:
+            assoc.abort()
+            break
+    # The front refuses what still comes and closes the retrieval: a C-GET right after gets everything.
+    again: list[str] = []
+    second = connect(fleet, again)
+    try:
+        final = list(second.send_c_get(study(SPLIT), STUDY_ROOT_GET))[-1][0]
+    finally:
+        second.release()
+    assert final.Status == 0x0000 and sorted(again) == sorted(fleet.by_study[SPLIT])
+    assert 2 <= len(received) < 40
+    assert fleet.spool_left() == []
+
+
+@pytest.mark.orthanc
 @pytest.mark.parametrize("storage", [(), (MRImageStorage,)])
 def test_a_requester_without_a_storage_context_for_the_instances_gets_a702(
     fleet: Fleet, storage: tuple[str, ...]

@@ -18,6 +18,7 @@ from pathlib import Path
 import pydicom
 import pytest
 from pydicom.dataset import Dataset
+from pydicom.uid import ImplicitVRLittleEndian, JPEGBaseline8Bit
 from pynetdicom import AE, build_role, evt
 from pynetdicom.association import Association
 from pynetdicom.sop_class import CTImageStorage, MRImageStorage
@@ -32,6 +33,7 @@ from tests.peers.orthanc import OrthancPeer, orthanc_executable
 SPLIT = "1.2.826.0.1.3680043.8.498.7721.1"  # series 1 on A (4), series 2 on B (3)
 LOSSY = "1.2.826.0.1.3680043.8.498.7721.2"  # on A only; one file removed from A's storage
 LONG = "1.2.826.0.1.3680043.8.498.7721.3"  # 40 instances on B, for C-CANCEL
+SYNTAX = "1.2.826.0.1.3680043.8.498.7721.4"  # on B: one Explicit VR Little Endian, one JPEG Baseline
 CALLED = "CGETSPAN"
 
 
@@ -73,8 +75,10 @@ def fleet(api: Api) -> Iterator[Fleet]:
         on_b = [write_instance(folder, 2200 + n, 16 * 1024, study_uid=SPLIT, series=2) for n in range(3)]
         lossy = [write_instance(folder, 2300 + n, 8 * 1024, study_uid=LOSSY) for n in range(3)]
         long = [write_instance(folder, 2400 + n, 4 * 1024, study_uid=LONG) for n in range(40)]
+        syntax = [write_instance(folder, 2500, 4 * 1024, study_uid=SYNTAX),
+                  write_instance(folder, 2501, 4 * 1024, JPEGBaseline8Bit, study_uid=SYNTAX)]
         a.start().upload_many(p.read_bytes() for p in on_a + lossy)
-        b.start().upload_many(p.read_bytes() for p in on_b + long)
+        b.start().upload_many(p.read_bytes() for p in on_b + long + syntax)
         lost = _sop(lossy[0])
         # A keeps the instance in its index but loses the file: its C-MOVE sub-operation fails.
         orthanc_id = a.client.post("/tools/lookup", content=lost).json()[0]["ID"]
@@ -85,9 +89,9 @@ def fleet(api: Api) -> Iterator[Fleet]:
         api.add_span("cget", ["get-a", "get-b"], ae_title=CALLED)
         front = SpannerScp(load_settings(scp_port=0, scp_span_cache_ttl_s=0.1), base_url=api.base_url)
         front.start()
-        files = {_sop(p): p for p in on_a + on_b + lossy + long}
+        files = {_sop(p): p for p in on_a + on_b + lossy + long + syntax}
         by_study = {SPLIT: [_sop(p) for p in on_a + on_b], LOSSY: [_sop(p) for p in lossy],
-                    LONG: [_sop(p) for p in long]}
+                    LONG: [_sop(p) for p in long], SYNTAX: [_sop(p) for p in syntax]}
         yield Fleet(front, files, by_study, lost)
     finally:
         if front is not None:
@@ -157,13 +161,19 @@ def study(uid: str) -> Dataset:
     return ds
 
 
-def connect(fleet: Fleet, received: list[str]) -> Association:
-    """A pynetdicom C-GET requester taking CT instances (SCP role), noting what it receives."""
+def connect(fleet: Fleet, received: list[str], keep: dict[str, Dataset] | None = None,
+            *syntaxes: str) -> Association:
+    """A pynetdicom C-GET requester taking CT instances (SCP role; in ``syntaxes`` when given), noting what
+    it receives (and keeping the data sets in ``keep``)."""
     def on_store(event: evt.Event) -> int:
         received.append(str(event.request.AffectedSOPInstanceUID))
+        if keep is not None:
+            keep[received[-1]] = event.dataset
         return 0x0000
 
-    assoc = requester(CTImageStorage).associate(
+    ae = requester()
+    ae.add_requested_context(CTImageStorage, list(syntaxes) or None)
+    assoc = ae.associate(
         "127.0.0.1", fleet.port, ae_title=CALLED, ext_neg=[build_role(CTImageStorage, scp_role=True)],
         evt_handlers=[(evt.EVT_C_STORE, on_store)])
     assert assoc.is_established
@@ -286,3 +296,22 @@ def test_only_a_dicom_front_key_may_name_deliver_to() -> None:
     with pytest.raises(Forbidden, match="only the DICOM front"):
         front_destination(body, front=False, requester="127.0.0.1")
     assert front_destination(body, front=True, requester="127.0.0.1").port == 104
+
+
+@pytest.mark.orthanc
+def test_an_instance_goes_converted_or_fails_by_the_requester_s_syntaxes(fleet: Fleet) -> None:
+    """The requester takes CT in Implicit VR Little Endian only: the Explicit one is converted, the JPEG
+    one cannot be and fails with its UID listed."""
+    received: list[str] = []
+    kept: dict[str, Dataset] = {}
+    assoc = connect(fleet, received, kept, ImplicitVRLittleEndian)
+    try:
+        status, identifier = list(assoc.send_c_get(study(SYNTAX), STUDY_ROOT_GET))[-1]
+    finally:
+        assoc.release()
+    plain, jpeg = fleet.by_study[SYNTAX]
+    assert status.Status == 0xB000, status
+    assert received == [plain]
+    assert kept[plain].PixelData == pydicom.dcmread(fleet.files[plain]).PixelData
+    assert str(identifier.FailedSOPInstanceUIDList) == jpeg
+    assert fleet.spool_left() == []

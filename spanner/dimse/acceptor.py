@@ -143,7 +143,7 @@ class MoveResult(NamedTuple):
 
 @dataclass(slots=True)
 class Request:
-    """One C-ECHO / C-FIND / C-MOVE request as a handler sees it."""
+    """One C-ECHO / C-FIND / C-MOVE / C-GET request as a handler sees it."""
 
     association: Association
     context: AcceptedContext

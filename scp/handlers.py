@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 from pydicom.dataset import Dataset
 
-from scp import translate
+from scp import get, translate
 from scp.client import SpannerClient
 from scp.encode import decode
 from scp.errors import (
@@ -29,9 +29,11 @@ from scp.errors import (
     LoopDetected,
     ScpError,
     SpansUnavailable,
+    UnsupportedRequest,
 )
 from scp.spans import SpanDirectory, SpanInfo
 from spanner import hops
+from spanner.dicom_constants import Status
 from spanner.dimse.acceptor import LOCAL_LIMIT_EXCEEDED, FindResult, MoveResult, Request
 from spanner.dimse.pdu import AssociateReject, AssociateRequest, RejectReason, RejectResult, RejectSource
 
@@ -115,6 +117,7 @@ class Front:
     spans: SpanDirectory
     client: SpannerClient
     instance_id: str = ""
+    listener: get.GetListener | None = None  # where the retrieval engine delivers a C-GET's instances
 
     async def admit(self, request: AssociateRequest, peer: str) -> AssociateReject | Admission:
         """The called AE title selects the span; its allowed_calling_aets select the callers."""
@@ -217,6 +220,31 @@ class Front:
             yield translate.move_failure(exc, progress)
         finally:
             await events.aclose()
+
+
+    async def get(self, request: Request) -> AsyncIterator[MoveResult]:
+        """C-GET: a proxy retrieval delivered to the front's listener, each instance C-STOREd back to the
+        requester as it arrives (scp.get)."""
+        try:
+            admission = _admission(request)
+            model = translate.MODELS[request.sop_class]
+            identifier = _identifier(request)
+            body = translate.move_request(identifier, model, admission.span, request.calling_ae, "C-GET")
+            headers = self._forwarded(request, admission, identifier)
+            if self.listener is None:
+                raise UnsupportedRequest("this front has no storage listener for C-GET")
+        except ScpError as exc:
+            _log_failure("C-GET", exc)
+            yield translate.move_failure(exc, None)
+            return
+        if request.suboperations is None or not request.suboperations.storage_classes:
+            # Nothing could be sent back: the archives are not asked at all.
+            yield MoveResult(Status.SUBOPERATIONS_OUT_OF_RESOURCES, None, comment=translate.comment(
+                "the requester accepted no storage context (propose them with the SCP role)"))
+            return
+        async for result in get.relay(request, self.client, self.listener, body, headers,
+                                      admission.span.max_results):
+            yield result
 
 
 def _admission(request: Request) -> Admission:

@@ -1,9 +1,11 @@
 """The DICOM front: one listener on the spanner's DIMSE engine that serves every span and forwards to the API.
 
-C-ECHO, C-FIND and C-MOVE share one port and one asyncio loop (a thread of its own): the engine's
+C-ECHO, C-FIND, C-MOVE and C-GET share one port and one asyncio loop (a thread of its own): the engine's
 acceptor negotiates associations and reads requests, scp.handlers turns them into HTTP calls made on
-the same loop. The front never opens an association itself: for a C-MOVE the archives send the
-instances to the Move Destination, and the front relays the API's progress as pending responses.
+the same loop. The front never opens an association to an archive: for a C-MOVE the API sends the
+instances to the Move Destination, and the front relays its progress as pending responses; for a C-GET
+the API delivers them to the front's own storage listener (scp.get), which C-STOREs each back to the
+requester on its association.
 """
 
 from __future__ import annotations
@@ -16,10 +18,12 @@ from types import FrameType
 
 from scp import handlers, translate
 from scp.client import SpannerClient
+from scp.get import GetListener
 from scp.spans import SpanDirectory
 from spanner import hops
 from spanner.dimse.acceptor import Acceptor, AcceptorConfig, Handlers
 from spanner.dimse.background import LoopThread
+from spanner.dimse.store import StorageClasses
 from spanner.logs import configure_logging
 from spanner.settings import Settings
 
@@ -39,6 +43,7 @@ class SpannerScp:
         self._acceptor: Acceptor | None = None
         self._client: SpannerClient | None = None
         self.spans: SpanDirectory | None = None
+        self.listener: GetListener | None = None
 
     @property
     def port(self) -> int:
@@ -79,24 +84,30 @@ class SpannerScp:
                                api_key=s.scp_api_key)
         self._client = await client.start()
         spans = SpanDirectory(lambda: client.spans(SPAN_LOOKUP_TIMEOUT_S), ttl_s=s.scp_span_cache_ttl_s)
-        front = handlers.Front(spans, client, hops.instance_id(s))
+        listener = GetListener(s.ae_title, s.scp_host, s.spool_max_bytes, s.scp_acse_timeout_s)
+        self.listener = listener
+        await listener.start()
+        front = handlers.Front(spans, client, hops.instance_id(s), listener)
         config = AcceptorConfig(
             s.ae_title, translate.SUPPORTED,
             artim_s=s.scp_acse_timeout_s,
             idle_s=s.scp_network_timeout_s,
             maximum_associations=s.scp_max_associations,
             maximum_per_peer=s.scp_max_connections_per_peer,
+            get_storage_classes=StorageClasses(),  # every Storage SOP Class, nothing else
         )
         acceptor = Acceptor(config, Handlers(echo=front.echo, find=front.find, move=front.move,
-                                             admit=front.admit))
+                                             get=front.get, admit=front.admit))
         await acceptor.start(s.scp_host, self._port)
         self._acceptor, self.spans = acceptor, spans
 
     async def _stop(self) -> None:
-        acceptor, client = self._acceptor, self._client
-        self._acceptor = self._client = None
+        acceptor, client, listener = self._acceptor, self._client, self.listener
+        self._acceptor = self._client = self.listener = None
         if acceptor is not None:
             await acceptor.close()
+        if listener is not None:
+            await listener.close()
         if client is not None:
             await client.close()
 

@@ -29,11 +29,13 @@ from scp.spans import SpanInfo
 from spanner.dicom_constants import (
     FAILED_SOP_INSTANCE_UID_LIST,
     PATIENT_ROOT_FIND,
+    PATIENT_ROOT_GET,
     PATIENT_ROOT_MOVE,
     QUERY_RETRIEVE_LEVEL,
     RETRIEVE_AE_TITLE,
     SPECIFIC_CHARACTER_SET,
     STUDY_ROOT_FIND,
+    STUDY_ROOT_GET,
     STUDY_ROOT_MOVE,
     VERIFICATION,
     Status,
@@ -41,15 +43,19 @@ from spanner.dicom_constants import (
 from spanner.dimse.acceptor import MoveResult
 from spanner.query import MODEL_LEVELS, InformationModel, Level
 
-__all__ = ["PATIENT_ROOT_FIND", "PATIENT_ROOT_MOVE", "STUDY_ROOT_FIND", "STUDY_ROOT_MOVE", "VERIFICATION"]
+__all__ = ["PATIENT_ROOT_FIND", "PATIENT_ROOT_GET", "PATIENT_ROOT_MOVE", "STUDY_ROOT_FIND", "STUDY_ROOT_GET",
+           "STUDY_ROOT_MOVE", "VERIFICATION"]
 # (the SOP classes the front serves, re-exported for its callers; the module's own names stay public)
 
-SUPPORTED = (VERIFICATION, PATIENT_ROOT_FIND, STUDY_ROOT_FIND, PATIENT_ROOT_MOVE, STUDY_ROOT_MOVE)
+SUPPORTED = (VERIFICATION, PATIENT_ROOT_FIND, STUDY_ROOT_FIND, PATIENT_ROOT_MOVE, STUDY_ROOT_MOVE,
+             PATIENT_ROOT_GET, STUDY_ROOT_GET)
 MODELS: dict[str, InformationModel] = {
     PATIENT_ROOT_FIND: InformationModel.PATIENT_ROOT,
     STUDY_ROOT_FIND: InformationModel.STUDY_ROOT,
     PATIENT_ROOT_MOVE: InformationModel.PATIENT_ROOT,
     STUDY_ROOT_MOVE: InformationModel.STUDY_ROOT,
+    PATIENT_ROOT_GET: InformationModel.PATIENT_ROOT,
+    STUDY_ROOT_GET: InformationModel.STUDY_ROOT,
 }
 
 # Statuses (PS3.4 C.4.1.1.4 and C.4.2.1.5; the 0xC0xx are this implementation's "unable to process").
@@ -268,19 +274,20 @@ def _uids(identifier: Dataset, keyword: str) -> list[str]:
 
 
 def move_request(
-    identifier: Dataset, model: InformationModel, span: SpanInfo, destination: str
+    identifier: Dataset, model: InformationModel, span: SpanInfo, destination: str, what: str = "C-MOVE"
 ) -> dict[str, Any]:
-    """A C-MOVE identifier as the body of POST /api/v1/retrievals (unique keys only, PS3.4 C.4.2.2.1)."""
+    """A C-MOVE (or C-GET: ``what``) identifier as the body of POST /api/v1/retrievals (unique keys only,
+    PS3.4 C.4.2.2.1); a C-GET names its requester as the destination, for the record."""
     level = level_of(identifier, model)
     if level is Level.PATIENT:
-        raise UnsupportedRequest("PATIENT level C-MOVE is not supported; move by STUDY")
+        raise UnsupportedRequest(f"PATIENT level {what} is not supported; retrieve by STUDY")
     keys = _MOVE_KEYS[level]
     uids: dict[str, str | list[str]] = {}
     try:
         for depth, keyword in enumerate(keys):
             values = _uids(identifier, keyword)
             if not values:
-                raise InvalidIdentifier(f"{keyword} is required for a {level.value} level C-MOVE")
+                raise InvalidIdentifier(f"{keyword} is required for a {level.value} level {what}")
             at_level = depth == len(keys) - 1
             if not at_level and len(values) > 1:
                 raise InvalidIdentifier(f"{keyword}: one UID only above the {level.value} level")
@@ -306,7 +313,7 @@ def _with_counts(code: int, event: Mapping[str, Any], remaining: bool, identifie
                       comment(error) if error else None)
 
 
-def _failed_list(uids: Sequence[str], implicit: bool) -> bytes:
+def failed_list(uids: Sequence[str], implicit: bool) -> bytes:
     return text_element(FAILED_SOP_INSTANCE_UID_LIST, "UI", [str(uid) for uid in uids], implicit)
 
 
@@ -325,14 +332,14 @@ def move_final(result: Mapping[str, Any], implicit: bool) -> MoveResult:
     )
     failed_uids = [str(uid) for uid in result.get("failed_sop_instance_uids") or ()]
     is_failure = code not in (SUCCESS, MOVE_SUBOPS_WARNING)
-    identifier = _failed_list(failed_uids, implicit) if code == MOVE_SUBOPS_WARNING or failed_uids else None
+    identifier = failed_list(failed_uids, implicit) if code == MOVE_SUBOPS_WARNING or failed_uids else None
     error = str(result.get("error") or "") if is_failure else None
     return _with_counts(code, result, False, identifier, error)
 
 
 def move_cancelled(progress: Mapping[str, Any] | None, implicit: bool) -> MoveResult:
     """Cancel (0xFE00) with the counts so far; which instances failed is not known here."""
-    return _with_counts(CANCEL, progress or {}, True, _failed_list((), implicit))
+    return _with_counts(CANCEL, progress or {}, True, failed_list((), implicit))
 
 
 def move_failure(exc: ScpError, progress: Mapping[str, Any] | None) -> MoveResult:

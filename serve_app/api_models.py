@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from spanner.query import Level
-from spanner.schemas import AETitle, Dedup, FailureStrategy, TextInput
+from spanner.schemas import AETitle, Dedup, FailureStrategy, Host, Port, TextInput
 
 MAX_LIST_VALUES = 1000
 """Values of one filter's list (a UID list): one C-FIND identifier stays well inside what archives take."""
@@ -98,6 +98,16 @@ class RetrievalMode(StrEnum):
     DIRECT = "direct"  # the holders send to the destination themselves
 
 
+class DeliverTo(TextInput):
+    """Where the DICOM front receives a C-GET's instances (its own storage listener)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    ae_title: AETitle = Field(description="The called AE title that names the C-GET at the front")
+    host: Host = Field(description="The front's address: must be the address the request comes from")
+    port: Port = Field(description="The front's storage listener port")
+
+
 class RetrievalIn(TextInput):
     """A retrieval: the archives holding the objects are found, and C-MOVE them to the destination."""
 
@@ -120,6 +130,10 @@ class RetrievalIn(TextInput):
     span: str = Field(default="all", description="Span whose nodes are searched for holders")
     timeout_s: Timeout | None = Field(default=None, description="Deadline of the whole retrieval, the "
                                       "look-ups of the holders included (default retrieve_timeout_s)")
+    deliver_to: DeliverTo | None = Field(
+        default=None, description="The DICOM front's C-GET only (a key of role dicom_front; the host must be "
+        "the address the request comes from): proxy the instances to the front's own storage listener "
+        "instead of a known destination; destination_ae then names the C-GET requester for the record")
 
 
 class EchoOut(BaseModel):

@@ -91,6 +91,8 @@ class Status(IntEnum):
     SUCCESS = 0x0000
     SOP_CLASS_NOT_SUPPORTED = 0x0122
     OUT_OF_RESOURCES = 0xA700
+    # C-MOVE/C-GET: Refused, out of resources, unable to perform sub-operations (PS3.4 C.4.2.1.5, C.4.3.1.4)
+    SUBOPERATIONS_OUT_OF_RESOURCES = 0xA702
     MOVE_DESTINATION_UNKNOWN = 0xA801
     IDENTIFIER_DOES_NOT_MATCH = 0xA900
     SUBOPERATIONS_FAILED = 0xB000

@@ -14,7 +14,7 @@ from serve_app.api_models import RetrievalIn
 from serve_app.auth import Principal, audit_of, hops_of, require_query
 from serve_app.deps import ServicesDep
 from serve_app.usecases import retrieval
-from spanner.schemas import RetrievalRecordOut
+from spanner.schemas import ApiRole, RetrievalRecordOut
 
 router = APIRouter(prefix="/api/v1/retrievals", tags=["retrievals"], dependencies=[Depends(require_query)])
 
@@ -38,7 +38,8 @@ async def retrieve(
     uids = retrieval.checked_uids(body)
     audit = audit_of(request, principal, retrieval.patient_of(uids))
     requester = request.client.host if request.client else "unknown"
-    prepared = await retrieval.prepare(s, body, uids, audit, requester, hops_of(request, principal))
+    front = not principal.authenticated or principal.role is ApiRole.DICOM_FRONT
+    prepared = await retrieval.prepare(s, body, uids, audit, requester, hops_of(request, principal), front)
 
     async def lines() -> AsyncIterator[bytes]:
         events = retrieval.run(s, prepared)

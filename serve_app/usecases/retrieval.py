@@ -76,9 +76,29 @@ class Retrieval:
     destination: Peer | None = None  # proxy mode: where the spanner sends
 
 
-async def destination_of(s: Services, body: RetrievalIn, audit: Audit) -> tuple[RetrievalMode, Peer | None]:
+def front_destination(body: RetrievalIn, front: bool, requester: str) -> Peer:
+    """The DICOM front's own storage listener of a C-GET (``deliver_to``): proxy mode only, asked by a
+    dicom_front key (``front``), and on the address the request comes from, so that no key can make the
+    spanner send anywhere else."""
+    assert body.deliver_to is not None
+    if not front:
+        raise Forbidden("deliver_to: only the DICOM front (a key of role 'dicom_front') may name where the "
+                        "spanner delivers; use destination_ae with a known destination")
+    if body.mode is RetrievalMode.DIRECT:
+        raise InvalidQuery("deliver_to: works in proxy mode only; leave mode out")
+    if body.deliver_to.host != requester:
+        raise Forbidden(f"deliver_to: host {body.deliver_to.host!r} is not the address this request comes "
+                        f"from ({requester}); the DICOM front may only have instances delivered to itself")
+    to = body.deliver_to
+    return Peer(to.ae_title, to.host, to.port)
+
+
+async def destination_of(s: Services, body: RetrievalIn, audit: Audit, front: bool = False,
+                         requester: str = "") -> tuple[RetrievalMode, Peer | None]:
     """The mode and, for proxy, the destination; 422 for proxy to an AE the spanner does not know, 403 for a
     DICOM caller the destination does not allow."""
+    if body.deliver_to is not None:
+        return RetrievalMode.PROXY, front_destination(body, front, requester)
     known = await asyncio.to_thread(s.repo.get_destination_by_ae, body.destination_ae)
     mode = body.mode or (RetrievalMode.PROXY if known is not None else RetrievalMode.DIRECT)
     if mode is RetrievalMode.DIRECT:
@@ -96,11 +116,12 @@ async def destination_of(s: Services, body: RetrievalIn, audit: Audit) -> tuple[
 
 async def prepare(
     s: Services, body: RetrievalIn, uids: dict[str, list[str]], audit: Audit, requester: str,
-    hops: tuple[str, ...] = (),
+    hops: tuple[str, ...] = (), front: bool = False,
 ) -> Retrieval:
-    """Errors (unknown span, no enabled node) are raised here, before any progress is streamed."""
+    """Errors (unknown span, no enabled node) are raised here, before any progress is streamed.
+    ``front``: the request comes from the DICOM front (a dicom_front key, or anyone with auth off)."""
     nodes = await asyncio.to_thread(span_specs, s, body.span, None)
-    mode, destination = await destination_of(s, body, audit)
+    mode, destination = await destination_of(s, body, audit, front, requester)
     return Retrieval(
         span=body.span,
         level=body.level,

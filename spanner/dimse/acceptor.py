@@ -10,14 +10,23 @@
     ...
     await acceptor.close()
 
-Handlers are thin, pynetdicom style: ``echo`` returns a status; ``find`` and ``move`` are async generators
-of results. The engine writes each result as it is yielded and waits for the socket to drain
+Handlers are thin, pynetdicom style: ``echo`` returns a status; ``find``, ``move`` and ``get`` are async
+generators of results. The engine writes each result as it is yielded and waits for the socket to drain
 (backpressure); a C-CANCEL for the request sets ``request.cancelled`` and, at the handler's next yield,
 closes the generator and answers Cancel (0xFE00), unless the handler yields its own final response (e.g. a
 C-MOVE's Cancel with the counts so far). ``associate`` may refuse an association by returning an
 ``AssociateReject``; ``admit`` does the same asynchronously, knows the peer's address and may return any
 value, kept as ``Request.state`` for the association's requests. A handler that raises answers 0xC000
 with the error as ErrorComment.
+
+C-GET (PS3.4 C.4.3): a requester proposes a context per storage class it wants instances of, with an
+SCP/SCU Role Selection item (PS3.7 D.3.3.4) asking the SCP role for itself. Classes in
+``AcceptorConfig.get_storage_classes`` are accepted only that way (the A-ASSOCIATE-AC answers with the role
+granted: the requester SCP, this side SCU), in the first transfer syntax the requester proposes that pydicom
+knows; proposed without role selection they are refused (this side would have to take C-STOREs). The
+``get`` handler C-STOREs back on the requester's association with ``Request.store`` (spanner.dimse.store's
+rules) between the pending responses it yields; the requester's C-STORE responses are read by the session
+and handed to the waiting sub-operation.
 Garbage, a truncated PDU or an unexpected one aborts that association only; the listener keeps serving.
 
 Limits, so that idle or abusive connections never starve the others:
@@ -54,6 +63,7 @@ from spanner.dicom_constants import (
     PENDING_STATUSES,
     REMAINING_SUBOPERATIONS,
     STATUS,
+    STORAGE_SOP_CLASS_ROOT,
     WARNING_SUBOPERATIONS,
     CommandField,
     Status,
@@ -73,18 +83,26 @@ from spanner.dimse.pdu import (
     RejectReason,
     RejectResult,
     RejectSource,
+    RoleSelection,
     UserInformation,
     abort,
     read_pdu,
 )
-from spanner.dimse.store import SpoolFile, StoreRequest, part10_header
+from spanner.dimse.store import (
+    STORE_TRANSFER_SYNTAXES,
+    SpoolFile,
+    StoredInstance,
+    StoreRequest,
+    part10_header,
+)
+from spanner.dimse.store import store as store_instance
 
 LOG = logging.getLogger(__name__)
 LOCAL_LIMIT_EXCEEDED = 2  # reason of source 3, service provider (presentation), PS3.8 9.3.4
 DRAIN_EVERY = 16  # pending responses between waits for the socket (backpressure) and looks at a C-CANCEL
 # The requests served here, each on a context negotiated for its SOP class.
 _REQUESTS = frozenset({CommandField.C_ECHO_RQ, CommandField.C_FIND_RQ, CommandField.C_MOVE_RQ,
-                       CommandField.C_STORE_RQ})
+                       CommandField.C_GET_RQ, CommandField.C_STORE_RQ})
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,6 +121,8 @@ class AcceptorConfig:
     maximum_associations: int = 64
     maximum_per_peer: int = 0  # 0: no limit
     idle_s: float = 0.0  # 0: an established association may idle for ever
+    # Storage classes this side C-STOREs to a C-GET requester: accepted only with role selection
+    get_storage_classes: Container[str] = ()
 
 
 class FindResult(NamedTuple):
@@ -123,7 +143,7 @@ class MoveResult(NamedTuple):
 
 @dataclass(slots=True)
 class Request:
-    """One C-ECHO / C-FIND / C-MOVE request as a handler sees it."""
+    """One C-ECHO / C-FIND / C-MOVE / C-GET request as a handler sees it."""
 
     association: Association
     context: AcceptedContext
@@ -133,6 +153,7 @@ class Request:
     cancelled: asyncio.Event = field(default_factory=asyncio.Event)
     peer: str = ""  # the requestor's IP address
     state: object = None  # what ``Handlers.admit`` returned for this association
+    suboperations: SubOperations | None = None  # C-STOREs back to the requester (C-GET)
 
     @property
     def calling_ae(self) -> str:
@@ -150,6 +171,37 @@ class Request:
     def implicit(self) -> bool:
         return self.context.transfer_syntax == IMPLICIT_VR_LE
 
+    async def store(self, instance: StoredInstance) -> int:
+        """C-STORE ``instance`` back to the requester (a C-GET sub-operation); its C-STORE status.
+
+        Raises NoAcceptedContext / TransferSyntaxNotAccepted (spanner.dimse.store) when the requester
+        accepted no context the instance can go through, or the association's errors.
+        """
+        if self.suboperations is None:
+            raise ProtocolError("no C-STORE sub-operations on this association")
+        return await self.suboperations.store(instance)
+
+
+class SubOperations:
+    """The C-STOREs this side sends on one accepted association: one at a time (each waits for its
+    response, which the session reads and delivers), with message IDs of their own."""
+
+    def __init__(self, association: Association) -> None:
+        self._association = association
+        self._lock = asyncio.Lock()
+        self._message_id = 0
+
+    async def store(self, instance: StoredInstance) -> int:
+        async with self._lock:
+            self._message_id = self._message_id % 0xFFFF + 1
+            return await store_instance(self._association, instance, self._message_id)
+
+    @property
+    def storage_classes(self) -> frozenset[str]:
+        """The storage classes of the contexts accepted for C-STOREs to the requester."""
+        return frozenset(c.abstract_syntax for c in self._association.contexts.values()
+                         if c.accepted and c.abstract_syntax.startswith(STORAGE_SOP_CLASS_ROOT))
+
 
 FindHandler = Callable[[Request], AsyncIterator[FindResult]]
 MoveHandler = Callable[[Request], AsyncIterator[MoveResult]]
@@ -161,6 +213,7 @@ class Handlers:
     echo: Callable[[Request], Awaitable[int]] | None = None  # None: answer success
     find: FindHandler | None = None
     move: MoveHandler | None = None
+    get: MoveHandler | None = None  # C-GET: like ``move``; C-STOREs with ``Request.store`` in between
     store: StoreHandler | None = None  # with AcceptorConfig.store_dir; see spanner.dimse.store
     associate: Callable[[AssociateRequest], AssociateReject | None] | None = None
     admit: Callable[[AssociateRequest, str], Awaitable[AssociateReject | object]] | None = None
@@ -253,6 +306,7 @@ class _Session:
         self.assoc: Association | None = None
         self.operations: dict[int, tuple[Request, asyncio.Task[None]]] = {}
         self.assembler: Assembler | None = None
+        self.suboperations: SubOperations | None = None
 
     def abort(self, source: int = 0) -> None:
         if self.assoc is not None:
@@ -288,10 +342,9 @@ class _Session:
             self.writer.write(reject.encode())
             await self.writer.drain()
             return
-        contexts = tuple(self._negotiate(c.context_id, c.abstract_syntax, c.transfer_syntaxes)
-                         for c in request.contexts)
+        contexts, roles = self._negotiate_all(request)
         accept = AssociateAccept(request.called_ae, request.calling_ae, contexts,
-                                 UserInformation(config.max_pdu), request.application_context)
+                                 UserInformation(config.max_pdu, roles=roles), request.application_context)
         self.writer.write(accept.encode())
         self.acceptor.associations += 1
         writer = cast(asyncio.StreamWriter, _CoalescingWriter(self.writer))
@@ -299,6 +352,8 @@ class _Session:
                                  called_ae=request.called_ae, peer_max_pdu=request.user.max_pdu,
                                  max_pdu=config.max_pdu, acse_timeout_s=config.artim_s,
                                  peer_implementation_class_uid=request.user.implementation_class_uid)
+        if roles:
+            self.suboperations = SubOperations(self.assoc)
         if self.acceptor.handlers.established is not None:
             self.acceptor.handlers.established(self.assoc)
         assembler = self.assembler = Assembler(self._store_sink if self.acceptor.handlers.store else None,
@@ -374,6 +429,27 @@ class _Session:
             return self.acceptor.handlers.associate(request)
         return None
 
+    def _negotiate_all(self, request: AssociateRequest
+                       ) -> tuple[tuple[AcceptedContext, ...], tuple[RoleSelection, ...]]:
+        """Every proposed context's result, and the role selections granted (PS3.7 D.3.3.4)."""
+        config = self.acceptor.config
+        contexts: list[AcceptedContext] = []
+        granted: dict[str, RoleSelection] = {}
+        for c in request.contexts:
+            proposed = request.user.role_for(c.abstract_syntax)
+            if c.abstract_syntax in config.get_storage_classes and proposed is not None and proposed.scp_role:
+                # The requester takes the SCP role (it receives the C-STOREs); this side is SCU only, so
+                # a proposed SCU role for the requester is declined.
+                known = [ts for ts in c.transfer_syntaxes if ts in STORE_TRANSFER_SYNTAXES]
+                result = ContextResult.ACCEPTANCE if known else ContextResult.TRANSFER_SYNTAXES_NOT_SUPPORTED
+                syntax = (known or list(c.transfer_syntaxes) or [IMPLICIT_VR_LE])[0]
+                contexts.append(AcceptedContext(c.context_id, result, syntax, c.abstract_syntax))
+                if known:
+                    granted[c.abstract_syntax] = RoleSelection(c.abstract_syntax, False, True)
+                continue
+            contexts.append(self._negotiate(c.context_id, c.abstract_syntax, c.transfer_syntaxes))
+        return tuple(contexts), tuple(granted.values())
+
     def _negotiate(self, context_id: int, abstract: str, transfers: Sequence[str]) -> AcceptedContext:
         config = self.acceptor.config
         if abstract not in config.abstract_syntaxes:
@@ -409,6 +485,9 @@ class _Session:
         context = self.assoc.contexts.get(message.context_id)
         if context is None or not context.accepted:
             raise ProtocolError(f"presentation context {message.context_id} was not accepted")
+        if field_ == CommandField.C_STORE_RSP and self.suboperations is not None:
+            self.assoc.deliver(message)  # the requester's answer to a C-GET sub-operation
+            return
         msg_id = command.message_id
         if msg_id in self.operations:
             raise ProtocolError(f"message ID {msg_id} is already in use on this association")
@@ -425,7 +504,8 @@ class _Session:
             }, None)
             return
         request = Request(self.assoc, context, msg_id, message.dataset,
-                          command.text(MOVE_DESTINATION), peer=self.peer, state=self.state)
+                          command.text(MOVE_DESTINATION), peer=self.peer, state=self.state,
+                          suboperations=self.suboperations)
         handlers = self.acceptor.handlers
         if field_ == CommandField.C_ECHO_RQ:
             body = self._echo(request)
@@ -433,6 +513,8 @@ class _Session:
             body = self._stream(request, CommandField.C_FIND_RSP, handlers.find(request))
         elif field_ == CommandField.C_MOVE_RQ and handlers.move is not None:
             body = self._stream(request, CommandField.C_MOVE_RSP, handlers.move(request))
+        elif field_ == CommandField.C_GET_RQ and handlers.get is not None:
+            body = self._stream(request, CommandField.C_GET_RSP, handlers.get(request))
         elif field_ == CommandField.C_STORE_RQ and isinstance(message.sink, SpoolFile):
             body = self._store(request, message.command, message.sink)
         else:

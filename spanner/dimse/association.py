@@ -204,6 +204,10 @@ class Association:
             self._ended = reason
         self._inbox.put_nowait(None)
 
+    def deliver(self, message: Message) -> None:
+        """Acceptor side: a response to a request this side sent (a C-GET's C-STORE), for ``next_message``."""
+        self._inbox.put_nowait(message)
+
     async def next_message(self, timeout_s: float | None = None) -> Message:
         if self._ended is not None and self._inbox.empty():
             raise self._ended

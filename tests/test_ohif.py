@@ -20,10 +20,12 @@ Targets (a module-scoped parameter):
 
 from __future__ import annotations
 
+import os
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 import pytest
@@ -50,11 +52,16 @@ from tests.peers.ohif import (
 from tests.peers.ohif import Viewer as Browser
 from tests.peers.orthanc import OrthancPeer, orthanc_executable, stop_all
 
+if TYPE_CHECKING:
+    from playwright.sync_api import Page
+
 pytestmark = [pytest.mark.orthanc, pytest.mark.ohif]
 
 LOAD_TIMEOUT_S = 90.0
 """First load of the viewer on a cold, busy 2-core machine (measured: 3 s warm, up to 40 s cold)."""
 SERIES_TIMEOUT_S = 30.0
+SCREENSHOTS = os.environ.get("OHIF_SCREENSHOTS")
+"""A folder: each page is also saved there as a PNG when it is read, for a person to look at."""
 TOKEN = "ohif-test-token"
 SPAN = "ohif"
 PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
@@ -177,6 +184,12 @@ def target(request: pytest.FixtureRequest, browser: Browser) -> Target:
     return result
 
 
+def snapshot(page: Page, name: str) -> None:
+    if SCREENSHOTS:
+        Path(SCREENSHOTS).mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(Path(SCREENSHOTS) / f"{name}.png"))
+
+
 @dataclass(frozen=True, slots=True)
 class Visit:
     """What one browser context saw and asked, phase by phase."""
@@ -199,6 +212,7 @@ def visit(target: Target, browser: Browser) -> Visit:
         page.goto(f"{target.server.url}/", timeout=LOAD_TIMEOUT_S * 1000)
         rows = study_rows(page, len(target.data.studies), LOAD_TIMEOUT_S)
         settle(page, log)
+        snapshot(page, f"{target.name}-study-list")
         split = target.data.split
         page.get_by_text(shown_name(split.patient_name), exact=True).click()
         listed = []
@@ -208,9 +222,11 @@ def visit(target: Target, browser: Browser) -> Visit:
                 listed.append(series)
             except PlaywrightTimeout:
                 pass  # the test on the series list says which one is missing
+        snapshot(page, f"{target.name}-selected")
         page.get_by_role("button", name="Basic Viewer").click()
         wait_for_drawn_viewport(page, LOAD_TIMEOUT_S)
         settle(page, log)
+        snapshot(page, f"{target.name}-viewer")
         return Visit(rows, tuple(listed), viewport_png(page), log)
 
 
@@ -228,6 +244,7 @@ def link(target: Target, browser: Browser) -> Link:
                   timeout=LOAD_TIMEOUT_S * 1000)
         wait_for_drawn_viewport(page, LOAD_TIMEOUT_S)
         settle(page, log)
+        snapshot(page, f"{target.name}-link")
         return Link(viewport_png(page), log)
 
 

@@ -41,6 +41,7 @@ from tests.peers.ohif import (
     ohif_dist,
     playwright_available,
     png_gray_stats,
+    proxy_handler,
     settle,
     shown_name,
     study_rows,
@@ -116,7 +117,7 @@ def orthanc_dicomweb_target() -> Iterator[Target]:
     try:
         peer.start().upload_datasets(data.everything())
         # Same origin through the viewer's server: Orthanc's plugin answers no CORS preflight.
-        server = OhifServer(dist, proxy=("/dicom-web", f"{peer.base_url}/dicom-web"))
+        server = OhifServer(dist, proxy_handler("/dicom-web", f"{peer.base_url}/dicom-web"))
         base = f"{server.url}/dicom-web"
         server.configure(base, "Orthanc DICOMweb")
         yield Target("orthanc-dicomweb", server, base, data)

@@ -2,11 +2,11 @@
 
 - ``viewer_studies``: two small studies with real pixel data, one split across two archives (CT on one,
   MR on the other) and one held by the first archive only;
-- ``OhifServer``: the ``dist/`` folder of the npm package ``@ohif/app`` (installed by
-  scripts/install-peers.sh into var/ohif/) served on a free loopback port, with an ``app-config.js`` whose
-  ``dicomweb`` data source points at the DICOMweb server under test, and (only for a reference server that
-  answers no CORS preflight, such as Orthanc's plugin) a reverse proxy of that server's root on the same
-  origin;
+- ``cli.ohif.OhifServer`` (re-exported): the ``dist/`` folder of the npm package ``@ohif/app`` (installed
+  by scripts/install-peers.sh into var/ohif/) on a free loopback port, with an ``app-config.js`` whose
+  ``dicomweb`` data source points at the DICOMweb server under test; ``proxy_handler`` adds a reverse proxy
+  of a reference server's root on the viewer's origin (only for one that answers no CORS preflight, such
+  as Orthanc's plugin);
 - ``Viewer``: Playwright (its Python package, which carries the Node driver, ``playwright-core``) driving
   ``/usr/bin/chromium``: never a browser downloaded by Playwright. Every request off loopback is aborted
   before it leaves, and every request under the DICOMweb base URL is recorded with its status.
@@ -15,35 +15,32 @@
 from __future__ import annotations
 
 import http.client
-import json
 import math
 import os
 import shutil
 import struct
-import threading
 import zlib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from pydicom import uid as uids
 from pydicom.dataset import Dataset
 
+from cli.ohif import OHIF_VERSION, OhifHandler, OhifServer, default_dist
 from simulator.dataset import make_uid
 from tests.peers.ports import LOOPBACK, ClosedPort
+
+__all__ = ["OHIF_VERSION", "OhifServer"]  # the test imports the viewer's server from here with the rest
 
 if TYPE_CHECKING:
     from playwright.sync_api import Page, Request
 
-OHIF_VERSION = "3.13.2"
-"""The @ohif/app release scripts/install-peers.sh unpacks (keep the two in step)."""
-
 REPO = Path(__file__).resolve().parents[2]
-OHIF_DIST = REPO / "var" / "ohif" / OHIF_VERSION / "dist"
+OHIF_DIST = default_dist(REPO / "var")
 
 CHROMIUM_ARGS = (
     "--no-sandbox",  # the tests run as root, where Chromium's sandbox refuses to start
@@ -176,154 +173,47 @@ def viewer_studies(instances_per_series: int = 3) -> ViewerData:
     return ViewerData((first, second), (split, single), split)
 
 
-# -- the app config -------------------------------------------------------------------------------------
-def app_config(dicomweb_base: str, name: str = "spanner") -> str:
-    """OHIF's ``app-config.js`` with one ``dicomweb`` data source at ``dicomweb_base`` (no trailing slash).
-
-    ``omitQuotationForMultipartRequest`` is left off: OHIF then sends the standard quoted
-    ``multipart/related; type="application/octet-stream"`` Accept for frames.
-    """
-    source = {
-        "namespace": "@ohif/extension-default.dataSourcesModule.dicomweb",
-        "sourceName": "dicomweb",
-        "configuration": {
-            "friendlyName": name,
-            "name": name,
-            "qidoRoot": dicomweb_base,
-            "wadoRoot": dicomweb_base,
-            "wadoUriRoot": dicomweb_base,
-            "qidoSupportsIncludeField": True,
-            "supportsReject": False,
-            "supportsStow": False,
-            "imageRendering": "wadors",
-            "thumbnailRendering": "wadors",
-            "enableStudyLazyLoad": True,
-            "supportsFuzzyMatching": False,
-            "supportsWildcard": True,
-            "staticWado": False,
-            "singlepart": "",
-            "bulkDataURI": {"enabled": True},
-            "omitQuotationForMultipartRequest": False,
-        },
-    }
-    config = {
-        "routerBasename": "/",
-        "extensions": [],
-        "modes": [],
-        "customizationService": {},
-        "showStudyList": True,
-        "maxNumberOfWebWorkers": 1,
-        "showWarningMessageForCrossOrigin": False,
-        "showCPUFallbackMessage": False,
-        "showLoadingIndicator": True,
-        "strictZSpacingForVolumeViewport": True,
-        "investigationalUseDialog": {"option": "never"},
-        "defaultDataSourceName": "dicomweb",
-        "dataSources": [source],
-    }
-    return f"window.config = {json.dumps(config, indent=2)};\n"
-
-
-# -- the static server ----------------------------------------------------------------------------------
-_TYPES = {".js": "text/javascript", ".mjs": "text/javascript", ".wasm": "application/wasm",
-          ".json": "application/json", ".css": "text/css", ".svg": "image/svg+xml", ".woff2": "font/woff2"}
+# -- the reverse proxy (the Orthanc reference only) ---------------------------------------------------------
 _HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade",
                "proxy-authorization", "proxy-authenticate", "host", "content-length"}
 
 
-class _Handler(SimpleHTTPRequestHandler):
-    """OHIF's files; ``/app-config.js`` from memory; unknown paths → index.html (a single-page app);
-    with ``proxy`` set, paths under its prefix are forwarded to the upstream DICOMweb root."""
+def proxy_handler(prefix: str, upstream: str) -> type[OhifHandler]:
+    """OHIF's handler that also forwards GETs under ``prefix`` to ``upstream`` (a DICOMweb root), streaming.
 
-    server: _Server
-    protocol_version = "HTTP/1.1"
-    extensions_map = {**SimpleHTTPRequestHandler.extensions_map, **_TYPES}
-
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
-    def do_GET(self) -> None:
-        path = urlsplit(self.path).path
-        proxy = self.server.proxy
-        if proxy is not None and path.startswith(proxy[0]):
-            self._forward(proxy[1] + self.path[len(proxy[0]):])
-            return
-        if path == "/app-config.js":
-            self._send(200, "text/javascript", self.server.config_js.encode())
-            return
-        if path != "/" and not (Path(self.directory) / path.lstrip("/")).is_file():
-            self.path = "/index.html"
-        super().do_GET()
-
-    def _send(self, status: int, content_type: str, body: bytes) -> None:
-        self.send_response(status)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Cache-Control", "no-store")
-        self.end_headers()
-        self.wfile.write(body)
-
-    def _forward(self, target: str) -> None:
-        """A streaming GET to the upstream root, status and headers passed through unchanged."""
-        upstream = urlsplit(target)
-        headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP}
-        # The reference server must not see an Authorization it would reject: it runs open.
-        headers.pop("Authorization", None)
-        conn = http.client.HTTPConnection(upstream.hostname or LOOPBACK, upstream.port, timeout=60)
-        try:
-            conn.request("GET", upstream.path + (f"?{upstream.query}" if upstream.query else ""),
-                         headers=headers)
-            answer = conn.getresponse()
-            self.send_response(answer.status, answer.reason)
-            for key, value in answer.getheaders():
-                if key.lower() not in _HOP_BY_HOP:
-                    self.send_header(key, value)
-            self.send_header("Transfer-Encoding", "chunked")
-            self.end_headers()
-            while chunk := answer.read(65536):
-                self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
-            self.wfile.write(b"0\r\n\r\n")
-        finally:
-            conn.close()
-
-
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-
-    def __init__(self, directory: Path, config_js: str, proxy: tuple[str, str] | None) -> None:
-        self.config_js = config_js
-        self.proxy = proxy
-
-        def handler(*args: Any) -> _Handler:
-            return _Handler(*args, directory=str(directory))
-
-        super().__init__((LOOPBACK, 0), handler)
-
-
-class OhifServer:
-    """OHIF's ``dist/`` on a free loopback port, in a thread of the test process.
-
-    ``proxy=("/dicom-web", "http://127.0.0.1:8042/dicom-web")`` forwards that prefix to a DICOMweb server on
-    the same origin as the viewer; only for a reference server without CORS.
+    Only for a reference server that answers no CORS preflight (Orthanc's plugin): the viewer then reaches
+    it on its own origin. The spanner is always reached directly, through CORS.
     """
 
-    def __init__(self, dist: Path, proxy: tuple[str, str] | None = None) -> None:
-        self._server = _Server(dist, "", proxy)
-        self._thread = threading.Thread(target=self._server.serve_forever, name="ohif-static", daemon=True)
-        self._thread.start()
+    class ProxyHandler(OhifHandler):
+        def do_GET(self) -> None:
+            if urlsplit(self.path).path.startswith(prefix):
+                self._forward(upstream + self.path[len(prefix):])
+            else:
+                super().do_GET()
 
-    @property
-    def url(self) -> str:
-        return f"http://{LOOPBACK}:{self._server.server_address[1]}"
+        def _forward(self, target: str) -> None:
+            parts = urlsplit(target)
+            headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP}
+            # The reference runs open; a key meant for the spanner is none of its business.
+            headers.pop("Authorization", None)
+            conn = http.client.HTTPConnection(parts.hostname or LOOPBACK, parts.port, timeout=60)
+            try:
+                conn.request("GET", parts.path + (f"?{parts.query}" if parts.query else ""), headers=headers)
+                answer = conn.getresponse()
+                self.send_response(answer.status, answer.reason)
+                for key, value in answer.getheaders():
+                    if key.lower() not in _HOP_BY_HOP:
+                        self.send_header(key, value)
+                self.send_header("Transfer-Encoding", "chunked")
+                self.end_headers()
+                while chunk := answer.read(65536):
+                    self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                self.wfile.write(b"0\r\n\r\n")
+            finally:
+                conn.close()
 
-    def configure(self, dicomweb_base: str, name: str = "spanner") -> None:
-        """Serve an app config whose data source points at ``dicomweb_base`` from the next page load on."""
-        self._server.config_js = app_config(dicomweb_base, name)
-
-    def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
-        self._thread.join(5)
+    return ProxyHandler
 
 
 # -- the browser ----------------------------------------------------------------------------------------

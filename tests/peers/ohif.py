@@ -30,11 +30,11 @@ from urllib.parse import urlsplit
 from pydicom import uid as uids
 from pydicom.dataset import Dataset
 
-from cli.ohif import OHIF_VERSION, OhifHandler, OhifServer, default_dist
+from cli.ohif import OHIF_VERSION as OHIF_VERSION  # re-exported: the test takes the viewer's parts from here
+from cli.ohif import OhifHandler, default_dist
+from cli.ohif import OhifServer as OhifServer
 from simulator.dataset import make_uid
 from tests.peers.ports import LOOPBACK, ClosedPort
-
-__all__ = ["OHIF_VERSION", "OhifServer"]  # the test imports the viewer's server from here with the rest
 
 if TYPE_CHECKING:
     from playwright.sync_api import Page, Request

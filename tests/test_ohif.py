@@ -308,3 +308,42 @@ def test_nothing_else_is_asked_of_any_server(visit: Visit, link: Link) -> None:
         assert not log.blocked, f"the viewer reached off loopback: {log.blocked[:10]}"
         assert not log.foreign, f"requests outside the DICOMweb root: {log.foreign[:10]}"
 
+
+
+def _png(rows: list[bytes], width: int, filters: list[int]) -> bytes:
+    """An 8-bit RGB PNG whose rows are stored with the given filter types (the encoder's side)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    raw, previous = bytearray(), bytes(width * 3)
+    for row, kind in zip(rows, filters, strict=True):
+        out = bytearray()
+        for i, value in enumerate(row):
+            left = row[i - 3] if i >= 3 else 0
+            up, corner = previous[i], previous[i - 3] if i >= 3 else 0
+            estimate = left + up - corner
+            pa, pb, pc = abs(estimate - left), abs(estimate - up), abs(estimate - corner)
+            paeth = left if pa <= pb and pa <= pc else up if pb <= pc else corner
+            predictor = (0, left, up, (left + up) // 2, paeth)[kind]
+            out.append((value - predictor) & 0xFF)
+        raw += bytes([kind]) + out
+        previous = row
+    header = struct.pack(">IIBBBBB", width, len(rows), 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(bytes(raw))) + \
+        chunk(b"IEND", b"")
+
+
+def test_png_statistics_undo_every_row_filter() -> None:
+    """The viewport check decodes Chromium's PNGs itself: each of the five row filters must come back."""
+    width = 4
+    rows = [bytes((x * 60 + y * 20) % 256 for x in range(width) for _ in range(3)) for y in range(5)]
+    greys = [row[i] for row in rows for i in range(0, len(row), 3)]
+    mean = sum(greys) / len(greys)
+    variance = sum(g * g for g in greys) / len(greys) - mean * mean
+    got = png_gray_stats(_png(rows, width, [0, 1, 2, 3, 4]))
+    assert got == pytest.approx((mean, variance), abs=0.01)
+    black = png_gray_stats(_png([bytes(width * 3)] * 3, width, [4, 0, 1]))
+    assert black == (0.0, 0.0)

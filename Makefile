@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 export RAY_AUTH_MODE ?= disabled
 
-.PHONY: run test peers lint typecheck bench bench-quick clean
+.PHONY: run test peers ohif lint typecheck bench bench-quick clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,10 @@ $(VENV)/.installed-test: pyproject.toml $(VENV)/.installed
 ## Start Ray, the HTTP API on 127.0.0.1:8000 and (with no node configured) three simulated PACS.
 run: $(VENV)/.installed
 	$(BIN)/spanner run
+
+## OHIF's viewer on http://127.0.0.1:3000 against `make run`'s DICOMweb front (docs/dicomweb-ohif.md).
+ohif: $(VENV)/.installed peers
+	$(BIN)/spanner ohif
 
 ## Install the real peers (Debian's orthanc and dcmtk) and check the services the tests talk to.
 peers:

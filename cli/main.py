@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Annotated, Any
 
 import httpx
@@ -186,6 +187,31 @@ def simulate(
     )
     console.print(f"simulated PACS {ae_title} on 127.0.0.1:{port}: {len(fleet[node_index])} instances")
     serve_forever(config, fleet[node_index])
+
+
+@app.command()
+def ohif(
+    port: Annotated[int, typer.Option(help="Port of the viewer on 127.0.0.1")] = 3000,
+    dicomweb: Annotated[str, typer.Option(help="DICOMweb root the viewer asks")] = f"{DEFAULT_URL}/dicomweb",
+    dist: Annotated[Path | None, typer.Option(help="OHIF's dist/ folder (default var/ohif/VERSION/dist)")]
+    = None,
+) -> None:
+    """Serve OHIF's viewer (from `make peers`) with its data source at the spanner's DICOMweb front."""
+    from cli.ohif import OHIF_VERSION, OhifHttpServer, app_config, default_dist
+
+    try:
+        server = OhifHttpServer(dist or default_dist(), app_config(dicomweb.rstrip("/")), port=port)
+    except (FileNotFoundError, OSError) as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(1) from exc
+    console.print(f"OHIF {OHIF_VERSION} on {server.url} -> DICOMweb {dicomweb}; the spanner must allow this "
+                  f"origin (SPANNER_CORS_ORIGINS={server.url}); Ctrl-C stops it")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
 
 
 @app.command()

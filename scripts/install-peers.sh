@@ -13,10 +13,28 @@ command -v Orthanc >/dev/null 2>&1 || missing+=(orthanc)
 dpkg -s orthanc-dicomweb >/dev/null 2>&1 || missing+=(orthanc-dicomweb)  # the DICOMweb reference server
 command -v findscu >/dev/null 2>&1 || missing+=(dcmtk)
 command -v ss >/dev/null 2>&1 || missing+=(iproute2)  # the loopback test reads every connection with ss
+dpkg -s orthanc-dicomweb >/dev/null 2>&1 || missing+=(orthanc-dicomweb)  # the DICOMweb reference server
+command -v chromium >/dev/null 2>&1 || missing+=(chromium)  # tests/test_ohif.py drives it headless
+command -v npm >/dev/null 2>&1 || missing+=(npm)  # fetches OHIF's built viewer below
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing ${missing[*]}"
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+# OHIF's built viewer, as the npm registry ships it in @ohif/app (dist/ only: `npm pack` fetches the one
+# tarball, none of the package's build-time dependencies). tests/peers/ohif.py reads the same version.
+OHIF_VERSION=3.13.2
+ohif_dir="$(cd "$(dirname "$0")/.." && pwd)/var/ohif/$OHIF_VERSION"
+if [ ! -f "$ohif_dir/dist/index.html" ]; then
+  echo "installing @ohif/app@$OHIF_VERSION into $ohif_dir"
+  tmp="$(mktemp -d)"
+  (cd "$tmp" && npm pack --silent "@ohif/app@$OHIF_VERSION" >/dev/null)
+  mkdir -p "$tmp/unpacked" "$(dirname "$ohif_dir")"
+  tar -xzf "$tmp/ohif-app-$OHIF_VERSION.tgz" -C "$tmp/unpacked" --strip-components=1 package/dist package/package.json
+  # Moved in whole: an interrupted install leaves no half viewer that the check above would take as done.
+  rm -rf "$ohif_dir" && mv "$tmp/unpacked" "$ohif_dir"
+  rm -rf "$tmp"
 fi
 
 up() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }

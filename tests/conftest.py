@@ -123,6 +123,7 @@ def api(ray_session: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         "node_grace_s": 1.0,
         "auth_enabled": False,  # the suite's API runs open; tests/test_auth_audit.py deploys one with keys
         "store_port": free_port(),  # the proxy retrieval's storage SCP (tests/test_proxy_retrieval.py)
+        "cors_origins": "*",  # OHIF on its own loopback origin calls the DICOMweb front (tests/test_ohif.py)
     }
     migrate(str(settings["database_url"]))
     serve.start(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
@@ -45,3 +46,9 @@ def test_nodes_add_list_echo_query_remove(api: Api, sim: SimulatedPacs) -> None:
 def test_unreachable_api_says_so() -> None:
     result = runner.invoke(app, ["nodes", "list", "--url", "http://127.0.0.1:1"])
     assert result.exit_code == 1 and "cannot reach" in result.output
+
+
+def test_ohif_without_the_viewer_says_how_to_get_it(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["ohif", "--dist", str(tmp_path), "--port", "0"])
+    assert result.exit_code == 1
+    assert "no OHIF viewer" in result.output and "make peers" in result.output

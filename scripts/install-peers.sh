@@ -13,7 +13,6 @@ command -v Orthanc >/dev/null 2>&1 || missing+=(orthanc)
 dpkg -s orthanc-dicomweb >/dev/null 2>&1 || missing+=(orthanc-dicomweb)  # the DICOMweb reference server
 command -v findscu >/dev/null 2>&1 || missing+=(dcmtk)
 command -v ss >/dev/null 2>&1 || missing+=(iproute2)  # the loopback test reads every connection with ss
-dpkg -s orthanc-dicomweb >/dev/null 2>&1 || missing+=(orthanc-dicomweb)  # the DICOMweb reference server
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)  # tests/test_ohif.py drives it headless
 command -v npm >/dev/null 2>&1 || missing+=(npm)  # fetches OHIF's built viewer below
 if [ ${#missing[@]} -gt 0 ]; then

@@ -1,0 +1,193 @@
+"""Proxy C-MOVE through the DICOM front (scp/) with real peers.
+
+Orthanc archives A, B and C know only the spanner's storage SCP; Orthanc D and dcmtk's storescp are
+destinations no archive knows, registered only as spanner destinations. dcmtk's movescu through the front
+lands a study split across A and B whole in D and in storescp's folder. Then holders killed by PID in the
+middle of a transfer (their C-STOREs pass a relay that holds them 30 ms, so a transfer takes a while): the
+rest of a mirrored study comes from the mirror; a study nobody else holds ends 0xB000 with the UIDs that
+did not arrive, and the counts say only what reached the destination.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydicom.dataset import Dataset
+from pynetdicom import AE
+
+from scp import translate
+from scp.server import SpannerScp
+from spanner.dimse.store import read_part10
+from spanner.settings import load_settings
+from tests.conftest import Api, require
+from tests.peers.instances import Storescp, write_instance
+from tests.peers.orthanc import OrthancPeer, orthanc_executable, stop_all
+
+ROOT = "1.2.826.0.1.3680043.8.498.7719"
+SPLIT, MIRRORED, ALONE = f"{ROOT}.1", f"{ROOT}.2", f"{ROOT}.3"
+SPAN_AE = "PF_FRONT"
+
+
+def start_relay(target_port: int, delay_ms: float) -> tuple[subprocess.Popen[str], int]:
+    """benchmarks.relay as a helper process: its port, in front of ``target_port``; ended by PID."""
+    proc = subprocess.Popen([sys.executable, "-m", "benchmarks.relay", "--targets", str(target_port),
+                             "--delay-ms", str(delay_ms)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True)
+    assert proc.stdout is not None
+    return proc, int(json.loads(proc.stdout.readline())["ports"][0])
+
+
+def stop_relay(proc: subprocess.Popen[str]) -> None:
+    if proc.stdin is not None:
+        proc.stdin.close()
+    try:
+        proc.wait(5)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
+
+
+def dcmtk(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(list(args), capture_output=True, text=True, timeout=timeout,
+                          env={"TCP_NODELAY": "1", "PATH": "/usr/bin:/bin"})
+
+
+def uids_in(peer: OrthancPeer) -> set[str]:
+    return {peer.get(f"/instances/{i}")["MainDicomTags"]["SOPInstanceUID"] for i in peer.instances()}
+
+
+@pytest.fixture(scope="module")
+def folder() -> Iterator[Path]:
+    with tempfile.TemporaryDirectory(prefix="spanner-front-proxy-") as name:
+        yield Path(name)
+
+
+@pytest.fixture(scope="module")
+def front(api: Api) -> Iterator[SpannerScp]:
+    scp = SpannerScp(load_settings(scp_port=0, scp_span_cache_ttl_s=0.1), base_url=api.base_url)
+    scp.start()
+    yield scp
+    scp.stop()
+
+
+@pytest.fixture(scope="module")
+def fleet(api: Api, folder: Path) -> Iterator[dict[str, Any]]:
+    """A (slow: its C-STOREs pass a 30 ms relay), B, C as archives; D and storescp as destinations."""
+    require(orthanc_executable() is not None, "Debian's orthanc")
+    require(shutil.which("movescu") is not None, "dcmtk (movescu, storescp)")
+    files = folder / "files"
+    files.mkdir()
+    split_a = [write_instance(files, 3000 + n, 32 * 1024, study_uid=SPLIT) for n in range(4)]
+    split_b = [write_instance(files, 3100 + n, 32 * 1024, study_uid=SPLIT, series=2) for n in range(3)]
+    mirrored = [write_instance(files, 3200 + n, 16 * 1024, study_uid=MIRRORED) for n in range(20)]
+    alone = [write_instance(files, 3300 + n, 16 * 1024, study_uid=ALONE) for n in range(20)]
+    store_port = int(str(api.settings["store_port"]))
+    relay, relay_port = start_relay(store_port, 30)
+    direct, slow = ("SPANNER", "127.0.0.1", store_port), ("SPANNER", "127.0.0.1", relay_port)
+    a = OrthancPeer(aet="PF_A", modalities={"spanner": slow})
+    b = OrthancPeer(aet="PF_B", modalities={"spanner": direct})
+    c = OrthancPeer(aet="PF_C", modalities={"spanner": direct})
+    e = OrthancPeer(aet="PF_E", modalities={"spanner": slow})
+    d = OrthancPeer(aet="PF_D")
+    received = folder / "storescp"
+    received.mkdir()
+    storescp = Storescp(received)
+    nodes = {"pf-a": a, "pf-b": b, "pf-c": c, "pf-e": e}
+    try:
+        a.start().upload_many(p.read_bytes() for p in split_a + mirrored)
+        b.start().upload_many(p.read_bytes() for p in split_b)
+        c.start().upload_many(p.read_bytes() for p in mirrored)
+        e.start().upload_many(p.read_bytes() for p in alone)
+        d.start()
+        for priority, (name, peer) in enumerate(nodes.items()):
+            api.add_node(name, peer.dicom_port, ae_title=peer.aet, priority=10 * (priority + 1))
+        api.add_span("pf-front", list(nodes), ae_title=SPAN_AE)
+        for name, ae, port in (("pf-d", "PF_D", d.dicom_port), ("pf-scp", "DEST", storescp.port)):
+            made = api.http.post("/api/v1/destinations",
+                                 json={"name": name, "ae_title": ae, "host": "127.0.0.1", "port": port})
+            assert made.status_code == 201, made.text
+        yield {"peers": nodes, "d": d, "storescp": storescp,
+               "uids": {study: {read_part10(p).sop_instance_uid for p in paths} for study, paths in
+                        ((SPLIT, split_a + split_b), (MIRRORED, mirrored), (ALONE, alone))}}
+    finally:
+        for name in ("pf-d", "pf-scp"):
+            api.http.delete(f"/api/v1/destinations/{name}")
+        api.http.delete("/api/v1/spans/pf-front")
+        for name in nodes:
+            api.http.delete(f"/api/v1/nodes/{name}")
+        stop_all([a, b, c, e, d], graceful=False)
+        storescp.stop()
+        stop_relay(relay)
+
+
+def test_movescu_lands_a_split_study_whole_at_destinations_no_archive_knows(
+        fleet: dict[str, Any], front: SpannerScp) -> None:
+    expected = fleet["uids"][SPLIT]
+    for destination in ("PF_D", "DEST"):
+        run = dcmtk("movescu", "-S", "-aet", "WARDWS", "-aec", SPAN_AE, "-aem", destination,
+                    "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={SPLIT}",
+                    "127.0.0.1", str(front.port))
+        assert run.returncode == 0, run.stderr
+    assert uids_in(fleet["d"]) == expected
+    assert set(fleet["storescp"].received()) == expected
+
+
+def move_and_kill(front: SpannerScp, study: str, holder: OrthancPeer, storescp: Storescp
+                  ) -> tuple[Dataset, Dataset | None, set[str]]:
+    """C-MOVE ``study`` through the front to storescp; kill ``holder`` by PID once the first instance of
+    the study is at the destination. The final response (status, identifier), and what arrived."""
+    before = set(storescp.received())
+    names_before = {p.name for p in storescp.folder.iterdir()}
+    ae = AE(ae_title="WARDWS")
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = 60
+    ae.add_requested_context(translate.STUDY_ROOT_MOVE)
+    assoc = ae.associate("127.0.0.1", front.port, ae_title=SPAN_AE)
+    assert assoc.is_established
+    ds = Dataset()
+    ds.QueryRetrieveLevel, ds.StudyInstanceUID = "STUDY", study
+    responses: list[tuple[Dataset, Dataset | None]] = []
+    worker = threading.Thread(target=lambda: responses.extend(
+        assoc.send_c_move(ds, "DEST", translate.STUDY_ROOT_MOVE, msg_id=7)))
+    worker.start()
+    deadline = time.monotonic() + 30
+    while {p.name for p in storescp.folder.iterdir()} <= names_before and time.monotonic() < deadline:
+        time.sleep(0.01)  # storescp only writes files: there is no event to wait on
+    assert holder.running, "the transfer ended before the holder could be killed"
+    holder.stop(graceful=False)
+    worker.join(90)
+    assoc.release()
+    assert responses, "no C-MOVE response"
+    status, identifier = responses[-1]
+    return status, identifier, set(storescp.received()) - before
+
+
+def test_holder_killed_mid_transfer_the_rest_comes_from_the_mirror(
+        fleet: dict[str, Any], front: SpannerScp) -> None:
+    expected = fleet["uids"][MIRRORED]
+    final, _, arrived = move_and_kill(front, MIRRORED, fleet["peers"]["pf-a"], fleet["storescp"])
+    assert final.Status == 0x0000, final
+    assert (final.NumberOfCompletedSuboperations, final.NumberOfFailedSuboperations) == (len(expected), 0)
+    assert arrived == expected
+
+
+def test_holder_killed_mid_transfer_with_no_other_holder_fails_what_did_not_arrive(
+        fleet: dict[str, Any], front: SpannerScp) -> None:
+    expected = fleet["uids"][ALONE]
+    final, identifier, arrived = move_and_kill(front, ALONE, fleet["peers"]["pf-e"], fleet["storescp"])
+    assert final.Status == 0xB000, final
+    assert 0 < len(arrived) < len(expected)
+    assert final.NumberOfCompletedSuboperations == len(arrived)
+    assert final.NumberOfFailedSuboperations == len(expected - arrived)
+    assert identifier is not None and "FailedSOPInstanceUIDList" in identifier, identifier
+    failed = identifier.FailedSOPInstanceUIDList
+    assert set([failed] if isinstance(failed, str) else failed) == expected - arrived

@@ -16,6 +16,7 @@ look-ups included, keeps one deadline.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -48,11 +49,14 @@ TAG = {
     "SOPInstanceUID": f"{SOP_INSTANCE_UID:08X}",
     "PatientID": f"{PATIENT_ID:08X}",
 }
+LOG = logging.getLogger(__name__)
 Emit = Callable[[dict[str, Any]], Awaitable[None]]
 LOOKUP_BATCH = 100
 """UIDs per look-up C-FIND: one identifier stays a few kilobytes, which every archive accepts."""
 LOOKUP_CONCURRENCY = 4
 """Look-up batches in flight at once: the node actors' association pools bound the rest anyway."""
+PROGRESS_INTERVAL_S = 0.1
+"""Proxy mode: at most one progress line per this many seconds, and one at the end of each part."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -292,12 +296,25 @@ class Retriever:
         each part, within ``timeout_s``."""
         deadline = time.monotonic() + timeout_s
         parts = await self.plan(nodes, level, uids, deadline)
-        await self._list_instances(parts, deadline)
+        # The instances are needed only once a first holder has ended: listing them while it already
+        # sends keeps the look-up off the way to the first instance.
+        listing = asyncio.ensure_future(self._list_instances(parts, deadline))
 
-        async def report() -> None:
-            await emit({"event": "progress", **_totals(parts)})
+        last = [0.0]
 
-        await asyncio.gather(*(self._proxy_part(p, destination, store, deadline, report) for p in parts))
+        async def report(final: bool = False) -> None:
+            # A progress line per instance costs the ingress, Serve's proxy and the DICOM front about
+            # 3 ms of CPU each; a few per second say as much to a person or a C-MOVE client.
+            now = time.monotonic()
+            if final or now - last[0] >= PROGRESS_INTERVAL_S:
+                last[0] = now
+                await emit({"event": "progress", **_totals(parts)})
+
+        try:
+            await asyncio.gather(*(self._proxy_part(p, destination, store, deadline, report, listing)
+                                   for p in parts))
+        finally:
+            listing.cancel()
         return _result(parts)
 
     async def _list_instances(self, parts: list[Part], deadline: float) -> None:
@@ -311,7 +328,11 @@ class Retriever:
         async def one(part: Part, study: str, series: str) -> None:
             async with gate:
                 keys = {"StudyInstanceUID": study, "SeriesInstanceUID": series}
-                matches = await self._lookup(part.holders, Level.IMAGE, keys, deadline)
+                try:
+                    matches = await self._lookup(part.holders, Level.IMAGE, keys, deadline)
+                except Exception:  # the part is then moved as without its list, never failed for it
+                    LOG.warning("listing the instances of series %s failed", series, exc_info=True)
+                    return
             for m in matches:
                 sop = _value(m, "SOPInstanceUID")
                 if sop:
@@ -330,17 +351,17 @@ class Retriever:
         await asyncio.gather(*jobs)
 
     async def _proxy_part(self, part: Part, destination: Peer, store: StoreHandle, deadline: float,
-                          report: Callable[[], Awaitable[None]]) -> None:
+                          report: Callable[[bool], Awaitable[None]], listing: asyncio.Future[None]) -> None:
         """The part from its first holder; what did not arrive, from the next holders that have it, at
         IMAGE level (a holder killed midway is replaced for the rest only). Instances the destination
         refused are not asked again: it would refuse them again. Without the part's instances (the
         look-up found none) the next holder is asked only when nothing of the part arrived."""
         got = _Delivery()
 
-        async def publish() -> None:
+        async def publish(final: bool = False) -> None:
             part.counts = {"remaining": 0, "completed": len(got.delivered),
                            "failed": len(got.refused) + got.archive_failed, "warning": 0}
-            await report()
+            await report(final)
 
         whole: list[Move] = [(part.level, tuple(sorted(part.keys.items())))]
         for index, spec in enumerate(part.holders):
@@ -354,6 +375,7 @@ class Retriever:
                 if not await self._proxy_move(part, spec, level, keys, destination, store, deadline, got,
                                               publish):
                     break
+            await asyncio.shield(listing)  # shared by every part: one part leaving must not cancel it
             missing = set(part.instances) - got.delivered - set(got.refused)
             ok = bool(part.tried) and part.tried[-1]["status"] == "ok"
             if (part.instances and not missing) or (not part.instances and (ok or got.delivered)):
@@ -370,11 +392,11 @@ class Retriever:
         # A part none of whose instances reached the destination is not done: its reason (the
         # destination's refusal) then becomes the retrieval's error.
         part.done = not missing_uids and (bool(got.delivered) or (ok and not got.refused))
-        await publish()
+        await publish(True)
 
     async def _proxy_move(self, part: Part, spec: NodeSpec, level: Level, keys: tuple[tuple[str, str], ...],
                           destination: Peer, store: StoreHandle, deadline: float, got: _Delivery,
-                          publish: Callable[[], Awaitable[None]]) -> bool:
+                          publish: Callable[[bool], Awaitable[None]]) -> bool:
         """One C-MOVE of the part from ``spec`` through the store actor; False when no other may follow
         from this holder (deadline passed, no information model)."""
         remaining = deadline - time.monotonic()
@@ -402,7 +424,7 @@ class Retriever:
                     got.refused.pop(event.sop_instance_uid, None)
                 else:
                     got.refused[event.sop_instance_uid] = event.reason
-                await publish()
+                await publish(False)
         except asyncio.CancelledError:
             import ray
 

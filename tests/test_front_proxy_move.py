@@ -191,3 +191,64 @@ def test_holder_killed_mid_transfer_with_no_other_holder_fails_what_did_not_arri
     assert identifier is not None and "FailedSOPInstanceUIDList" in identifier, identifier
     failed = identifier.FailedSOPInstanceUIDList
     assert set([failed] if isinstance(failed, str) else failed) == expected - arrived
+
+
+def peak_kib(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise AssertionError(f"no {field} for process {pid}")
+
+
+def store_and_ingress_pids() -> list[int]:
+    from cluster.ray_internals import actor_table
+
+    pids = []
+    for info in actor_table().values():
+        cls = str(info.get("ActorClassName", ""))
+        if info.get("State") == "ALIVE" and info.get("Pid") and (
+                cls.endswith("StoreService") or "Ingress" in cls or "ServeReplica" in cls):
+            pids.append(int(info["Pid"]))
+    return pids
+
+
+def test_a_study_larger_than_the_memory_bound_passes_with_bounded_memory(
+        api: Api, fleet: dict[str, Any], folder: Path) -> None:
+    """192 MiB of instances through the store actor: neither it nor the ingress grows by half of that
+    (holding the study would grow one of them by all of it). benchmarks.retrieval does the same with 1 GB."""
+    big = folder / "big"
+    big.mkdir()
+    paths = [write_instance(big, 3400 + n, 4 << 20, chunked=True, study_uid=f"{ROOT}.4") for n in range(48)]
+    expected = {read_part10(p).sop_instance_uid for p in paths}
+    m = OrthancPeer(aet="PF_M", modalities={"spanner": ("SPANNER", "127.0.0.1",
+                                                        int(str(api.settings["store_port"])))})
+    try:
+        m.start().upload_many(p.read_bytes() for p in paths)
+        for path in paths:
+            path.unlink()
+        api.add_node("pf-m", m.dicom_port, ae_title="PF_M")
+        api.add_span("pf-big", ["pf-m"], ae_title="PF_BIG")
+        warm = api.http.post("/api/v1/retrievals", timeout=120, json={  # the store actor exists from here
+            "level": "STUDY", "uids": {"StudyInstanceUID": SPLIT}, "span": "pf-front",
+            "destination_ae": "DEST"})
+        assert json.loads(warm.text.splitlines()[-1])["status"] == "success", warm.text[-500:]
+        pids = store_and_ingress_pids()
+        assert len(pids) >= 2, "no store actor or ingress found"
+        for pid in pids:
+            Path(f"/proc/{pid}/clear_refs").write_text("5")  # VmHWM starts again from the current RSS
+        before = {pid: peak_kib(pid, "VmRSS") for pid in pids}
+        answer = api.http.post("/api/v1/retrievals", timeout=300, json={
+            "level": "STUDY", "uids": {"StudyInstanceUID": f"{ROOT}.4"}, "span": "pf-big",
+            "destination_ae": "DEST", "timeout_s": 240})
+        result = json.loads(answer.text.splitlines()[-1])
+        assert (result["status"], result["completed"]) == ("success", 48), result
+        growth_mib = {pid: (peak_kib(pid, "VmHWM") - before[pid]) / 1024 for pid in pids}
+        print(f"peak resident memory growth by PID (MiB): {growth_mib}")
+        assert max(growth_mib.values()) < 96, growth_mib
+        assert expected <= set(fleet["storescp"].received())
+    finally:
+        api.http.delete("/api/v1/spans/pf-big")
+        api.http.delete("/api/v1/nodes/pf-m")
+        m.stop(graceful=False)
+        for path in fleet["storescp"].folder.iterdir():
+            path.unlink()  # 192 MiB the other tests do not need

@@ -43,6 +43,7 @@ bench: $(VENV)/.installed-bench peers
 	$(BIN)/python -m benchmarks.merge
 	$(BIN)/python -m benchmarks.throughput
 	$(BIN)/python -m benchmarks.orthanc
+	$(BIN)/python -m benchmarks.retrieval
 
 ## The same, small (under 3 minutes on a quiet machine); results in benchmarks/results/*-quick.*
 bench-quick: $(VENV)/.installed-bench peers
@@ -52,6 +53,7 @@ bench-quick: $(VENV)/.installed-bench peers
 	$(BIN)/python -m benchmarks.throughput --quick
 	$(BIN)/python -m benchmarks.orthanc --quick
 	$(BIN)/python -m benchmarks.soak --quick
+	$(BIN)/python -m benchmarks.retrieval --quick
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check spanner serve_app actors cluster scp simulator cli tests benchmarks

@@ -384,8 +384,10 @@ class Retriever:
                 break
         missing_uids = sorted(set(part.instances) - got.delivered - set(got.refused))
         if missing_uids:
+            ends = ", ".join(f"{t['node']}: {t.get('error') or _status_text(t.get('dimse_status'))}"
+                             for t in part.tried)
             part.tried.append({"node": None, "status": "failed", "error": f"{len(missing_uids)} instance(s) "
-                               f"did not arrive from any holder, e.g. {missing_uids[0]}"})
+                               f"did not arrive from any holder ({ends}), e.g. {missing_uids[0]}"})
         part.failed_uids = [*got.refused, *missing_uids]
         got.archive_failed += len(missing_uids)
         ok = bool(part.tried) and part.tried[-1]["status"] == "ok"
@@ -435,8 +437,8 @@ class Retriever:
         ok = end is not None and end.error is None and end.status in (SUCCESS, WARNING_FAILURES)
         error = end.error if end is not None else "the store actor ended without a result"
         refusals = list(got.refused.values())[refused_before:]
-        if error is None and refusals:
-            error = f"{len(refusals)} instance(s) not taken by {destination.ae_title}, e.g. {refusals[0]}"
+        if error is None and refusals:  # the reason first: a DICOM ErrorComment keeps 64 characters
+            error = f"{refusals[0]} ({len(refusals)} instance(s) not delivered to {destination.ae_title})"
         part.tried.append({"node": spec.name, "status": "ok" if ok else "failed",
                            "dimse_status": end.status if end is not None else None, "error": error,
                            "completed": len(got.delivered) - delivered_before,
@@ -467,6 +469,10 @@ def _retry_moves(part: Part, node: str, settled: set[str]) -> list[Move]:
     return [(Level.IMAGE, (("SOPInstanceUID", "\\".join(sops)), ("SeriesInstanceUID", series),
                            ("StudyInstanceUID", study)))
             for series, sops in by_series.items()]
+
+
+def _status_text(status: int | None) -> str:
+    return "no final C-MOVE response" if status is None else f"C-MOVE status 0x{status:04X}"
 
 
 def _totals(parts: list[Part]) -> dict[str, int]:

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from spanner.logs import configure_logging
-from spanner.schemas import NodeIn, NodeOut
+from spanner.schemas import DestinationIn, DestinationOut, NodeIn, NodeOut
 from spanner.settings import Settings
 from spanner.storage import Repository, make_engine, require_current_schema, upgrade_database
 
@@ -23,6 +23,10 @@ if TYPE_CHECKING:
     from scp.server import SpannerScp
 
 DEMO_HOST = "127.0.0.1"
+DEMO_DESTINATION = ("demo-viewer", "MYSTORESCP")
+"""The destination `spanner run` registers with the demo fleet (name, AE title), on DEMO_HOST at
+demo_base_port + 3: a storage SCP started there receives what the banner's movescu line retrieves."""
+DEMO_RECEIVED = "/tmp/spanner-in"
 LOCAL_DRAIN_S = 5.0  # how long a local stop waits for the replicas to write their queued records
 
 
@@ -49,27 +53,57 @@ def prepare_database(settings: Settings, say: Callable[[str], None]) -> None:
         engine.dispose()
 
 
+def demo_destination_port(settings: Settings) -> int:
+    from simulator.fleet import DEMO_NODES
+
+    return settings.demo_base_port + len(DEMO_NODES)
+
+
+def _is_demo_destination(destination: DestinationOut, settings: Settings) -> bool:
+    return (destination.name, destination.ae_title) == DEMO_DESTINATION and destination.host == DEMO_HOST \
+        and destination.port == demo_destination_port(settings)
+
+
+def _store_host(settings: Settings) -> str:
+    return DEMO_HOST if settings.scp_host in ("0.0.0.0", "") else settings.scp_host
+
+
 def prepare_demo_fleet(settings: Settings, say: Callable[[str], None]) -> list[Any]:
-    """Start and register three simulated PACS unless real nodes exist (then drop stale demo nodes)."""
+    """Start and register three simulated PACS unless real nodes exist (then drop stale demo nodes).
+
+    The simulators know the spanner's storage SCP as a move destination, and a demo destination
+    (MYSTORESCP) is registered, so that a proxy C-MOVE through the DICOM front works as the banner
+    prints it."""
     from simulator.fleet import DEMO_NODES, start_demo_fleet
+    from simulator.scp import SimulatorConfig
 
     demo = {d.name: (d.ae_title, settings.demo_base_port + d.port_offset) for d in DEMO_NODES}
     prepare_database(settings, say)
     repo = Repository(make_engine(settings.effective_database_url))
     nodes = repo.list_nodes()
     real = [n for n in nodes if not _is_demo(n, demo)]
+    destinations = repo.list_destinations()
     if real or not settings.demo_fleet:
         for node in nodes:
             if _is_demo(node, demo):
                 repo.delete_node(node.name)
                 say(f"removed demo node {node.name}: real nodes are configured")
+        for destination in destinations:
+            if _is_demo_destination(destination, settings):
+                repo.delete_destination(destination.name)
         return []
-    fleet = start_demo_fleet(settings.demo_base_port)
+    store = (settings.store_ae, _store_host(settings), settings.store_port)
+    fleet = start_demo_fleet(settings.demo_base_port, config=SimulatorConfig(move_destinations=(store,)))
     present = {n.name for n in nodes}
     for name, (ae_title, port) in demo.items():
         if name not in present:
             repo.create_node(NodeIn(name=name, ae_title=ae_title, host=DEMO_HOST, port=port))
     say(f"demo fleet: {', '.join(f'{n} ({ae}@{DEMO_HOST}:{p})' for n, (ae, p) in demo.items())}")
+    name, ae_title = DEMO_DESTINATION
+    if not any(d.name == name or d.ae_title == ae_title for d in destinations):
+        repo.create_destination(DestinationIn(name=name, ae_title=ae_title, host=DEMO_HOST,
+                                              port=demo_destination_port(settings)))
+        say(f"demo destination: {name} ({ae_title}@{DEMO_HOST}:{demo_destination_port(settings)})")
     return fleet
 
 
@@ -146,7 +180,24 @@ def services_line(settings: Settings) -> str:
     return f"Database {database} | cache {cache} | events {events}"
 
 
-def example(settings: Settings, required: bool) -> str:
+def move_example(settings: Settings, demo_study: str | None) -> str:
+    """The banner's C-MOVE lines: with the demo fleet, ready to paste (a storage SCP where the demo
+    destination points, and a study of the fleet); otherwise with placeholders."""
+    dicom = f"{settings.scp_host} {settings.scp_port}"
+    if demo_study is None:
+        return ("  movescu -S -aec SPANNER -aem MYSTORESCP -k QueryRetrieveLevel=STUDY "
+                f"-k StudyInstanceUID=<uid> {dicom}\n  (MYSTORESCP: a destination added with "
+                "POST /api/v1/destinations, or an AE title every archive knows)\n")
+    _, ae_title = DEMO_DESTINATION
+    port = demo_destination_port(settings)
+    return (f"Proxy C-MOVE: the demo archives send to the spanner, which forwards to {ae_title} "
+            f"({DEMO_HOST}:{port}):\n"
+            f"  mkdir -p {DEMO_RECEIVED} && storescp -aet {ae_title} -od {DEMO_RECEIVED} {port} &\n"
+            f"  movescu -S -aec SPANNER -aem {ae_title} -k QueryRetrieveLevel=STUDY "
+            f"-k StudyInstanceUID={demo_study} {dicom}\n")
+
+
+def example(settings: Settings, required: bool, demo_study: str | None = None) -> str:
     url = f"http://{settings.http_host}:{settings.http_port}"
     dicom = f"{settings.scp_host} {settings.scp_port}"
     body = '{"level": "STUDY", "filters": {"PatientName": "*", "StudyDate": "20100101-"}, "limit": 5}'
@@ -163,8 +214,7 @@ def example(settings: Settings, required: bool) -> str:
         f"  echoscu -aec SPANNER {dicom}\n"
         f"  findscu -S -aec SPANNER -k QueryRetrieveLevel=STUDY -k StudyDate=20100101- -k PatientName "
         f"-k StudyInstanceUID {dicom}\n"
-        f"  movescu -S -aec SPANNER -aem MYSTORESCP -k QueryRetrieveLevel=STUDY -k StudyInstanceUID=<uid> "
-        f"{dicom}\n\n"
+        f"{move_example(settings, demo_study)}\n"
         "Ctrl-C stops everything.\n"
     )
 
@@ -226,7 +276,9 @@ def run(settings: Settings, say: Callable[[str], None] = print) -> None:
         front = start_scp(settings, say)
         for sig in (signal.SIGINT, signal.SIGTERM):  # ray.init installs its own SIGTERM handler: ours again
             signal.signal(sig, on_signal)
-        say(example(settings, required))
+        from simulator.fleet import demo_study_uid
+
+        say(example(settings, required, demo_study_uid() if fleet else None))
         stop.wait()
         say("stopping")
     finally:

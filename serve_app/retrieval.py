@@ -16,6 +16,7 @@ look-ups included, keeps one deadline.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -33,7 +34,7 @@ from spanner.dicom_constants import (
 )
 from spanner.nodespec import NodeSpec
 from spanner.proxy_move import InstanceEvent, PartEvent, Peer
-from spanner.query import InformationModel, Level, MoveQuery, NodeQuery, information_model_for
+from spanner.query import Level, MoveQuery, NodeQuery, information_model_for
 from spanner.schemas import Dedup, FailureStrategy
 
 # C-MOVE final statuses (PS3.4 C.4.2.1.5)
@@ -48,11 +49,22 @@ TAG = {
     "SOPInstanceUID": f"{SOP_INSTANCE_UID:08X}",
     "PatientID": f"{PATIENT_ID:08X}",
 }
+LOG = logging.getLogger(__name__)
 Emit = Callable[[dict[str, Any]], Awaitable[None]]
 LOOKUP_BATCH = 100
 """UIDs per look-up C-FIND: one identifier stays a few kilobytes, which every archive accepts."""
 LOOKUP_CONCURRENCY = 4
 """Look-up batches in flight at once: the node actors' association pools bound the rest anyway."""
+PROGRESS_INTERVAL_S = 0.1
+"""Proxy mode: at most one progress line per this many seconds, and one at the end of each part."""
+
+
+@dataclass(frozen=True, slots=True)
+class Instance:
+    """One instance of a part (proxy mode): its series and the nodes that hold it."""
+
+    series: str
+    holders: frozenset[str]
 
 
 @dataclass(slots=True)
@@ -68,6 +80,8 @@ class Part:
     failed_uids: list[str] = field(default_factory=list)
     tried: list[dict[str, Any]] = field(default_factory=list)
     done: bool = False
+    series: tuple[str, ...] = ()  # a STUDY-level part: the series it covers
+    instances: dict[str, Instance] = field(default_factory=dict)  # proxy mode: SOP Instance UID -> where
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -202,7 +216,8 @@ class Retriever:
         whole = [n for n in series[0]["nodes"] if all(n in h for h in holders_of.values())]
         whole.sort(key=lambda n: (by_name[n].priority, n))
         if whole:
-            return [Part(Level.STUDY, {"StudyInstanceUID": study}, [by_name[n] for n in whole])]
+            return [Part(Level.STUDY, {"StudyInstanceUID": study}, [by_name[n] for n in whole],
+                         series=tuple(sorted(holders_of)))]
         return [
             Part(
                 Level.SERIES,
@@ -277,53 +292,138 @@ class Retriever:
     async def retrieve_proxy(self, nodes: list[NodeSpec], level: Level, uids: dict[str, list[str]],
                              destination: Peer, store: StoreHandle, timeout_s: float,
                              emit: Emit) -> RetrievalResult:
-        """Find the holders, then have the store actor fetch and forward each part, within ``timeout_s``."""
+        """Find the holders and the instances of each part, then have the store actor fetch and forward
+        each part, within ``timeout_s``."""
         deadline = time.monotonic() + timeout_s
         parts = await self.plan(nodes, level, uids, deadline)
+        # The instances are needed only once a first holder has ended: listing them while it already
+        # sends keeps the look-up off the way to the first instance.
+        listing = asyncio.ensure_future(self._list_instances(parts, deadline))
 
-        async def report() -> None:
-            await emit({"event": "progress", **_totals(parts)})
+        last = [0.0]
 
-        await asyncio.gather(*(self._proxy_part(p, destination, store, deadline, report) for p in parts))
+        async def report(final: bool = False) -> None:
+            # A progress line per instance costs the ingress, Serve's proxy and the DICOM front about
+            # 3 ms of CPU each; a few per second say as much to a person or a C-MOVE client.
+            now = time.monotonic()
+            if final or now - last[0] >= PROGRESS_INTERVAL_S:
+                last[0] = now
+                await emit({"event": "progress", **_totals(parts)})
+
+        try:
+            await asyncio.gather(*(self._proxy_part(p, destination, store, deadline, report, listing)
+                                   for p in parts))
+        finally:
+            listing.cancel()
         return _result(parts)
 
-    async def _proxy_part(self, part: Part, destination: Peer, store: StoreHandle, deadline: float,
-                          report: Callable[[], Awaitable[None]]) -> None:
-        keys = tuple(sorted(part.keys.items()))
-        for spec in part.holders:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                part.tried.append({"node": spec.name, "status": "timeout",
-                                   "error": "retrieval deadline passed"})
-                return
-            model = information_model_for(part.level, spec.query_models)
-            if model is None:
-                part.tried.append({"node": spec.name, "status": "failed",
-                                   "error": f"node supports no information model for a {part.level} C-MOVE"})
+    async def _list_instances(self, parts: list[Part], deadline: float) -> None:
+        """Fill ``Part.instances``: one IMAGE-level look-up per series, over the part's holders only.
+
+        Knowing a part's instances is what lets a holder that fails midway be replaced for just what it
+        did not send, and what names the instances that never came. A look-up that finds nothing leaves
+        the part as it was (moved whole, replaced only when nothing of it arrived)."""
+        gate = asyncio.Semaphore(LOOKUP_CONCURRENCY)
+
+        async def one(part: Part, study: str, series: str) -> None:
+            async with gate:
+                keys = {"StudyInstanceUID": study, "SeriesInstanceUID": series}
+                try:
+                    matches = await self._lookup(part.holders, Level.IMAGE, keys, deadline)
+                except Exception:  # the part is then moved as without its list, never failed for it
+                    LOG.warning("listing the instances of series %s failed", series, exc_info=True)
+                    return
+            for m in matches:
+                sop = _value(m, "SOPInstanceUID")
+                if sop:
+                    part.instances[sop] = Instance(series, frozenset(m["nodes"]))
+
+        jobs: list[Awaitable[None]] = []
+        for part in parts:
+            study = part.keys["StudyInstanceUID"]
+            if part.level is Level.IMAGE:
+                holders = frozenset(h.name for h in part.holders)
+                part.instances = {sop: Instance(part.keys["SeriesInstanceUID"], holders)
+                                  for sop in part.keys["SOPInstanceUID"].split("\\")}
                 continue
-            # The node's own actor admits the move like a query (circuit, rate limit, association limit)
-            # and holds one of its slots while the store actor fetches from the archive.
+            series = part.series if part.level is Level.STUDY else (part.keys["SeriesInstanceUID"],)
+            jobs.extend(one(part, study, uid) for uid in series)
+        await asyncio.gather(*jobs)
+
+    async def _proxy_part(self, part: Part, destination: Peer, store: StoreHandle, deadline: float,
+                          report: Callable[[bool], Awaitable[None]], listing: asyncio.Future[None]) -> None:
+        """The part from its first holder; what did not arrive, from the next holders that have it, at
+        IMAGE level (a holder killed midway is replaced for the rest only). Instances the destination
+        refused are not asked again: it would refuse them again. Without the part's instances (the
+        look-up found none) the next holder is asked only when nothing of the part arrived."""
+        got = _Delivery()
+
+        async def publish(final: bool = False) -> None:
+            part.counts = {"remaining": 0, "completed": len(got.delivered),
+                           "failed": len(got.refused) + got.archive_failed, "warning": 0}
+            await report(final)
+
+        whole: list[Move] = [(part.level, tuple(sorted(part.keys.items())))]
+        for index, spec in enumerate(part.holders):
+            if index == 0 or (not part.instances and not got.delivered):
+                moves = whole
+            elif part.instances:
+                moves = _retry_moves(part, spec.name, got.delivered | set(got.refused))
+            else:
+                break  # what the destination took stays; asking another holder would send it again
+            # The node's own actor admits its moves like a query (circuit, rate limit, association
+            # limit) and holds one of its slots while the store actor fetches from the archive.
             node = await self._coordinator.handle(spec)
-            refused, lease = await node.lease.remote(remaining)
+            refused, lease = await node.lease.remote(max(0.0, deadline - time.monotonic()))
             if refused is not None:
                 part.tried.append({"node": spec.name, "status": refused.status.value, "error": refused.error})
                 continue
             try:
-                if await self._proxy_from(part, spec, keys, model, destination, store, deadline, report):
-                    return
+                for level, keys in moves:
+                    if not await self._proxy_move(part, spec, level, keys, destination, store, deadline, got,
+                                                  publish):
+                        break
             finally:
                 node.release.remote(lease)
+            await asyncio.shield(listing)  # shared by every part: one part leaving must not cancel it
+            missing = set(part.instances) - got.delivered - set(got.refused)
+            ok = bool(part.tried) and part.tried[-1]["status"] == "ok"
+            if (part.instances and not missing) or (not part.instances and (ok or got.delivered)):
+                break
+            if deadline <= time.monotonic():
+                break
+        missing_uids = sorted(set(part.instances) - got.delivered - set(got.refused))
+        if missing_uids:
+            ends = ", ".join(f"{t['node']}: {t.get('error') or _status_text(t.get('dimse_status'))}"
+                             for t in part.tried)
+            part.tried.append({"node": None, "status": "failed", "error": f"{len(missing_uids)} instance(s) "
+                               f"did not arrive from any holder ({ends}), e.g. {missing_uids[0]}"})
+        part.failed_uids = [*got.refused, *missing_uids]
+        got.archive_failed += len(missing_uids)
+        ok = bool(part.tried) and part.tried[-1]["status"] == "ok"
+        # A part none of whose instances reached the destination is not done: its reason (the
+        # destination's refusal) then becomes the retrieval's error.
+        part.done = not missing_uids and (bool(got.delivered) or (ok and not got.refused))
+        await publish(True)
 
-    async def _proxy_from(self, part: Part, spec: NodeSpec, keys: tuple[tuple[str, str], ...],
-                          model: InformationModel, destination: Peer, store: StoreHandle, deadline: float,
-                          report: Callable[[], Awaitable[None]]) -> bool:
-        """One holder's attempt at a part; True when the part is settled (done, or partly delivered)."""
-        remaining = max(0.0, deadline - time.monotonic())
+    async def _proxy_move(self, part: Part, spec: NodeSpec, level: Level, keys: tuple[tuple[str, str], ...],
+                          destination: Peer, store: StoreHandle, deadline: float, got: _Delivery,
+                          publish: Callable[[bool], Awaitable[None]]) -> bool:
+        """One C-MOVE of the part from ``spec`` through the store actor; False when no other may follow
+        from this holder (deadline passed, no information model)."""
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            part.tried.append({"node": spec.name, "status": "timeout", "error": "retrieval deadline passed"})
+            return False
+        model = information_model_for(level, spec.query_models)
+        if model is None:
+            part.tried.append({"node": spec.name, "status": "failed",
+                               "error": f"node supports no information model for a {level} C-MOVE"})
+            return False
         proxied = ProxyPart(spec.name, Peer(spec.ae_title, spec.host, spec.port), spec.calling_ae_title,
-                            part.level, keys, model, spec.dimse_timeout_s, spec.retrieve_method)
+                            level, keys, model, spec.dimse_timeout_s, spec.retrieve_method)
         stream = store.move.options(num_returns="streaming").remote(proxied, destination, remaining)
-        forwarded = 0
-        failed: dict[str, str | None] = {}
+        delivered_before, refused_before = len(got.delivered), len(got.refused)
         end: PartEvent | None = None
         try:
             async for ref in stream:
@@ -332,39 +432,58 @@ class Retriever:
                     end = event
                     continue
                 if event.forwarded:
-                    forwarded += 1
+                    got.delivered.add(event.sop_instance_uid)
+                    got.refused.pop(event.sop_instance_uid, None)
                 else:
-                    failed[event.sop_instance_uid] = event.reason
-                part.counts = {"remaining": 0, "completed": forwarded, "failed": len(failed),
-                               "warning": 0}
-                await report()
+                    got.refused[event.sop_instance_uid] = event.reason
+                await publish(False)
         except asyncio.CancelledError:
             import ray
 
             ray.cancel(stream)
             raise
-        archive_failed = int(end.counts.get("failed", 0)) if end is not None else 0
+        if not part.instances and end is not None:
+            got.archive_failed += int(end.counts.get("failed", 0))
         ok = end is not None and end.error is None and end.status in (SUCCESS, WARNING_FAILURES)
         error = end.error if end is not None else "the store actor ended without a result"
-        if error is None and failed:
-            error = f"{len(failed)} instance(s) not taken by {destination.ae_title}, e.g. " \
-                    f"{next(iter(failed.values()))}"
+        refusals = list(got.refused.values())[refused_before:]
+        if error is None and refusals:  # the reason first: a DICOM ErrorComment keeps 64 characters
+            error = f"{refusals[0]} ({len(refusals)} instance(s) not delivered to {destination.ae_title})"
         part.tried.append({"node": spec.name, "status": "ok" if ok else "failed",
                            "dimse_status": end.status if end is not None else None, "error": error,
-                           "completed": forwarded, "failed": len(failed) + archive_failed, "warning": 0,
+                           "completed": len(got.delivered) - delivered_before,
+                           "failed": len(refusals), "warning": 0,
                            "from_spool": end is not None and end.from_spool})
-        if ok or forwarded:
-            # What the destination took stays counted; asking another holder would send it again.
-            part.counts = {"remaining": 0, "completed": forwarded, "failed": len(failed) + archive_failed,
-                           "warning": 0}
-            part.failed_uids = list(failed)
-            # A part none of whose instances reached the destination is not done: its reason (the
-            # destination's refusal) then becomes the retrieval's error.
-            part.done = ok and (forwarded > 0 or not failed)
-            await report()
-            return True
-        part.counts = dict.fromkeys(part.counts, 0)  # the next holder starts the part afresh
-        return False
+        return True
+
+
+Move = tuple[Level, tuple[tuple[str, str], ...]]
+"""One C-MOVE of a part: its level and unique keys."""
+
+
+@dataclass(slots=True)
+class _Delivery:
+    """What one part's moves have brought so far."""
+
+    delivered: set[str] = field(default_factory=set)  # SOP Instance UIDs the destination took
+    refused: dict[str, str | None] = field(default_factory=dict)  # UID -> why it was not taken
+    archive_failed: int = 0  # sub-operations an archive failed, when the part's instances are not known
+
+
+def _retry_moves(part: Part, node: str, settled: set[str]) -> list[Move]:
+    """IMAGE-level C-MOVEs (one per series) for the part's instances ``node`` holds that are not settled."""
+    by_series: dict[str, list[str]] = {}
+    for sop, instance in sorted(part.instances.items()):
+        if sop not in settled and node in instance.holders:
+            by_series.setdefault(instance.series, []).append(sop)
+    study = part.keys["StudyInstanceUID"]
+    return [(Level.IMAGE, (("SOPInstanceUID", "\\".join(sops)), ("SeriesInstanceUID", series),
+                           ("StudyInstanceUID", study)))
+            for series, sops in by_series.items()]
+
+
+def _status_text(status: int | None) -> str:
+    return "no final C-MOVE response" if status is None else f"C-MOVE status 0x{status:04X}"
 
 
 def _totals(parts: list[Part]) -> dict[str, int]:

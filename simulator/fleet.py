@@ -48,6 +48,16 @@ def start_demo_fleet(base_port: int | None = None, seed: int = 42,
     return fleet
 
 
+def demo_study_uid(seed: int = 42) -> str:
+    """A study of the demo fleet held by the most nodes (split or mirrored across them): the one the
+    banner's movescu line asks for."""
+    holders: dict[str, set[int]] = {}
+    for node, instances in enumerate(generate_fleet(seed, len(DEMO_NODES))):
+        for ds in instances:
+            holders.setdefault(str(ds.StudyInstanceUID), set()).add(node)
+    return max(sorted(holders), key=lambda uid: len(holders[uid]))
+
+
 def stop_fleet(fleet: Iterable[SimulatorBase]) -> None:
     """Stop every simulator in parallel (each stop waits up to 0.5 s for pynetdicom's server loop)."""
     threads = [threading.Thread(target=pacs.stop, name=f"stop-{pacs.ae_title}") for pacs in fleet]

@@ -1,4 +1,8 @@
-"""A simulated PACS on loopback: Verification and Query/Retrieve Find with injectable faults.
+"""A simulated PACS on loopback: Verification, Query/Retrieve Find and Move, with injectable faults.
+
+C-MOVE sends the matching instances by C-STORE to a destination listed in ``move_destinations`` (AE
+title, host, port), as an archive configured with its known AEs would; any other destination is
+answered 0xA801. Faults apply to C-FIND only.
 
 Each simulator is its own pynetdicom AE serving one ``Index``. Faults and latency are read from
 the current config at the start of every request, so ``set_fault`` changes behaviour between
@@ -21,10 +25,12 @@ from types import FrameType
 from typing import Any, Literal, Self, get_args
 
 from pydicom.dataset import Dataset
+from pydicom.multival import MultiValue
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
 from pynetdicom.transport import ThreadedAssociationServer
 
+from simulator.dataset import to_file_dataset
 from simulator.index import IdentifierError, Index
 from simulator.pynetdicom_internals import (
     enable_nodelay as enable_nodelay,  # re-exported: benchmarks and tests hand it to pynetdicom AEs
@@ -35,7 +41,16 @@ from simulator.pynetdicom_internals import (
     slow_dul_polling,
     slow_reactor_polling,
 )
-from spanner.dicom_constants import PATIENT_ROOT_FIND, STUDY_ROOT_FIND, VERIFICATION, Status
+from spanner.dicom_constants import (
+    EXPLICIT_VR_LE,
+    IMPLICIT_VR_LE,
+    PATIENT_ROOT_FIND,
+    PATIENT_ROOT_MOVE,
+    STUDY_ROOT_FIND,
+    STUDY_ROOT_MOVE,
+    VERIFICATION,
+    Status,
+)
 from spanner.query import InformationModel
 
 LOG = logging.getLogger(__name__)
@@ -76,6 +91,7 @@ class SimulatorConfig:
     seed: int | None = None
     maximum_associations: int = 64
     poll_ms: float | None = None  # None: pynetdicom's 1 ms; larger saves CPU per open association
+    move_destinations: tuple[tuple[str, str, int], ...] = ()  # (AE title, host, port) C-MOVE may send to
 
     def __post_init__(self) -> None:
         if self.fault not in FAULTS:
@@ -98,6 +114,7 @@ class Counters:
     echoes: int = 0
     finds: int = 0
     cancels: int = 0
+    moves: int = 0
 
 
 def _status(code: int, comment: str) -> Dataset:
@@ -166,7 +183,8 @@ class SimulatedPacs(SimulatorBase):
     """One simulated PACS on pynetdicom: ``start()`` it, query it, ``stop()`` it."""
 
     def __init__(self, config: SimulatorConfig, instances: Iterable[Dataset]) -> None:
-        super().__init__(config, instances)
+        self._instances = list(instances)
+        super().__init__(config, self._instances)
         self._stopping = threading.Event()
         self._ae: AE | None = None
         self._server: ThreadedAssociationServer | None = None
@@ -191,8 +209,12 @@ class SimulatedPacs(SimulatorBase):
         ae.require_called_aet = False
         ae.require_calling_aet = []
         ae.maximum_associations = self._config.maximum_associations
-        for sop_class in (VERIFICATION, PATIENT_ROOT_FIND, STUDY_ROOT_FIND):
+        for sop_class in (VERIFICATION, PATIENT_ROOT_FIND, STUDY_ROOT_FIND, PATIENT_ROOT_MOVE,
+                          STUDY_ROOT_MOVE):
             ae.add_supported_context(sop_class)
+        # The storage contexts a C-MOVE's sub-association proposes: one per SOP class held (at most 128).
+        for sop_class in sorted({str(ds.SOPClassUID) for ds in self._instances})[:128]:
+            ae.add_requested_context(sop_class, [EXPLICIT_VR_LE, IMPLICIT_VR_LE])
         handlers: list[Any] = [
             (evt.EVT_CONN_OPEN, self._on_conn_open),
             (evt.EVT_REQUESTED, self._on_requested),
@@ -200,6 +222,7 @@ class SimulatedPacs(SimulatorBase):
             (evt.EVT_DIMSE_RECV, self._on_dimse_recv),
             (evt.EVT_C_ECHO, self._on_echo),
             (evt.EVT_C_FIND, self._on_find),
+            (evt.EVT_C_MOVE, self._on_move),
         ]
         self._stopping.clear()
         address = (self._config.host, self._config.port)
@@ -291,6 +314,33 @@ class SimulatedPacs(SimulatorBase):
             return
         if cancelled():
             yield STATUS_CANCEL, None
+
+    def _on_move(self, event: evt.Event) -> Iterator[Any]:
+        """pynetdicom's C-MOVE protocol: the destination's address, the count, then each instance."""
+        self._count("moves")
+        known = {ae: (host, port) for ae, host, port in self._config.move_destinations}
+        destination = known.get((event.move_destination or "").strip())
+        if destination is None:
+            yield None, None  # pynetdicom answers 0xA801: move destination unknown
+            return
+        chosen = self._matching(event.identifier)
+        yield destination
+        yield len(chosen)
+        for ds in chosen:
+            if event.is_cancelled:
+                yield STATUS_CANCEL, None
+                return
+            yield STATUS_PENDING, to_file_dataset(ds)  # pynetdicom picks the context by its transfer syntax
+
+    def _matching(self, identifier: Dataset) -> list[Dataset]:
+        """The instances whose unique keys are among the identifier's (a key left out matches all)."""
+        wanted: dict[str, set[str]] = {}
+        for keyword in ("PatientID", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
+            value = identifier.get(keyword)
+            if value:
+                wanted[keyword] = {str(v) for v in (value if isinstance(value, MultiValue) else [value])}
+        return [ds for ds in self._instances
+                if all(str(ds.get(keyword, "")) in values for keyword, values in wanted.items())]
 
     def _wait(self, seconds: float, assoc: Association, cancelled: Callable[[], bool]) -> bool:
         """Sleep ``seconds`` in small steps; True as soon as the request is cancelled."""

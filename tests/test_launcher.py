@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -12,6 +13,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pydicom
 import pytest
 
 from cluster.launcher import prepare_demo_fleet
@@ -19,6 +21,7 @@ from simulator.fleet import stop_fleet
 from spanner.schemas import NodeIn
 from spanner.settings import load_settings
 from spanner.storage import Repository, create_schema, make_engine
+from tests.conftest import require
 from tests.peers.ports import descendants, free_port, listening_off_loopback, off_loopback
 
 
@@ -31,11 +34,14 @@ def test_demo_fleet_starts_only_without_real_nodes(tmp_path: Path) -> None:
         assert [p.port for p in fleet] == [base, base + 1, base + 2]
         repo = Repository(make_engine(settings.effective_database_url))
         assert [n.name for n in repo.list_nodes()] == ["demo-a", "demo-b", "demo-c"]
+        assert [(d.name, d.ae_title, d.port) for d in repo.list_destinations()] == \
+            [("demo-viewer", "MYSTORESCP", base + 3)]
     finally:
         stop_fleet(fleet)
     repo.create_node(NodeIn(name="real", ae_title="REAL", host="127.0.0.1", port=104))
     assert prepare_demo_fleet(settings, said.append) == []
     assert [n.name for n in repo.list_nodes()] == ["real"]
+    assert repo.list_destinations() == []
     assert any("removed demo node" in line for line in said)
 
 
@@ -78,6 +84,36 @@ def c_find_through_front(port: int) -> int:
     return statuses[-1]
 
 
+def movescu_as_printed(banner: list[str], received: Path) -> None:
+    """The banner's storescp and movescu lines, run as printed (storescp writing into ``received``): the
+    demo study, split or mirrored across the simulators, arrives whole through the spanner."""
+    from cluster.launcher import DEMO_RECEIVED
+    from simulator.dataset import generate_fleet
+    from simulator.fleet import DEMO_NODES, demo_study_uid
+    from tests.peers.ports import wait_for_port
+
+    require(shutil.which("movescu") is not None and shutil.which("storescp") is not None, "dcmtk")
+    (receive,) = [line.split("&&", 1)[1].strip().rstrip("&").strip() for line in banner
+                  if line.strip().startswith(f"mkdir -p {DEMO_RECEIVED} && storescp")]
+    (move,) = [line.strip() for line in banner if line.strip().startswith("movescu -S -aec SPANNER")]
+    received.mkdir()
+    storescp = [str(received) if arg == DEMO_RECEIVED else arg for arg in shlex.split(receive)]
+    env = {"PATH": os.environ["PATH"], "TCP_NODELAY": "1"}
+    receiver = subprocess.Popen(storescp, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_for_port(int(storescp[-1]))
+        run = subprocess.run(shlex.split(move), env=env, capture_output=True, text=True, timeout=120)
+        assert run.returncode == 0, run.stderr
+    finally:
+        receiver.terminate()
+        receiver.wait(10)
+    study = demo_study_uid()
+    expected = {str(ds.SOPInstanceUID) for instances in generate_fleet(42, len(DEMO_NODES))
+                for ds in instances if ds.StudyInstanceUID == study}
+    got = {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in received.iterdir()}
+    assert expected and got == expected, run.stderr
+
+
 @pytest.mark.timeout(240)
 def test_spanner_run_serves_the_demo_fleet_and_sigterm_leaves_nothing(tmp_path: Path) -> None:
     http, dashboard, base, dicom = free_port(), free_port(), free_port(), free_port()
@@ -88,6 +124,7 @@ def test_spanner_run_serves_the_demo_fleet_and_sigterm_leaves_nothing(tmp_path: 
         "SPANNER_DASHBOARD_PORT": str(dashboard),
         "SPANNER_DEMO_BASE_PORT": str(base),
         "SPANNER_SCP_PORT": str(dicom),
+        "SPANNER_STORE_PORT": str(free_port()),
         "SPANNER_AUTH_CACHE_TTL_S": "1",
         "SPANNER_NAMESPACE": "launcher-test",
         "RAY_TMPDIR": ray_tmp,
@@ -131,6 +168,7 @@ def test_spanner_run_serves_the_demo_fleet_and_sigterm_leaves_nothing(tmp_path: 
         assert any("Authentication OFF until the first key" in line and "no restart needed" in line
                    for line in lines), banner
         assert c_find_through_front(dicom) == 0x0000
+        movescu_as_printed(lines, tmp_path / "received")
         create = [sys.executable, "-m", "cli.main", "keys", "create", "ward", "--role", "query"]
         made = subprocess.run(create, env=env, capture_output=True, text=True, timeout=60)
         assert made.returncode == 0 and "Authentication is now ON" in made.stdout, made.stdout + made.stderr

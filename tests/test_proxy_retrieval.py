@@ -84,7 +84,7 @@ def test_a_split_study_lands_whole_at_a_destination_no_archive_knows(api: Api, f
         assert (nowhere[-1]["status"], nowhere[-1]["dimse_status"], nowhere[-1]["completed"]) \
             == ("failed", 0xC000, 0), nowhere[-1]
         assert nowhere[-1]["failed"] == 7 and set(nowhere[-1]["failed_sop_instance_uids"]) == every
-        assert "not taken by DEST" in nowhere[-1]["error"], nowhere[-1]
+        assert "not delivered to DEST" in nowhere[-1]["error"], nowhere[-1]
         closed.release()
 
         api.http.patch("/api/v1/destinations/proxy-dest", json={"allowed_calling_aets": ["WARDWS"]})

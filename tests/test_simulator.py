@@ -538,3 +538,32 @@ def test_serve_forever_until_sigterm() -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_c_move_sends_the_matching_instances_to_a_known_destination_only(tmp_path: Path) -> None:
+    """A destination listed in move_destinations gets every instance of the study by C-STORE; any other
+    AE title is answered 0xA801 (move destination unknown), as an archive does."""
+    from spanner.dicom_constants import STUDY_ROOT_MOVE
+    from tests.peers.instances import Storescp
+
+    instances = generate_fleet(5, 1, 4)[0]
+    study = str(instances[0].StudyInstanceUID)
+    expected = {str(ds.SOPInstanceUID) for ds in instances if ds.StudyInstanceUID == study}
+    storescp = Storescp(tmp_path)
+    config = SimulatorConfig(ae_title="SIM_MOVE", move_destinations=(("DEST", "127.0.0.1", storescp.port),))
+    pacs = SimulatedPacs(config, instances)
+    pacs.start()
+    try:
+        ae = AE(ae_title="MOVER")
+        ae.add_requested_context(STUDY_ROOT_MOVE)
+        assoc = ae.associate("127.0.0.1", pacs.port, ae_title="SIM_MOVE")
+        ds = Dataset()
+        ds.QueryRetrieveLevel, ds.StudyInstanceUID = "STUDY", study
+        known = [int(st.Status) for st, _ in assoc.send_c_move(ds, "DEST", STUDY_ROOT_MOVE)]
+        unknown = [int(st.Status) for st, _ in assoc.send_c_move(ds, "NOWHERE", STUDY_ROOT_MOVE)]
+        assoc.release()
+    finally:
+        pacs.stop()
+        storescp.stop()
+    assert known[-1] == 0x0000 and unknown == [0xA801], (known, unknown)
+    assert set(storescp.received()) == expected and pacs.counters.moves == 2

@@ -129,8 +129,8 @@ class OhifHttpServer(ThreadingHTTPServer):
 class OhifServer:
     """An ``OhifHttpServer`` in a background thread (for tests); ``configure`` sets the DICOMweb root."""
 
-    def __init__(self, dist: Path, handler: type[OhifHandler] = OhifHandler) -> None:
-        self._server = OhifHttpServer(dist, "", handler=handler)
+    def __init__(self, dist: Path, handler: type[OhifHandler] = OhifHandler, port: int = 0) -> None:
+        self._server = OhifHttpServer(dist, "", port=port, handler=handler)
         self._thread = threading.Thread(target=self._server.serve_forever, name="ohif-static", daemon=True)
         self._thread.start()
 

@@ -10,6 +10,8 @@ from collections.abc import Iterator
 
 import pytest
 
+from tests.peers.ports import free_port
+
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
@@ -101,6 +103,11 @@ class Api:
         return response.status_code, response.json()
 
 
+OHIF_PORT = free_port()
+"""Where tests/test_ohif.py serves the viewer: the session's API allows that origin and no other (CORS)."""
+OHIF_ORIGIN = f"http://127.0.0.1:{OHIF_PORT}"
+
+
 @pytest.fixture(scope="session")
 def api(ray_session: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Api]:
     """The Serve app on a free loopback port over a SQLite file; one per session, shared by the API tests."""
@@ -123,7 +130,7 @@ def api(ray_session: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[
         "node_grace_s": 1.0,
         "auth_enabled": False,  # the suite's API runs open; tests/test_auth_audit.py deploys one with keys
         "store_port": free_port(),  # the proxy retrieval's storage SCP (tests/test_proxy_retrieval.py)
-        "cors_origins": "*",  # OHIF on its own loopback origin calls the DICOMweb front (tests/test_ohif.py)
+        "cors_origins": OHIF_ORIGIN,  # OHIF on its own origin calls the DICOMweb front (tests/test_ohif.py)
     }
     migrate(str(settings["database_url"]))
     serve.start(

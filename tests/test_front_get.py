@@ -315,3 +315,51 @@ def test_an_instance_goes_converted_or_fails_by_the_requester_s_syntaxes(fleet: 
     assert kept[plain].PixelData == pydicom.dcmread(fleet.files[plain]).PixelData
     assert str(identifier.FailedSOPInstanceUIDList) == jpeg
     assert fleet.spool_left() == []
+
+
+ONLY_GET = "1.2.826.0.1.3680043.8.498.7721.5"
+
+
+def _dcmtk(*command: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(command, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "TCP_NODELAY": "1"})
+
+
+@pytest.mark.orthanc
+@pytest.mark.dcmtk
+def test_getscu_and_movescu_through_the_front_from_an_archive_that_knows_no_ae(
+        fleet: Fleet, api: Api, tmp_path: Path) -> None:
+    """The holder knows neither the spanner nor the destination: with ``retrieve_method: c-get`` the
+    spanner fetches on its own association, and both getscu and movescu through the front get it whole."""
+    from tests.peers.instances import Storescp
+
+    files = [write_instance(tmp_path, 2600 + n, 8 * 1024, study_uid=ONLY_GET) for n in range(5)]
+    expected = sorted(_sop(p) for p in files)
+    c = OrthancPeer(aet="GET_C")
+    received = tmp_path / "storescp"
+    received.mkdir()
+    storescp = Storescp(received)
+    try:
+        c.start().upload_many(p.read_bytes() for p in files)
+        api.add_node("get-c", c.dicom_port, ae_title="GET_C", retrieve_method="c-get")
+        api.add_span("getonly", ["get-c"], ae_title="GETONLY")
+        made = api.http.post("/api/v1/destinations", json={"name": "get-dest", "ae_title": "DEST",
+                                                           "host": "127.0.0.1", "port": storescp.port})
+        assert made.status_code == 201, made.text
+        out = tmp_path / "out"
+        out.mkdir()
+        keys = ["-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={ONLY_GET}"]
+        front = ["127.0.0.1", str(fleet.port)]
+        got = _dcmtk("getscu", "-S", "-aec", "GETONLY", "-aet", "GETTER", "-od", str(out), *keys, *front)
+        assert got.returncode == 0, got.stderr
+        assert sorted(str(pydicom.dcmread(p).SOPInstanceUID) for p in out.iterdir()) == expected
+        moved = _dcmtk("movescu", "-S", "-aec", "GETONLY", "-aet", "MOVER", "-aem", "DEST", *keys, *front)
+        assert moved.returncode == 0, moved.stderr
+        assert sorted(storescp.received()) == expected
+        assert fleet.spool_left() == []
+    finally:
+        api.http.delete("/api/v1/destinations/get-dest")
+        api.http.delete("/api/v1/spans/getonly")
+        api.http.delete("/api/v1/nodes/get-c")
+        c.stop()
+        storescp.stop()

@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 import httpx
 import pytest
 
-from tests.conftest import Api, require
+from tests.conftest import OHIF_PORT, Api, require
 from tests.peers.ohif import (
     OHIF_VERSION,
     NetworkLog,
@@ -150,7 +150,7 @@ def spanner_target(request: pytest.FixtureRequest) -> Iterator[Target]:
             peer.start().upload_datasets(held)
             api.add_node(name, peer.dicom_port, ae_title=peer.aet)
         api.add_span(SPAN, names, ae_title="OHIFSPAN")
-        server = OhifServer(dist)
+        server = OhifServer(dist, port=OHIF_PORT)
         base = f"{api.base_url}/dicomweb/spans/{SPAN}"
         server.configure(base, "dicom-spanner")
         check_cors(base, server.url)

@@ -20,6 +20,7 @@ from typing import Any
 import ray
 
 from actors.dimse import MOVE_MODELS, encoder
+from actors.wado_stream import Item, WadoRequest, WadoSessions
 from spanner.proxy_move import HolderPart, InstanceEvent, PartEvent, Peer, proxy_move
 from spanner.query import InformationModel, Level, MoveQuery
 from spanner.settings import Settings
@@ -65,6 +66,7 @@ class StoreService:
                                ae_title=config.ae_title)
         self._port: int | None = None
         self._starting = asyncio.Lock()
+        self._wado = WadoSessions(self._scp)
 
     async def config(self) -> StoreConfig:
         return self._config
@@ -86,6 +88,27 @@ class StoreService:
         async for event in proxy_move(self._scp, [holder], destination, calling_ae=part.calling_ae,
                                       dimse_timeout_s=part.dimse_timeout_s, deadline_s=deadline_s):
             yield event
+
+
+    # -- WADO-RS: the HTTP sink (actors.wado_stream) ------------------------------------------------------
+    async def wado_open(self, request: WadoRequest) -> str | None:
+        """A session streaming what ``request`` names; None when it has no parts and the spool lacks some."""
+        if request.parts:
+            await self.port()
+        return self._wado.open(request, self._config.ae_title)
+
+    async def wado_pull(self, session_id: str) -> list[Item]:
+        """The session's next items (at least one; waits for it); a session ends with a Done or a Refusal."""
+        return await self._wado.pull(session_id)
+
+    async def wado_close(self, session_id: str) -> None:
+        """End a session early: its archives' C-MOVEs are cancelled (C-CANCEL)."""
+        await self._wado.close(session_id)
+
+    async def wado_stats(self) -> dict[str, int]:
+        """Open sessions, live C-MOVE expectations, spooled instances and C-STOREs refused (matching no
+        retrieval) since start: for tests and operators."""
+        return self._wado.stats()
 
 
 StoreHandle = Any  # a Ray actor handle of StoreService

@@ -15,7 +15,7 @@ from ray import serve
 
 from serve_app import amqp_requests, errors
 from serve_app.amqp_requests import AmqpRequest, RequestConsumer
-from serve_app.routes import audit, destinations, health, nodes, queries, retrievals, spans
+from serve_app.routes import audit, destinations, health, nodes, queries, retrievals, spans, wado
 from serve_app.services import Services
 from serve_app.timing import ServerTiming
 from spanner.logs import configure_logging
@@ -35,6 +35,7 @@ def create_app(services: Services) -> FastAPI:
     errors.install(app)
     for module in (queries, retrievals, nodes, spans, destinations, audit, health):
         app.include_router(module.router)
+    wado.mount(app)
     app.add_middleware(ServerTiming)
     return app
 

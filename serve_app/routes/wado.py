@@ -1,0 +1,211 @@
+"""WADO-RS (PS3.18 10.4) under /dicomweb (span ``all``) and /dicomweb/spans/{span}: retrieval of studies,
+series and instances, their metadata, frames and bulk data; the rules live in serve_app.usecases.wado.
+
+Multipart answers stream: each part leaves as its instance arrives in the spool. A retrieval cut short
+(an archive gone mid-study) still ends its multipart properly, after one last part of type
+``application/json`` that says what is missing and why; every part before it is whole. Metadata is
+collected before it is sent (DICOM JSON without bulk data is small), so a partial one is a 200 with a
+``Warning`` header naming what failed. Rendered and thumbnail resources are answered 501.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from actors.wado_stream import InstanceHead
+from serve_app.auth import Principal, require_query
+from serve_app.deps import ServicesDep
+from serve_app.usecases import wado as usecase
+from serve_app.usecases.wado import Resource, Target
+from spanner import wado
+from spanner.dicom_constants import MEDIA_DICOM, MEDIA_DICOM_JSON, MEDIA_MULTIPART, MEDIA_OCTET_STREAM
+from spanner.schemas import ALL_SPAN
+
+router = APIRouter(tags=["dicomweb"], dependencies=[Depends(require_query)])
+STATUS = {"bad_request": 400, "not_found": 404, "not_acceptable": 406, "not_implemented": 501}
+STUDY = "/studies/{study}"
+SERIES = STUDY + "/series/{series}"
+INSTANCE = SERIES + "/instances/{sop}"
+PREFIX = "/dicomweb"
+
+
+def mount(app: FastAPI) -> None:
+    """The router under /dicomweb (span all) and under /dicomweb/spans/{span}."""
+    app.include_router(router, prefix=PREFIX)
+    app.include_router(router, prefix=PREFIX + "/spans/{span}")
+
+
+def span_of(request: Request) -> str:
+    return str(request.path_params.get("span", ALL_SPAN))
+
+
+def base_of(request: Request) -> str:
+    """The URL this front is reached at, up to the span's WADO-RS root: the root of BulkDataURIs."""
+    span = request.path_params.get("span")
+    root = PREFIX if span is None else f"{PREFIX}/spans/{span}"
+    return str(request.base_url).rstrip("/") + root
+
+
+def error(exc: wado.WadoError) -> JSONResponse:
+    return JSONResponse({"detail": exc.message}, status_code=STATUS.get(exc.kind, 400))
+
+
+async def _open(request: Request, s: ServicesDep, principal: Principal, t: Target, resource: Resource,
+                frames: tuple[int, ...] = (), bulk_tag: int | None = None) -> usecase.Stream:
+    client = request.client.host if request.client else None
+    return await usecase.open_stream(
+        s, t, resource, accept=request.headers.get("accept"), base_url=base_of(request),
+        audit=usecase.audit_for(principal.name, client), requester=client or "unknown", frames=frames,
+        bulk_tag=bulk_tag)
+
+
+def multipart(stream: usecase.Stream, part_type: str) -> StreamingResponse:
+    mark = wado.boundary()
+
+    async def body() -> AsyncIterator[bytes]:
+        started = False
+        async for item in stream.items():
+            if isinstance(item, InstanceHead):
+                if started:
+                    yield b"\r\n"
+                yield wado.part_head(mark, item.content_type)
+                started = True
+            elif isinstance(item, bytes):
+                yield item
+        if stream.done is None:
+            return  # cut short without an end: the missing close-delimiter says so
+        if started:
+            yield b"\r\n"
+        if not stream.done.complete:
+            yield wado.part_head(mark, "application/json")
+            yield json.dumps({"partial": True, "delivered": stream.done.delivered,
+                              "missing": list(stream.done.missing),
+                              "detail": usecase.describe(stream.done)}).encode() + b"\r\n"
+        yield wado.closing(mark)
+
+    media = f'{MEDIA_MULTIPART}; type="{part_type}"; boundary={mark}'
+    return StreamingResponse(body(), media_type=media)
+
+
+async def _retrieve(request: Request, s: ServicesDep, principal: Principal, t: Target) -> Response:
+    try:
+        stream = await _open(request, s, principal, t, Resource.INSTANCES)
+    except wado.WadoError as exc:
+        return error(exc)
+    return multipart(stream, MEDIA_DICOM)
+
+
+async def _metadata(request: Request, s: ServicesDep, principal: Principal, t: Target) -> Response:
+    try:
+        stream = await _open(request, s, principal, t, Resource.METADATA)
+    except wado.WadoError as exc:
+        return error(exc)
+    texts = [item async for item in stream.items() if isinstance(item, str)]
+    headers = {}
+    if stream.done is not None and not stream.done.complete:
+        headers["Warning"] = f'299 dicom-spanner "{usecase.describe(stream.done)[:500]}"'
+    body = ("[" + ",".join(texts) + "]").encode()
+    return Response(body, media_type=MEDIA_DICOM_JSON, headers=headers)
+
+
+@router.get(STUDY)
+async def retrieve_study(study: str, request: Request, s: ServicesDep,
+                         principal: Principal = Depends(require_query)) -> Response:
+    try:
+        t = usecase.target(span_of(request), study)
+    except wado.WadoError as exc:
+        return error(exc)
+    return await _retrieve(request, s, principal, t)
+
+
+@router.get(SERIES)
+async def retrieve_series(study: str, series: str, request: Request, s: ServicesDep,
+                          principal: Principal = Depends(require_query)) -> Response:
+    try:
+        t = usecase.target(span_of(request), study, series)
+    except wado.WadoError as exc:
+        return error(exc)
+    return await _retrieve(request, s, principal, t)
+
+
+@router.get(INSTANCE)
+async def retrieve_instance(study: str, series: str, sop: str, request: Request, s: ServicesDep,
+                            principal: Principal = Depends(require_query)) -> Response:
+    try:
+        t = usecase.target(span_of(request), study, series, sop)
+    except wado.WadoError as exc:
+        return error(exc)
+    return await _retrieve(request, s, principal, t)
+
+
+@router.get(STUDY + "/metadata")
+async def study_metadata(study: str, request: Request, s: ServicesDep,
+                         principal: Principal = Depends(require_query)) -> Response:
+    try:
+        t = usecase.target(span_of(request), study)
+    except wado.WadoError as exc:
+        return error(exc)
+    return await _metadata(request, s, principal, t)
+
+
+@router.get(SERIES + "/metadata")
+async def series_metadata(study: str, series: str, request: Request, s: ServicesDep,
+                          principal: Principal = Depends(require_query)) -> Response:
+    try:
+        t = usecase.target(span_of(request), study, series)
+    except wado.WadoError as exc:
+        return error(exc)
+    return await _metadata(request, s, principal, t)
+
+
+@router.get(INSTANCE + "/metadata")
+async def instance_metadata(study: str, series: str, sop: str, request: Request, s: ServicesDep,
+                            principal: Principal = Depends(require_query)) -> Response:
+    try:
+        t = usecase.target(span_of(request), study, series, sop)
+    except wado.WadoError as exc:
+        return error(exc)
+    return await _metadata(request, s, principal, t)
+
+
+@router.get(INSTANCE + "/frames/{frames}")
+async def retrieve_frames(study: str, series: str, sop: str, frames: str, request: Request, s: ServicesDep,
+                          principal: Principal = Depends(require_query)) -> Response:
+    try:
+        t = usecase.target(span_of(request), study, series, sop)
+        stream = await _open(request, s, principal, t, Resource.FRAMES, frames=usecase.frame_numbers(frames))
+    except wado.WadoError as exc:
+        return error(exc)
+    return multipart(stream, MEDIA_OCTET_STREAM)
+
+
+@router.get(INSTANCE + "/bulkdata/{tag}")
+async def retrieve_bulkdata(study: str, series: str, sop: str, tag: str, request: Request, s: ServicesDep,
+                            principal: Principal = Depends(require_query)) -> Response:
+    try:
+        t = usecase.target(span_of(request), study, series, sop)
+        stream = await _open(request, s, principal, t, Resource.BULK, bulk_tag=wado.tag_of(tag))
+    except wado.WadoError as exc:
+        return error(exc)
+    return multipart(stream, MEDIA_OCTET_STREAM)
+
+
+NOT_RENDERED = ("rendered and thumbnail resources are not supported by this front; retrieve frames "
+                "(/frames/{list}) and render them in the viewer")
+
+
+@router.get(STUDY + "/rendered")
+@router.get(STUDY + "/thumbnail")
+@router.get(SERIES + "/rendered")
+@router.get(SERIES + "/thumbnail")
+@router.get(INSTANCE + "/rendered")
+@router.get(INSTANCE + "/thumbnail")
+@router.get(INSTANCE + "/frames/{frames}/rendered")
+@router.get(INSTANCE + "/frames/{frames}/thumbnail")
+async def not_rendered() -> JSONResponse:
+    """501 Not Implemented: the standard status for a resource the origin server does not support."""
+    return JSONResponse({"detail": NOT_RENDERED}, status_code=501)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs the real DICOM peers the tests use (Debian's orthanc and dcmtk; iproute2's ss) and makes sure the services the
+# Installs the real DICOM peers the tests use (Debian's orthanc, orthanc-dicomweb and dcmtk; iproute2's ss) and makes sure the services the
 # tests talk to (PostgreSQL, Redis, RabbitMQ on loopback) are up, starting a stopped one the way this
 # machine kind starts it. Idempotent; needs root (or sudo) only when something is missing.
 set -euo pipefail
@@ -10,6 +10,8 @@ SUDO=""
 missing=()
 command -v Orthanc >/dev/null 2>&1 || missing+=(orthanc)
 command -v findscu >/dev/null 2>&1 || missing+=(dcmtk)
+# Orthanc's DICOMweb plugin: the reference server of the WADO-RS conformance tests
+[ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || missing+=(orthanc-dicomweb)
 command -v ss >/dev/null 2>&1 || missing+=(iproute2)  # the loopback test reads every connection with ss
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing ${missing[*]}"

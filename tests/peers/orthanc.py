@@ -28,6 +28,9 @@ from simulator.dataset import write_part10
 from tests.peers.ports import LOOPBACK, free_port, wait_for_port
 
 ORTHANC_EXECUTABLE = "Orthanc"
+DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
+"""Debian's orthanc-dicomweb (`dpkg -L orthanc-dicomweb`): Orthanc's DICOMweb plugin, the reference server."""
+DICOMWEB_ROOT = "/dicom-web"
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 
 Modality = tuple[str, str, int]
@@ -45,6 +48,11 @@ def _stop_leftovers() -> None:
 
 class OrthancPeerError(RuntimeError):
     """Orthanc did not start, or its REST API refused a request; the message carries the log tail."""
+
+
+def dicomweb_plugin() -> str | None:
+    """Path of Orthanc's DICOMweb plugin, or None when Debian's orthanc-dicomweb is not installed."""
+    return DICOMWEB_PLUGIN if os.path.exists(DICOMWEB_PLUGIN) else None
 
 
 def orthanc_executable() -> str | None:
@@ -71,6 +79,7 @@ class OrthancPeer:
         start_deadline_s: float = 10.0,
         tcp_nodelay: bool = True,
         default_encoding: str | None = None,
+        dicomweb: bool = False,
     ) -> None:
         if not 0 < len(aet) <= 16:
             raise ValueError(f"AE title {aet!r} must be 1 to 16 characters")
@@ -80,6 +89,7 @@ class OrthancPeer:
         self._start_deadline_s = start_deadline_s
         self._tcp_nodelay = tcp_nodelay
         self._default_encoding = default_encoding
+        self._dicomweb = dicomweb
         self._dicom_port = 0
         self._http_port = 0
         self._workdir: Path | None = None
@@ -109,6 +119,11 @@ class OrthancPeer:
     @property
     def base_url(self) -> str:
         return f"http://{LOOPBACK}:{self._http_port}"
+
+    @property
+    def dicomweb_url(self) -> str:
+        """The DICOMweb root (a peer started with ``dicomweb=True``)."""
+        return f"{self.base_url}{DICOMWEB_ROOT}"
 
     @property
     def pid(self) -> int | None:
@@ -165,6 +180,9 @@ class OrthancPeer:
         }
         if self._default_encoding is not None:
             config["DefaultEncoding"] = self._default_encoding
+        if self._dicomweb:
+            config["Plugins"] = [DICOMWEB_PLUGIN]
+            config["DicomWeb"] = {"Enable": True, "Root": DICOMWEB_ROOT + "/"}
         config.update(self._extra_config)
         return config
 

@@ -91,11 +91,15 @@ class StoreService:
 
 
     # -- WADO-RS: the HTTP sink (actors.wado_stream) ------------------------------------------------------
-    async def wado_open(self, request: WadoRequest) -> str | None:
-        """A session streaming what ``request`` names; None when it has no parts and the spool lacks some."""
+    async def wado_open(self, request: WadoRequest) -> tuple[str, list[Item]] | None:
+        """A session streaming what ``request`` names, with its first items (one round trip less); None
+        when the request has no parts and the spool lacks some of what it names."""
         if request.parts:
             await self.port()
-        return self._wado.open(request, self._config.ae_title)
+        session = self._wado.open(request, self._config.ae_title)
+        if session is None:
+            return None
+        return session, await self._wado.pull(session)
 
     async def wado_pull(self, session_id: str) -> list[Item]:
         """The session's next items (at least one; waits for it); a session ends with a Done or a Refusal."""

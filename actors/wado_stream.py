@@ -379,11 +379,18 @@ class _Session:
         assert not isinstance(first, BaseException)
         items: list[Item] = [first]
         size = len(first) if isinstance(first, bytes | str) else 0
+        idle = 0
         while size < PULL_BYTES and not isinstance(items[-1], Done | Refusal):
             try:
                 item = self._queue.get_nowait()
             except asyncio.QueueEmpty:
-                break
+                # The producer may be a step from its next item (the end, read from a file already open):
+                # let it run a few times before answering, which saves the ingress a round trip.
+                idle += 1
+                if idle > 3:
+                    break
+                await asyncio.sleep(0)
+                continue
             assert not isinstance(item, BaseException)
             items.append(item)
             size += len(item) if isinstance(item, bytes | str) else 0

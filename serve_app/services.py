@@ -8,7 +8,7 @@ import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
-from actors import event_relay, registry
+from actors import event_relay, registry, store_service
 from serve_app.admission import Admission
 from serve_app.coordinator import Coordinator
 from serve_app.keys import KeyCache
@@ -100,6 +100,14 @@ class Services:
         self.janitor.purge()  # at start, then at most hourly from the request paths
         self.relay = self._start_relay()
         self.records = RecordWriter(after_batch=self._after_records)
+        self._store: store_service.StoreHandle | None = None
+
+    def store(self, fresh: bool = False) -> store_service.StoreHandle:
+        """The store actor (a detached named actor), looked up once per replica; ``fresh`` looks again
+        (after the actor died and was made anew). Blocking: call it in a thread the first time."""
+        if self._store is None or fresh:
+            self._store = store_service.get(self.settings)
+        return self._store
 
     def _after_records(self) -> None:
         """After a batch of query records: the relay hears of their events; old records go when due."""

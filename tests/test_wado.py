@@ -16,9 +16,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pydicom
@@ -224,9 +225,21 @@ def test_bad_input_gets_its_status(api: Api, fleet: Fleet) -> None:
 def test_audit_records_dicomweb(api: Api, fleet: Fleet) -> None:
     answer = api.http.get(f"/dicomweb/studies/{STUDY}/series/{fleet.series_b}/metadata", timeout=60)
     assert answer.status_code == 200
-    records = api.http.get("/api/v1/retrievals", params={"limit": 5}).json()
-    mine = [r for r in records if r["destination_ae"] == "WADO-RS"]
-    assert mine and mine[0]["channel"] == "dicomweb" and mine[0]["status"] == "success", records[:2]
+    mine = recorded(api, lambda r: r["destination_ae"] == "WADO-RS"
+                    and r["uids"].get("SeriesInstanceUID") == fleet.series_b)
+    assert mine["channel"] == "dicomweb" and mine["status"] == "success", mine
+
+
+def recorded(api: Api, which: Callable[[dict[str, Any]], bool]) -> dict[str, Any]:
+    """The newest retrieval record ``which`` picks; the replica writes it just after the answer."""
+    deadline = time.monotonic() + 10
+    while True:
+        records = api.http.get("/api/v1/retrievals", params={"limit": 20}).json()
+        mine = [r for r in records if which(r)]
+        if mine or time.monotonic() > deadline:
+            assert mine, records[:3]
+            return mine[0]
+        time.sleep(0.05)
 
 
 def test_warm_metadata_asks_no_archive(api: Api) -> None:
@@ -355,9 +368,8 @@ def test_a_client_that_leaves_cancels_the_archive(api: Api, slow: Slow) -> None:
     # C-STOREs still sent after the end would be refused (they match no retrieval): at most the one or
     # two in flight through the relay when the C-MOVE was cancelled.
     assert after["refused"] - before["refused"] <= 2, (before, after)
-    records = api.http.get("/api/v1/retrievals", params={"limit": 10}).json()
-    mine = [r for r in records if r["uids"].get("StudyInstanceUID") == LEAVE_STUDY]
-    assert mine and mine[0]["status"] == "cancelled", mine
+    mine = recorded(api, lambda r: r["uids"].get("StudyInstanceUID") == LEAVE_STUDY)
+    assert mine["status"] == "cancelled" and mine["channel"] == "dicomweb", mine
 
 
 def test_an_archive_killed_mid_study_gives_a_partial_answer_that_says_so(api: Api, slow: Slow) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
+from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -25,7 +26,19 @@ from spanner import wado
 from spanner.dicom_constants import MEDIA_DICOM, MEDIA_DICOM_JSON, MEDIA_MULTIPART, MEDIA_OCTET_STREAM
 from spanner.schemas import ALL_SPAN
 
-router = APIRouter(tags=["dicomweb"], dependencies=[Depends(require_query)])
+_ERROR = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"description": "multipart/related parts, or application/dicom+json for metadata",
+          "content": {MEDIA_MULTIPART: {}, MEDIA_DICOM_JSON: {}}},
+    400: {"description": "A malformed UID, frame list or tag; a frame beyond the instance's", **_ERROR},
+    401: {"description": "No API key, or an unknown or revoked one (authentication on)", **_ERROR},
+    403: {"description": "The key's role does not allow this", **_ERROR},
+    404: {"description": "No archive of the span holds it, or the span does not exist", **_ERROR},
+    406: {"description": "The Accept header asks for nothing this front sends", **_ERROR},
+    501: {"description": "Rendered and thumbnail resources; frames it cannot cut", **_ERROR},
+    503: {"description": "The database is unavailable", **_ERROR},
+}
+router = APIRouter(tags=["dicomweb"], dependencies=[Depends(require_query)], responses=RESPONSES)
 STATUS = {"bad_request": 400, "not_found": 404, "not_acceptable": 406, "not_implemented": 501}
 STUDY = "/studies/{study}"
 SERIES = STUDY + "/series/{series}"
@@ -112,7 +125,7 @@ async def _metadata(request: Request, s: ServicesDep, principal: Principal, t: T
     return Response(body, media_type=MEDIA_DICOM_JSON, headers=headers)
 
 
-@router.get(STUDY)
+@router.get(STUDY, response_class=Response)
 async def retrieve_study(study: str, request: Request, s: ServicesDep,
                          principal: Principal = Depends(require_query)) -> Response:
     try:
@@ -122,7 +135,7 @@ async def retrieve_study(study: str, request: Request, s: ServicesDep,
     return await _retrieve(request, s, principal, t)
 
 
-@router.get(SERIES)
+@router.get(SERIES, response_class=Response)
 async def retrieve_series(study: str, series: str, request: Request, s: ServicesDep,
                           principal: Principal = Depends(require_query)) -> Response:
     try:
@@ -132,7 +145,7 @@ async def retrieve_series(study: str, series: str, request: Request, s: Services
     return await _retrieve(request, s, principal, t)
 
 
-@router.get(INSTANCE)
+@router.get(INSTANCE, response_class=Response)
 async def retrieve_instance(study: str, series: str, sop: str, request: Request, s: ServicesDep,
                             principal: Principal = Depends(require_query)) -> Response:
     try:
@@ -142,7 +155,7 @@ async def retrieve_instance(study: str, series: str, sop: str, request: Request,
     return await _retrieve(request, s, principal, t)
 
 
-@router.get(STUDY + "/metadata")
+@router.get(STUDY + "/metadata", response_class=Response)
 async def study_metadata(study: str, request: Request, s: ServicesDep,
                          principal: Principal = Depends(require_query)) -> Response:
     try:
@@ -152,7 +165,7 @@ async def study_metadata(study: str, request: Request, s: ServicesDep,
     return await _metadata(request, s, principal, t)
 
 
-@router.get(SERIES + "/metadata")
+@router.get(SERIES + "/metadata", response_class=Response)
 async def series_metadata(study: str, series: str, request: Request, s: ServicesDep,
                           principal: Principal = Depends(require_query)) -> Response:
     try:
@@ -162,7 +175,7 @@ async def series_metadata(study: str, series: str, request: Request, s: Services
     return await _metadata(request, s, principal, t)
 
 
-@router.get(INSTANCE + "/metadata")
+@router.get(INSTANCE + "/metadata", response_class=Response)
 async def instance_metadata(study: str, series: str, sop: str, request: Request, s: ServicesDep,
                             principal: Principal = Depends(require_query)) -> Response:
     try:
@@ -172,7 +185,7 @@ async def instance_metadata(study: str, series: str, sop: str, request: Request,
     return await _metadata(request, s, principal, t)
 
 
-@router.get(INSTANCE + "/frames/{frames}")
+@router.get(INSTANCE + "/frames/{frames}", response_class=Response)
 async def retrieve_frames(study: str, series: str, sop: str, frames: str, request: Request, s: ServicesDep,
                           principal: Principal = Depends(require_query)) -> Response:
     try:
@@ -183,7 +196,7 @@ async def retrieve_frames(study: str, series: str, sop: str, frames: str, reques
     return multipart(stream, MEDIA_OCTET_STREAM)
 
 
-@router.get(INSTANCE + "/bulkdata/{tag}")
+@router.get(INSTANCE + "/bulkdata/{tag}", response_class=Response)
 async def retrieve_bulkdata(study: str, series: str, sop: str, tag: str, request: Request, s: ServicesDep,
                             principal: Principal = Depends(require_query)) -> Response:
     try:
@@ -198,14 +211,14 @@ NOT_RENDERED = ("rendered and thumbnail resources are not supported by this fron
                 "(/frames/{list}) and render them in the viewer")
 
 
-@router.get(STUDY + "/rendered")
-@router.get(STUDY + "/thumbnail")
-@router.get(SERIES + "/rendered")
-@router.get(SERIES + "/thumbnail")
-@router.get(INSTANCE + "/rendered")
-@router.get(INSTANCE + "/thumbnail")
-@router.get(INSTANCE + "/frames/{frames}/rendered")
-@router.get(INSTANCE + "/frames/{frames}/thumbnail")
+@router.get(STUDY + "/rendered", response_class=Response)
+@router.get(STUDY + "/thumbnail", response_class=Response)
+@router.get(SERIES + "/rendered", response_class=Response)
+@router.get(SERIES + "/thumbnail", response_class=Response)
+@router.get(INSTANCE + "/rendered", response_class=Response)
+@router.get(INSTANCE + "/thumbnail", response_class=Response)
+@router.get(INSTANCE + "/frames/{frames}/rendered", response_class=Response)
+@router.get(INSTANCE + "/frames/{frames}/thumbnail", response_class=Response)
 async def not_rendered() -> JSONResponse:
     """501 Not Implemented: the standard status for a resource the origin server does not support."""
     return JSONResponse({"detail": NOT_RENDERED}, status_code=501)

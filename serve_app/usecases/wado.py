@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import dataclasses
 import enum
+import functools
 import logging
 import re
 import time
@@ -30,7 +31,8 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from actors import store_service
+from ray.exceptions import RayActorError
+
 from actors.wado_stream import Done, Item, Refusal, WadoKind, WadoPart, WadoRequest
 from serve_app.services import Services
 from serve_app.usecases.query import span_specs
@@ -198,6 +200,10 @@ class Stream:
         if status == "cancelled":
             with contextlib.suppress(Exception):
                 await self.store.wado_close.remote(self.session)
+        # Written by the replica's record writer after the answer has gone, like a query's record.
+        await self.s.records.hand_over(functools.partial(self._record, status))
+
+    def _record(self, status: str) -> None:
         done = self.done
         error = None
         if done is not None and not done.complete:
@@ -209,18 +215,13 @@ class Stream:
             uids["SeriesInstanceUID"] = self.target.series
         if self.target.sop:
             uids["SOPInstanceUID"] = self.target.sop
-        try:
-            await asyncio.to_thread(
-                self.s.repo.record_retrieval, retrieval_id=uuid.uuid4().hex, span=self.target.span,
-                level=self.target.level, uids=uids, destination_ae=DESTINATION, requester=self.requester,
-                status=status, dimse_status=None, completed=done.delivered if done else 0,
-                failed=len(done.missing) if done else 0, warning=0,
-                parts=[{"resource": self.resource.value, "from_spool": bool(done and done.from_spool)}],
-                elapsed_ms=round((time.monotonic() - self.started) * 1000, 2), error=error, audit=self.audit,
-                emit=self.s.events_enabled)
-            self.s.nudge_events()
-        except Exception:
-            LOG.exception("the record of a WADO-RS retrieval of %s could not be written", self.target.study)
+        self.s.repo.record_retrieval(
+            retrieval_id=uuid.uuid4().hex, span=self.target.span, level=self.target.level, uids=uids,
+            destination_ae=DESTINATION, requester=self.requester, status=status, dimse_status=None,
+            completed=done.delivered if done else 0, failed=len(done.missing) if done else 0, warning=0,
+            parts=[{"resource": self.resource.value, "from_spool": bool(done and done.from_spool)}],
+            elapsed_ms=round((time.monotonic() - self.started) * 1000, 2), error=error, audit=self.audit,
+            emit=self.s.events_enabled)
 
 
 def describe(done: Done) -> str:
@@ -236,13 +237,17 @@ async def open_stream(s: Services, t: Target, resource: Resource, *, accept: str
     items; WadoError for a request that cannot be served at all."""
     syntaxes = negotiate(resource, accept)
     nodes = await asyncio.to_thread(span_specs, s, t.span, None)  # NotFound for an unknown span
-    store = await asyncio.to_thread(store_service.get, s.settings)
+    store = await asyncio.to_thread(s.store)
     kind = {Resource.INSTANCES: WadoKind.INSTANCES, Resource.METADATA: WadoKind.METADATA,
             Resource.FRAMES: WadoKind.FRAMES, Resource.BULK: WadoKind.BULK}[resource]
     request = WadoRequest(kind, t.study, t.series, t.sop, deadline_s=s.settings.retrieve_timeout_s,
                           frames=frames, transfer_syntaxes=syntaxes, bulk_tag=bulk_tag, base_url=base_url)
-    session: str | None = await store.wado_open.remote(request)
-    if session is None:
+    try:
+        opened: tuple[str, list[Item]] | None = await store.wado_open.remote(request)
+    except RayActorError:  # the store actor was restarted since this replica looked it up
+        store = await asyncio.to_thread(s.store, True)
+        opened = await store.wado_open.remote(request)
+    if opened is None:
         deadline = time.monotonic() + s.settings.retrieve_timeout_s
         keys = {"StudyInstanceUID": t.study}
         if t.series:
@@ -257,9 +262,9 @@ async def open_stream(s: Services, t: Target, resource: Resource, *, accept: str
         parts = parts_of(t.study, found)
         members = tuple((se, sop) for se, sop, _ in found)
         request = dataclasses.replace(request, parts=parts, members=members)
-        session = await store.wado_open.remote(request)
-        assert session is not None
-    first: list[Item] = await store.wado_pull.remote(session)
+        opened = await store.wado_open.remote(request)
+        assert opened is not None
+    session, first = opened
     if first and isinstance(first[0], Refusal):
         raise wado.WadoError(first[0].kind, first[0].message)
     return Stream(store, session, first, s, t, resource, audit, requester)

@@ -11,7 +11,9 @@ of ``--instances`` CT instances of ``--kib`` KiB of pixel data. Per round:
   one instance into the spool, then the frame); spanner warm: the same again, from the spool;
 - whole series (``/series/{se}``, multipart of every instance): time to the first part and to the last
   byte; cold on another unseen series, then warm;
-- series metadata (``/series/{se}/metadata``): cold on a third unseen series, then warm (no archive asked).
+- series metadata (``/series/{se}/metadata``): cold on a third unseen series, then warm (no archive asked);
+- ``GET /health`` through the spanner beside the warm metadata: the floor of any answer through the Serve
+  proxy and the ingress replica at that moment.
 
 Medians over the rounds. Targets (issue 14): warm series metadata <= 1.2x Orthanc-DICOMweb's, cold first
 frame <= 2x the direct one. Everything on loopback, sharing the machine's two cores: say so with figures.
@@ -151,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
                 for _ in range(3):  # warm is what a viewer sees opening the study again: several samples
                     note("series metadata: Orthanc-DICOMweb (again)", timed(orthanc, meta))
                     note("series metadata: spanner warm", timed(ours, meta))
+                    # the floor of any answer through the Serve proxy and the ingress on this machine now
+                    note("GET /health through the spanner", timed(app.http, "/health"))
             ours.close()
     finally:
         archive.stop(graceful=False)

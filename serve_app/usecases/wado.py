@@ -236,17 +236,33 @@ async def open_stream(s: Services, t: Target, resource: Resource, *, accept: str
     """Negotiate, plan (or find it all in the spool), open the store actor's session and await its first
     items; WadoError for a request that cannot be served at all."""
     syntaxes = negotiate(resource, accept)
-    nodes = await asyncio.to_thread(span_specs, s, t.span, None)  # NotFound for an unknown span
-    store = await asyncio.to_thread(s.store)
+    known = s.store_if_known()
+    store: Any = known if known is not None else await asyncio.to_thread(s.store)
     kind = {Resource.INSTANCES: WadoKind.INSTANCES, Resource.METADATA: WadoKind.METADATA,
             Resource.FRAMES: WadoKind.FRAMES, Resource.BULK: WadoKind.BULK}[resource]
     request = WadoRequest(kind, t.study, t.series, t.sop, deadline_s=s.settings.retrieve_timeout_s,
                           frames=frames, transfer_syntaxes=syntaxes, bulk_tag=bulk_tag, base_url=base_url)
+
+    async def from_spool() -> tuple[str, list[Item]] | None:
+        nonlocal store
+        try:
+            opened: tuple[str, list[Item]] | None = await store.wado_open.remote(request)
+        except RayActorError:  # the store actor was restarted since this replica looked it up
+            store = await asyncio.to_thread(s.store, True)
+            opened = await store.wado_open.remote(request)
+        return opened
+
+    # The span's nodes (NotFound for an unknown span) and the spool's answer at once: a warm request
+    # then waits for the slower of the two, not for both.
+    spooled = asyncio.ensure_future(from_spool())
     try:
-        opened: tuple[str, list[Item]] | None = await store.wado_open.remote(request)
-    except RayActorError:  # the store actor was restarted since this replica looked it up
-        store = await asyncio.to_thread(s.store, True)
-        opened = await store.wado_open.remote(request)
+        nodes = await asyncio.to_thread(span_specs, s, t.span, None)
+    except BaseException:
+        opened = await spooled
+        if opened is not None:
+            await store.wado_close.remote(opened[0])
+        raise
+    opened = await spooled
     if opened is None:
         deadline = time.monotonic() + s.settings.retrieve_timeout_s
         keys = {"StudyInstanceUID": t.study}

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 
 from actors.dimse import MOVE_MODELS, encoder
 from spanner import wado
-from spanner.dicom_constants import EXPLICIT_VR_LE, MEDIA_DICOM
+from spanner.dicom_constants import EXPLICIT_VR_LE, MEDIA_DICOM, Status
 from spanner.dimse.association import Identifier
 from spanner.proxy_move import Fallback, HolderPart, InstanceEvent, PartEvent, Peer, collect
 from spanner.query import InformationModel, Level, MoveQuery
@@ -217,10 +217,11 @@ class WadoSessions:
         try:
             async for item in arrivals:
                 if isinstance(item, PartEvent):
-                    if item.error is not None and item.failover_to is None:
-                        failures.append((item.node, item.error))
-                    if item.failover_to is None:
+                    if item.failover_to is None:  # else the fallback's own PartEvent tells
                         missing |= item.not_received
+                        why = _failure(item)
+                        if why is not None:
+                            failures.append((item.node, why))
                     continue
                 if isinstance(item, InstanceEvent):
                     failures.append((item.node, f"{item.sop_instance_uid}: {item.reason}"))
@@ -332,6 +333,16 @@ class WadoSessions:
             for sop in [s for s, (e, _) in self._metadata.items() if self._scp.spool.get(s) is not e]:
                 del self._metadata[sop]
         return text
+
+
+def _failure(event: PartEvent) -> str | None:
+    """What went wrong with a holder's C-MOVE, or None when it ended well and sent what was expected."""
+    if event.error is not None:
+        return event.error
+    if event.status not in (Status.SUCCESS, None) or event.not_received:
+        status = "no final status" if event.status is None else f"final status 0x{event.status:04X}"
+        return f"C-MOVE ended with {status}; {len(event.not_received)} instance(s) not received"
+    return None
 
 
 def frame_syntax(stored: str, acceptable: tuple[str, ...]) -> str:

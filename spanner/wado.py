@@ -51,7 +51,7 @@ class WadoError(Exception):
 
     def __init__(self, kind: str, message: str) -> None:
         super().__init__(kind, message)
-        self.kind = kind  # "not_found", "bad_request", "not_acceptable", "not_implemented"
+        self.kind = kind  # "not_found", "bad_request", "not_acceptable", "not_implemented", "upstream"
         self.message = message
 
 

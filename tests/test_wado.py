@@ -269,6 +269,23 @@ def test_warm_metadata_asks_no_archive(api: Api) -> None:
             archive.stop(graceful=False)
 
 
+def test_an_archive_that_cannot_move_to_the_spanner_is_a_502_naming_it(api: Api) -> None:
+    """It answers the look-up but does not know the spanner as a move destination: nothing can come."""
+    require(orthanc_executable() is not None, "Debian's orthanc")
+    study = "1.2.826.0.1.3680043.8.498.7714.6"
+    with tempfile.TemporaryDirectory(prefix="spanner-wado-nomove-") as name:
+        archive = OrthancPeer(aet="WADO_N")  # no DicomModalities: C-MOVE to SPANNER is refused
+        try:
+            archive.start().upload(write_instance(Path(name), 400, 1024, study_uid=study).read_bytes())
+            api.add_node("wado-n", archive.dicom_port, ae_title="WADO_N")
+            answer = api.http.get(f"/dicomweb/studies/{study}", timeout=60)
+            assert answer.status_code == 502, answer.text
+            assert "wado-n" in answer.json()["detail"], answer.text
+        finally:
+            api.http.delete("/api/v1/nodes/wado-n")
+            archive.stop(graceful=False)
+
+
 # -- an archive whose C-STOREs reach the spanner through a slow relay ---------------------------------------
 class Relay:
     """benchmarks.relay as a helper process: holds each chunk toward the storage SCP ``delay_ms``."""

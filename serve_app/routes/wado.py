@@ -36,10 +36,12 @@ RESPONSES: dict[int | str, dict[str, Any]] = {
     404: {"description": "No archive of the span holds it, or the span does not exist", **_ERROR},
     406: {"description": "The Accept header asks for nothing this front sends", **_ERROR},
     501: {"description": "Rendered and thumbnail resources; frames it cannot cut", **_ERROR},
+    502: {"description": "Every archive asked failed to send what was found (their reasons)", **_ERROR},
     503: {"description": "The database is unavailable", **_ERROR},
 }
 router = APIRouter(tags=["dicomweb"], dependencies=[Depends(require_query)], responses=RESPONSES)
-STATUS = {"bad_request": 400, "not_found": 404, "not_acceptable": 406, "not_implemented": 501}
+STATUS = {"bad_request": 400, "not_found": 404, "not_acceptable": 406, "not_implemented": 501,
+          "upstream": 502}
 STUDY = "/studies/{study}"
 SERIES = STUDY + "/series/{series}"
 INSTANCE = SERIES + "/instances/{sop}"

@@ -283,7 +283,15 @@ async def open_stream(s: Services, t: Target, resource: Resource, *, accept: str
     session, first = opened
     if first and isinstance(first[0], Refusal):
         raise wado.WadoError(first[0].kind, first[0].message)
-    return Stream(store, session, first, s, t, resource, audit, requester)
+    stream = Stream(store, session, first, s, t, resource, audit, requester)
+    if first and isinstance(first[0], Done) and not first[0].delivered and not first[0].complete:
+        # Nothing came at all: no answer to stream, but the archives' failure (502), with their reasons;
+        # C-MOVEs were asked for, so it is recorded.
+        stream.done = first[0]
+        await stream._finish("failed")
+        raise wado.WadoError("upstream", f"no archive sent {t.level.value.lower()} "
+                             f"{t.sop or t.series or t.study}: {describe(first[0])}")
+    return stream
 
 
 def audit_for(principal: str, client: str | None) -> Audit:

@@ -30,6 +30,7 @@ import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from actors.dimse import MOVE_MODELS, encoder
 from spanner import wado
@@ -159,6 +160,7 @@ class WadoSessions:
         self._scp = scp
         self._index = _Index()
         self._metadata: dict[str, tuple[SpoolEntry, str]] = {}  # SOP -> (the entry it describes, JSON)
+        self._frames: dict[str, tuple[SpoolEntry, wado.FrameTable]] = {}  # SOP -> (entry, frame table)
         self._sessions: dict[str, _Session] = {}
         self._ids = itertools.count(1)
         self._reaper: asyncio.Task[None] | None = None
@@ -319,9 +321,24 @@ class WadoSessions:
             yield "application/octet-stream", wado.bulk_ranges(instance, request.bulk_tag)
             return
         syntax = frame_syntax(instance.transfer_syntax, request.transfer_syntaxes)
-        ds = wado.header(instance)
-        for ranges in wado.frame_ranges(instance, ds, request.frames):
+        for ranges in wado.frame_ranges(self._frames_of(entry), request.frames, entry.sop_instance_uid):
             yield f"application/octet-stream; transfer-syntax={syntax}", ranges
+
+    def _frames_of(self, entry: SpoolEntry) -> wado.FrameTable:
+        """The instance's frame table, kept beside its spool entry like its metadata."""
+        cached = self._frames.get(entry.sop_instance_uid)
+        if cached is not None and cached[0] is entry:
+            return cached[1]
+        table = wado.frame_table(entry.instance)
+        self._frames[entry.sop_instance_uid] = (entry, table)
+        self._prune(self._frames)
+        return table
+
+    def _prune(self, kept: dict[str, tuple[SpoolEntry, Any]]) -> None:
+        """Forget what describes instances that left the spool, once there is more of it than spooled."""
+        if len(kept) > 2 * len(self._scp.spool) + 64:
+            for sop in [s for s, (e, _) in kept.items() if self._scp.spool.get(s) is not e]:
+                del kept[sop]
 
     def _metadata_of(self, entry: SpoolEntry, study: str, series: str) -> str:
         cached = self._metadata.get(entry.sop_instance_uid)
@@ -329,9 +346,7 @@ class WadoSessions:
             return cached[1]
         text = wado.metadata_json(entry.instance, study, series)
         self._metadata[entry.sop_instance_uid] = (entry, text)
-        if len(self._metadata) > 2 * len(self._scp.spool) + 64:  # drop what left the spool
-            for sop in [s for s, (e, _) in self._metadata.items() if self._scp.spool.get(s) is not e]:
-                del self._metadata[sop]
+        self._prune(self._metadata)
         return text
 
 

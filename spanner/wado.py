@@ -163,17 +163,17 @@ def frame_count(ds: pydicom.Dataset) -> int:
     return max(1, _int(ds, "NumberOfFrames", 1))
 
 
-def frame_ranges(instance: StoredInstance, ds: pydicom.Dataset, numbers: Sequence[int]
-                 ) -> list[tuple[tuple[int, int], ...]]:
-    """The file ranges of each requested frame (1-based, as in the URL); WadoError for what cannot be."""
+FrameTable = tuple[tuple[tuple[int, int], ...], ...]
+"""Per frame (frame 1 first), the file ranges of its bytes."""
+
+
+def frame_table(instance: StoredInstance) -> FrameTable:
+    """Where every frame of the instance lies in its file; WadoError when it has no frames to cut."""
     pixels = locate(instance, PIXEL_DATA)
     if pixels is None:
         raise WadoError("not_found", f"instance {instance.sop_instance_uid} has no pixel data, so no frames")
+    ds = header(instance)
     count = frame_count(ds)
-    beyond = [n for n in numbers if n > count]
-    if beyond:  # 400, as PS3.18 answers a frame number beyond the instance's frames (8.2.7, 9.5.2)
-        raise WadoError("bad_request", f"instance {instance.sop_instance_uid} has {count} frame(s); frame "
-                        f"{beyond[0]} does not exist")
     if not pixels.encapsulated:
         bits = _int(ds, "Rows", 0) * _int(ds, "Columns", 0) * _int(ds, "SamplesPerPixel", 1) \
             * _int(ds, "BitsAllocated", 8)
@@ -185,20 +185,28 @@ def frame_ranges(instance: StoredInstance, ds: pydicom.Dataset, numbers: Sequenc
         if size * count > length:
             raise WadoError("not_found", f"the pixel data of {instance.sop_instance_uid} is shorter than "
                             f"{count} frame(s) of {size} bytes")
-        return [((offset + (n - 1) * size, size),) for n in numbers]
+        return tuple(((offset + n * size, size),) for n in range(count))
     fragments = list(zip(pixels.fragment_starts, pixels.ranges, strict=True))
     if pixels.offset_table:
         bounds = [*pixels.offset_table, 1 << 62]
-        per_frame = [tuple(r for start, r in fragments if bounds[i] <= start < bounds[i + 1])
-                     for i in range(len(pixels.offset_table))]
-    elif len(fragments) == count:
-        per_frame = [(r,) for _, r in fragments]
-    elif count == 1:
-        per_frame = [tuple(r for _, r in fragments)]
-    else:
-        raise WadoError("not_implemented", f"the {len(fragments)} fragments of {instance.sop_instance_uid} "
-                        f"cannot be split into its {count} frames (no basic offset table)")
-    return [per_frame[n - 1] for n in numbers]
+        return tuple(tuple(r for start, r in fragments if bounds[i] <= start < bounds[i + 1])
+                     for i in range(len(pixels.offset_table)))
+    if len(fragments) == count:
+        return tuple((r,) for _, r in fragments)
+    if count == 1:
+        return (tuple(r for _, r in fragments),)
+    raise WadoError("not_implemented", f"the {len(fragments)} fragments of {instance.sop_instance_uid} "
+                    f"cannot be split into its {count} frames (no basic offset table)")
+
+
+def frame_ranges(table: FrameTable, numbers: Sequence[int], sop_instance_uid: str
+                 ) -> list[tuple[tuple[int, int], ...]]:
+    """The ranges of each requested frame (1-based, as in the URL)."""
+    beyond = [n for n in numbers if n > len(table)]
+    if beyond:  # 400, as PS3.18 answers a frame number beyond the instance's frames (8.2.7, 9.5.2)
+        raise WadoError("bad_request", f"instance {sop_instance_uid} has {len(table)} frame(s); frame "
+                        f"{beyond[0]} does not exist")
+    return [table[n - 1] for n in numbers]
 
 
 def bulk_ranges(instance: StoredInstance, tag: int) -> tuple[tuple[int, int], ...]:

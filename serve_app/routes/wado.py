@@ -10,12 +10,14 @@ collected before it is sent (DICOM JSON without bulk data is small), so a partia
 
 from __future__ import annotations
 
+import contextlib
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from actors.wado_stream import InstanceHead
 from serve_app.auth import Principal, require_query
@@ -83,14 +85,15 @@ def multipart(stream: usecase.Stream, part_type: str) -> StreamingResponse:
 
     async def body() -> AsyncIterator[bytes]:
         started = False
-        async for item in stream.items():
-            if isinstance(item, InstanceHead):
-                if started:
-                    yield b"\r\n"
-                yield wado.part_head(mark, item.content_type)
-                started = True
-            elif isinstance(item, bytes):
-                yield item
+        async with contextlib.aclosing(stream.items()) as items:
+            async for item in items:
+                if isinstance(item, InstanceHead):
+                    if started:
+                        yield b"\r\n"
+                    yield wado.part_head(mark, item.content_type)
+                    started = True
+                elif isinstance(item, bytes):
+                    yield item
         if stream.done is None:
             return  # cut short without an end: the missing close-delimiter says so
         if started:
@@ -103,7 +106,21 @@ def multipart(stream: usecase.Stream, part_type: str) -> StreamingResponse:
         yield wado.closing(mark)
 
     media = f'{MEDIA_MULTIPART}; type="{part_type}"; boundary={mark}'
-    return StreamingResponse(body(), media_type=media)
+    return ClosingStreamingResponse(body(), media_type=media)
+
+
+class ClosingStreamingResponse(StreamingResponse):
+    """Closes its body at once when the answer ends, also when the client went away: Starlette leaves
+    a cancelled body generator to the garbage collector, and only its closing cancels the archives'
+    C-MOVEs and frees the store actor's session."""
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            body = self.body_iterator
+            if isinstance(body, AsyncGenerator):
+                await body.aclose()
 
 
 async def _retrieve(request: Request, s: ServicesDep, principal: Principal, t: Target) -> Response:
@@ -119,7 +136,8 @@ async def _metadata(request: Request, s: ServicesDep, principal: Principal, t: T
         stream = await _open(request, s, principal, t, Resource.METADATA)
     except wado.WadoError as exc:
         return error(exc)
-    texts = [item async for item in stream.items() if isinstance(item, str)]
+    async with contextlib.aclosing(stream.items()) as items:
+        texts = [item async for item in items if isinstance(item, str)]
     headers = {}
     if stream.done is not None and not stream.done.complete:
         headers["Warning"] = f'299 dicom-spanner "{usecase.describe(stream.done)[:500]}"'

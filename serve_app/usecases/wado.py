@@ -27,7 +27,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -177,7 +177,7 @@ class Stream:
     done: Done | None = None
     delivered: int = 0
 
-    async def items(self) -> AsyncIterator[Item]:
+    async def items(self) -> AsyncGenerator[Item, None]:
         """Every item of the session; closing early closes the session (C-CANCEL to the archives)."""
         status = "cancelled"
         try:

@@ -19,7 +19,7 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from actors.wado_stream import InstanceHead
+from actors.wado_stream import Done, InstanceHead
 from serve_app.auth import Principal, require_query
 from serve_app.deps import ServicesDep
 from serve_app.usecases import wado as usecase
@@ -80,7 +80,7 @@ async def _open(request: Request, s: ServicesDep, principal: Principal, t: Targe
         bulk_tag=bulk_tag)
 
 
-def multipart(stream: usecase.Stream, part_type: str) -> StreamingResponse:
+async def multipart(stream: usecase.Stream, part_type: str) -> Response:
     mark = wado.boundary()
 
     async def body() -> AsyncIterator[bytes]:
@@ -106,6 +106,10 @@ def multipart(stream: usecase.Stream, part_type: str) -> StreamingResponse:
         yield wado.closing(mark)
 
     media = f'{MEDIA_MULTIPART}; type="{part_type}"; boundary={mark}'
+    if stream.first and isinstance(stream.first[-1], Done):
+        # The whole answer came in the first pull (at most about 1 MiB: frames, a small instance, a
+        # warm series of small ones): one plain response, which Serve relays faster than a stream.
+        return Response(b"".join([chunk async for chunk in body()]), media_type=media)
     return ClosingStreamingResponse(body(), media_type=media)
 
 
@@ -128,7 +132,7 @@ async def _retrieve(request: Request, s: ServicesDep, principal: Principal, t: T
         stream = await _open(request, s, principal, t, Resource.INSTANCES)
     except wado.WadoError as exc:
         return error(exc)
-    return multipart(stream, MEDIA_DICOM)
+    return await multipart(stream, MEDIA_DICOM)
 
 
 async def _metadata(request: Request, s: ServicesDep, principal: Principal, t: Target) -> Response:
@@ -213,7 +217,7 @@ async def retrieve_frames(study: str, series: str, sop: str, frames: str, reques
         stream = await _open(request, s, principal, t, Resource.FRAMES, frames=usecase.frame_numbers(frames))
     except wado.WadoError as exc:
         return error(exc)
-    return multipart(stream, MEDIA_OCTET_STREAM)
+    return await multipart(stream, MEDIA_OCTET_STREAM)
 
 
 @router.get(INSTANCE + "/bulkdata/{tag}", response_class=Response)
@@ -224,7 +228,7 @@ async def retrieve_bulkdata(study: str, series: str, sop: str, tag: str, request
         stream = await _open(request, s, principal, t, Resource.BULK, bulk_tag=wado.tag_of(tag))
     except wado.WadoError as exc:
         return error(exc)
-    return multipart(stream, MEDIA_OCTET_STREAM)
+    return await multipart(stream, MEDIA_OCTET_STREAM)
 
 
 NOT_RENDERED = ("rendered and thumbnail resources are not supported by this front; retrieve frames "

@@ -235,14 +235,15 @@ NOT_RENDERED = ("rendered and thumbnail resources are not supported by this fron
                 "(/frames/{list}) and render them in the viewer")
 
 
-@router.get(STUDY + "/rendered", response_class=Response)
-@router.get(STUDY + "/thumbnail", response_class=Response)
-@router.get(SERIES + "/rendered", response_class=Response)
-@router.get(SERIES + "/thumbnail", response_class=Response)
-@router.get(INSTANCE + "/rendered", response_class=Response)
-@router.get(INSTANCE + "/thumbnail", response_class=Response)
-@router.get(INSTANCE + "/frames/{frames}/rendered", response_class=Response)
-@router.get(INSTANCE + "/frames/{frames}/thumbnail", response_class=Response)
+@router.get(STUDY + "/rendered", include_in_schema=False)
+@router.get(STUDY + "/thumbnail", include_in_schema=False)
+@router.get(SERIES + "/rendered", include_in_schema=False)
+@router.get(SERIES + "/thumbnail", include_in_schema=False)
+@router.get(INSTANCE + "/rendered", include_in_schema=False)
+@router.get(INSTANCE + "/thumbnail", include_in_schema=False)
+@router.get(INSTANCE + "/frames/{frames}/rendered", include_in_schema=False)
+@router.get(INSTANCE + "/frames/{frames}/thumbnail", include_in_schema=False)
 async def not_rendered() -> JSONResponse:
-    """501 Not Implemented: the standard status for a resource the origin server does not support."""
+    """501 Not Implemented: the standard status for a resource the origin server does not support. Left
+    out of the OpenAPI document: these resources are not offered, only answered."""
     return JSONResponse({"detail": NOT_RENDERED}, status_code=501)

@@ -20,6 +20,7 @@ from typing import Any
 import ray
 
 from actors.dimse import GET_MODELS, MOVE_MODELS, encoder
+from actors.wado_stream import Item, WadoRequest, WadoSessions
 from spanner.nodespec import RetrieveMethod
 from spanner.proxy_move import HolderPart, InstanceEvent, PartEvent, Peer, proxy_move
 from spanner.query import InformationModel, Level, MoveQuery
@@ -72,6 +73,7 @@ class StoreService:
                                ae_title=config.ae_title)
         self._port: int | None = None
         self._starting = asyncio.Lock()
+        self._wado = WadoSessions(self._scp)
 
     async def config(self) -> StoreConfig:
         return self._config
@@ -103,6 +105,30 @@ class StoreService:
     async def forget_node(self, node: str) -> int:
         """A node changed or went: nothing spooled from it is served again; how many instances went."""
         return self._scp.spool.drop_node(node)
+
+    # -- WADO-RS: the HTTP sink (actors.wado_stream) ------------------------------------------------------
+    async def wado_open(self, request: WadoRequest) -> tuple[str, list[Item]] | None:
+        """A session streaming what ``request`` names, with its first items (one round trip less); None
+        when the request has no parts and the spool lacks some of what it names."""
+        if request.parts:
+            await self.port()
+        session = self._wado.open(request, self._config.ae_title)
+        if session is None:
+            return None
+        return session, await self._wado.pull(session)
+
+    async def wado_pull(self, session_id: str) -> list[Item]:
+        """The session's next items (at least one; waits for it); a session ends with a Done or a Refusal."""
+        return await self._wado.pull(session_id)
+
+    async def wado_close(self, session_id: str) -> None:
+        """End a session early: its archives' C-MOVEs are cancelled (C-CANCEL)."""
+        await self._wado.close(session_id)
+
+    async def wado_stats(self) -> dict[str, int]:
+        """Open sessions, live C-MOVE expectations, spooled instances and C-STOREs refused (matching no
+        retrieval) since start: for tests and operators."""
+        return self._wado.stats()
 
 
 StoreHandle = Any  # a Ray actor handle of StoreService

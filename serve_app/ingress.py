@@ -16,7 +16,7 @@ from ray import serve
 
 from serve_app import amqp_requests, errors
 from serve_app.amqp_requests import AmqpRequest, RequestConsumer
-from serve_app.routes import audit, destinations, dicomweb, health, nodes, queries, retrievals, spans
+from serve_app.routes import audit, destinations, dicomweb, health, nodes, queries, retrievals, spans, wado
 from serve_app.services import Services
 from serve_app.timing import ServerTiming
 from spanner.logs import configure_logging
@@ -37,6 +37,7 @@ def create_app(services: Services) -> FastAPI:
     for module in (queries, retrievals, nodes, spans, destinations, audit, health):
         app.include_router(module.router)
     dicomweb.mount(app, dicomweb.router)
+    dicomweb.mount(app, wado.router)
     app.add_middleware(ServerTiming)
     origins = services.settings.cors_origin_list
     if origins:

@@ -207,6 +207,22 @@ class Retriever:
             for (study, series, holders), sops in groups.items()
         ]
 
+    async def plan_instances(self, nodes: list[NodeSpec], keys: dict[str, str], deadline: float
+                             ) -> list[tuple[str, str, list[NodeSpec]]]:
+        """(series, SOP instance, holders best first) of every instance under ``keys`` (the study, and
+        maybe the series and the instance): one spanning IMAGE-level look-up over the whole span, so a
+        study split across archives is found whole and each instance knows every holder."""
+        by_name = {n.name: n for n in nodes}
+        filters = {"SeriesInstanceUID": "", "SOPInstanceUID": "", **keys}
+        found: list[tuple[str, str, list[NodeSpec]]] = []
+        for m in await self._lookup(nodes, Level.IMAGE, filters, deadline):
+            holders = sorted((by_name[n] for n in m["nodes"] if n in by_name),
+                             key=lambda n: (n.priority, n.name))
+            series, sop = _value(m, "SeriesInstanceUID"), _value(m, "SOPInstanceUID")
+            if series and sop and holders:
+                found.append((series, sop, holders))
+        return found
+
     @staticmethod
     def _study_parts(study: str, series: list[dict[str, Any]], by_name: dict[str, NodeSpec]) -> list[Part]:
         """One STUDY-level part when some node holds every series, else one part per series."""

@@ -100,6 +100,18 @@ class Services:
         self.janitor.purge()  # at start, then at most hourly from the request paths
         self.relay = self._start_relay()
         self.records = RecordWriter(after_batch=self._after_records)
+        self._store: store_service.StoreHandle | None = None
+
+    def store_if_known(self) -> store_service.StoreHandle | None:
+        """The store actor's handle when this replica has looked it up already (no blocking call)."""
+        return self._store
+
+    def store(self, fresh: bool = False) -> store_service.StoreHandle:
+        """The store actor (a detached named actor), looked up once per replica; ``fresh`` looks again
+        (after the actor died and was made anew). Blocking: call it in a thread the first time."""
+        if self._store is None or fresh:
+            self._store = store_service.get(self.settings)
+        return self._store
 
     def _after_records(self) -> None:
         """After a batch of query records: the relay hears of their events; old records go when due."""

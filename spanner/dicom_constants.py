@@ -136,3 +136,10 @@ STUDY_INSTANCE_UID = 0x0020000D
 SERIES_INSTANCE_UID = 0x0020000E
 SOP_INSTANCE_UID = 0x00080018
 FAILED_SOP_INSTANCE_UID_LIST = 0x00080058
+
+# -- WADO-RS (PS3.18 10.4, 8.7.3) -------------------------------------------------------------------------
+PIXEL_DATA = 0x7FE00010
+MEDIA_DICOM = "application/dicom"
+MEDIA_DICOM_JSON = "application/dicom+json"
+MEDIA_OCTET_STREAM = "application/octet-stream"
+MEDIA_MULTIPART = "multipart/related"

@@ -27,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 from spanner.dicom_constants import EXPLICIT_VR_LE, IMPLICIT_VR_LE, STUDY_ROOT_MOVE, Status
@@ -215,13 +215,16 @@ async def _get(part: HolderPart, expectation: Expectation, scp: StorageScp, call
     return PartEvent(part.node, final.status, final.suboperations(), final.comment)
 
 
-async def proxy_move(scp: StorageScp, parts: Sequence[HolderPart], destination: Peer, *, calling_ae: str,
-                     dimse_timeout_s: float = 30.0, deadline_s: float | None = None
-                     ) -> AsyncIterator[InstanceEvent | PartEvent]:
-    """Run every part's C-MOVE to ``scp`` and forward what arrives; events as they happen.
+async def collect(scp: StorageScp, parts: Sequence[HolderPart], *, calling_ae: str,
+                 dimse_timeout_s: float = 30.0, deadline_s: float | None = None
+                 ) -> AsyncGenerator[SpoolEntry | InstanceEvent | PartEvent, None]:
+    """Run every part's C-MOVE to ``scp``; each instance as soon as it is in the spool, held (never evicted)
+    until the consumer asks for the next event; InstanceEvents only for instances the spool refused; one
+    PartEvent per holder, after that holder's instances.
 
-    ``deadline_s``: when it passes, the parts still running are cancelled (C-CANCEL, then A-ABORT) and
-    each ends with a PartEvent saying so; the instance being forwarded at that moment still completes.
+    The sink is the consumer's: proxy_move forwards each entry by C-STORE, the DICOMweb front streams it
+    over HTTP. ``deadline_s``: when it passes, the parts still running are cancelled (C-CANCEL, then
+    A-ABORT) and each ends with a PartEvent saying so. Closing the iterator early cancels the same way.
     """
     # One queue for both: a C-MOVE's instances all arrive before its final response, so a part's
     # end is always behind its last instance.
@@ -253,7 +256,6 @@ async def proxy_move(scp: StorageScp, parts: Sequence[HolderPart], destination: 
 
     for part in parts:
         start(part)
-    forwarder = _Forwarder(destination, calling_ae, dimse_timeout_s)
     running = len(tasks)
     ended: set[int] = set()  # indexes (in ``started``) of the parts whose end was reported
     deadline = None if deadline_s is None else asyncio.get_running_loop().time() + deadline_s
@@ -273,8 +275,7 @@ async def proxy_move(scp: StorageScp, parts: Sequence[HolderPart], destination: 
                 return
             if isinstance(item, SpoolEntry):
                 with scp.spool.holding(item):
-                    reason = await forwarder.forward(item)
-                yield InstanceEvent(item.sop_instance_uid, item.node, reason is None, reason)
+                    yield item
                 continue
             expectation, event = item
             running -= 1
@@ -295,8 +296,8 @@ async def proxy_move(scp: StorageScp, parts: Sequence[HolderPart], destination: 
                 fallback = part.fallbacks[0]
                 failover = fallback.node
                 start(replace(part, node=fallback.node, archive=fallback.archive, model=fallback.model,
-                              method=fallback.method,
-                              identifier=part.retry(missing), expected=missing, fallbacks=part.fallbacks[1:]))
+                              method=fallback.method, identifier=part.retry(missing), expected=missing,
+                              fallbacks=part.fallbacks[1:]))
                 running += 1
             yield replace(event, not_received=missing, failover_to=failover)
     finally:
@@ -304,4 +305,26 @@ async def proxy_move(scp: StorageScp, parts: Sequence[HolderPart], destination: 
             task.cancel()
         for _, expectation in started:
             scp.forget(expectation)
+
+
+async def proxy_move(scp: StorageScp, parts: Sequence[HolderPart], destination: Peer, *, calling_ae: str,
+                     dimse_timeout_s: float = 30.0, deadline_s: float | None = None
+                     ) -> AsyncIterator[InstanceEvent | PartEvent]:
+    """Run every part's C-MOVE to ``scp`` and forward what arrives; events as they happen.
+
+    ``deadline_s``: when it passes, the parts still running are cancelled (C-CANCEL, then A-ABORT) and
+    each ends with a PartEvent saying so; the instance being forwarded at that moment still completes.
+    """
+    forwarder = _Forwarder(destination, calling_ae, dimse_timeout_s)
+    events = collect(scp, parts, calling_ae=calling_ae, dimse_timeout_s=dimse_timeout_s,
+                     deadline_s=deadline_s)
+    try:
+        async for item in events:
+            if isinstance(item, SpoolEntry):
+                reason = await forwarder.forward(item)  # held by collect() until the next event is asked
+                yield InstanceEvent(item.sop_instance_uid, item.node, reason is None, reason)
+            else:
+                yield item
+    finally:
+        await events.aclose()
         await forwarder.close()

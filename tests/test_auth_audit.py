@@ -111,6 +111,16 @@ def test_keys_are_required_and_roles_apply(auth: AuthApp) -> None:
         assert http.delete("/api/v1/nodes/nope", headers={"X-API-Key": auth.keys["boss"]}).status_code == 204
 
 
+def test_dicomweb_takes_the_same_keys(auth: AuthApp) -> None:
+    """WADO-RS under /dicomweb: 401 without a key, a query key is enough (here a study nobody holds)."""
+    with anonymous(auth) as http:
+        missing = http.get("/dicomweb/studies/1.2.3.4/metadata")
+        assert missing.status_code == 401 and "API key is required" in missing.json()["detail"]
+        ward = {"Authorization": f"Bearer {auth.keys['ward']}"}
+        unknown = http.get("/dicomweb/spans/all/studies/1.2.3.4/metadata", headers=ward)
+        assert unknown.status_code == 404 and "held by no archive" in unknown.json()["detail"], unknown.text
+
+
 def test_a_revoked_key_is_refused_within_the_cache_ttl(auth: AuthApp) -> None:
     headers = {"X-API-Key": auth.keys["gone"]}
     with anonymous(auth) as http:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
+import time
 from typing import TYPE_CHECKING, Annotated, Any
 
 import httpx
@@ -106,8 +107,6 @@ def _start_head(settings: Settings, options: RayNodeOptions, port: int) -> tuple
     from ray import serve
     from ray.serve.config import HTTPOptions
 
-    from cluster.ray_runtime import connect
-
     # Until the launcher installs its handlers, SIGTERM unwinds (and so ends the head) instead of exiting.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
     node = RayNode(head_command(options, port, settings.dashboard_host, settings.dashboard_port))
@@ -116,7 +115,7 @@ def _start_head(settings: Settings, options: RayNodeOptions, port: int) -> tuple
         address = head_address(options, port)
         node.wait_listening(address)
         settings = settings.model_copy(update={"ray_address": address})
-        connect(settings)
+        _join(node, settings)
         # Serve's default puts an HTTP proxy on every node that holds a replica: the published port is
         # the head's, so the proxy stays there (it routes to replicas on any node). The launcher's own
         # serve.start then finds Serve running with the same HTTP options.
@@ -129,6 +128,22 @@ def _start_head(settings: Settings, options: RayNodeOptions, port: int) -> tuple
         node.stop()
         raise
     return node, settings
+
+
+def _join(node: RayNode, settings: Settings, timeout_s: float = 120.0) -> None:
+    """Join the head just started: its GCS answers before its raylet has registered, and a driver that
+    joins meanwhile is refused, so joining is retried while `ray start` runs, up to ``timeout_s``."""
+    from cluster.ray_runtime import connect
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            connect(settings)
+            return
+        except ConnectionError as exc:
+            if not node.running() or time.monotonic() > deadline:
+                raise RayNodeError(f"cannot join the Ray head at {settings.ray_address}: {exc}") from exc
+            time.sleep(1)
 
 
 @app.command()

@@ -80,7 +80,7 @@ class RayNode:
         env.setdefault("RAY_AUTH_MODE", "disabled")
         self.process = subprocess.Popen(self.command, env=env, stdin=subprocess.DEVNULL)
 
-    def wait_listening(self, address: str, timeout_s: float = 60.0) -> None:
+    def wait_listening(self, address: str, timeout_s: float = 120.0) -> None:
         """Wait until the head's GCS accepts connections; RayNodeError if `ray start` ends first."""
         assert self.process is not None
         host, _, port = address.rpartition(":")
@@ -94,6 +94,9 @@ class RayNode:
             if time.monotonic() > deadline:
                 raise RayNodeError(f"the Ray head at {address} did not answer within {timeout_s:g} s")
             time.sleep(0.2)
+
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
 
     def wait(self) -> int:
         assert self.process is not None

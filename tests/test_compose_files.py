@@ -104,7 +104,7 @@ def test_the_overlay_lays_the_seed_topology_over_the_stack() -> None:
     assert worker["environment"]["RAY_ADDRESS"] == f"spanner-coordinator:{head['SPANNER_RAY_PORT']}"
     assert listener["environment"]["SPANNER_URL"] == f"http://spanner-coordinator:{head['SPANNER_HTTP_PORT']}"
     assert "/health" in " ".join(coordinator["healthcheck"]["test"])
-    assert "echoscu" in " ".join(listener["healthcheck"]["test"])
+    assert "/usr/bin/echoscu " in " ".join(listener["healthcheck"]["test"]), "dcmtk's, not pynetdicom's"
     for name in ("ray-worker", "dimse-scp-listener"):
         assert services[name]["depends_on"]["spanner-coordinator"] == {"condition": "service_healthy"}
     for name in ("postgres", "redis", "rabbitmq"):

@@ -11,6 +11,7 @@ missing=()
 command -v Orthanc >/dev/null 2>&1 || missing+=(orthanc)
 command -v findscu >/dev/null 2>&1 || missing+=(dcmtk)
 command -v ss >/dev/null 2>&1 || missing+=(iproute2)  # the loopback test reads every connection with ss
+command -v curl >/dev/null 2>&1 || missing+=(curl)  # the compose topology test calls the API inside its netns
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing ${missing[*]}"
   $SUDO apt-get update -qq

@@ -102,8 +102,9 @@ class RayNode:
         assert self.process is not None
         return self.process.wait()
 
-    def stop(self, grace_s: float = 10.0) -> None:
-        """SIGTERM `ray start` (it ends the processes it started), then end whatever of its tree is left."""
+    def stop(self, grace_s: float = 35.0) -> None:
+        """SIGTERM `ray start` (it drains the node, for up to 30 s by default, then ends the processes it
+        started), and end whatever of its tree is left after ``grace_s``."""
         from cluster.ray_runtime import descendants, end_processes, identities  # imports Ray: only here
 
         if self.process is None:

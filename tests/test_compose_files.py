@@ -134,6 +134,8 @@ def test_every_spanner_service_runs_the_one_image_with_a_command_the_cli_has() -
         service = model[name]
         assert service["build"] == {"context": "..", "dockerfile": "compose/Dockerfile"}, name
         assert service["image"] == "dicom-spanner:latest", name
+        if name != "spanner-migrate":
+            assert service["init"] is True, f"{name}: an init as PID 1 forwards SIGTERM and reaps"
         command = service["command"]
         assert command[0] == "spanner"
         words = [w for w in command[1:] if not w.startswith("-")]

@@ -236,6 +236,12 @@ def dashboard(top: Topology) -> str:
     return f"http://127.0.0.1:{top.port('spanner-coordinator', 8265)}"
 
 
+def actors_url(top: Topology, class_name: str) -> str:
+    """Ray's state API (on the dashboard): the actors of one class, with the Ray node each runs on."""
+    return (f"{dashboard(top)}/api/v0/actors?filter_keys=class_name&filter_predicates=%3D"
+            f"&filter_values={class_name}&limit=100")
+
+
 def test_the_services_run_as_the_overlay_says(topology: tuple[Topology, dict[str, Any]]) -> None:
     top, services = topology
     for name in ("spanner-coordinator", "ray-worker-1", "ray-worker-2", "dimse-scp-listener"):
@@ -246,6 +252,9 @@ def test_the_services_run_as_the_overlay_says(topology: tuple[Topology, dict[str
     assert {n["node_ip"] for n in alive} == {"127.0.0.1"}
     head = next(n for n in alive if n["is_head_node"])
     assert head["resources_total"].get("CPU", 0) == 0, "the head offers no CPU (SPANNER_RAY_ARGS)"
+    proxies = [a for a in top.get(actors_url(top, "ProxyActor"))["data"]["result"]["result"]
+               if a["state"] == "ALIVE"]
+    assert [a["node_id"] for a in proxies] == [head["node_id"]], "Serve's HTTP proxy runs on the head only"
     worker_args = shlex.split(services["ray-worker"]["environment"]["SPANNER_RAY_ARGS"])
     expected_cpus = float(worker_args[0].removeprefix("--num-cpus="))
     assert all(n["resources_total"]["CPU"] == expected_cpus for n in alive if not n["is_head_node"])
@@ -281,8 +290,7 @@ def test_node_actors_run_on_the_worker_nodes(topology: tuple[Topology, dict[str,
     api = f"http://127.0.0.1:{top.port('spanner-coordinator', 8000)}"
     nodes = top.get(f"{dashboard(top)}/api/v0/nodes")["data"]["result"]["result"]
     workers = {n["node_id"] for n in nodes if n["state"] == "ALIVE" and not n["is_head_node"]}
-    url = (f"{dashboard(top)}/api/v0/actors?filter_keys=class_name&filter_predicates=%3D"
-           "&filter_values=PacsNode&limit=100")
+    url = actors_url(top, "PacsNode")
     extra = 0
     while True:
         actors = [a for a in top.get(url)["data"]["result"]["result"] if a["state"] == "ALIVE"]

@@ -8,9 +8,10 @@ hostname maps to 127.0.0.1, and every port a service listens on gets a port of i
 holds them all, as one host). Ray refuses 127.0.0.1 as the address of a node that others join on the
 host's own network; in a namespace with nothing but loopback it keeps it, and no traffic leaves it.
 
-Redis is real (a redis-server in the namespace on the port REDIS_URL maps to). PostgreSQL and RabbitMQ are
-left out: the database is the coordinator's SQLite file and events are off; their services have tests of
-their own (test_api_postgres.py, test_events.py), and the compose file checks cover their wiring.
+PostgreSQL and Redis are real servers in the namespace, on the ports DATABASE_URL and REDIS_URL map to;
+PostgreSQL is waited on through its compose health check (pg_isready) and migrated by spanner-migrate's
+command before the coordinator starts. RabbitMQ is left out (events are off): its service has tests of its
+own (test_events.py, test_amqp.py), and the compose file checks cover its wiring.
 
 Simulated archives register through the API; a query through the API and findscu through the listener
 answer the same studies, and the node actors run on the worker nodes as well as the head.
@@ -23,6 +24,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -44,7 +46,7 @@ from tests.peers.ports import free_port
 pytestmark = [pytest.mark.dcmtk, pytest.mark.timeout(900)]
 
 HOSTS = ("spanner-coordinator", "postgres", "redis", "rabbitmq")
-LEFT_OUT = ("DATABASE_URL", "RABBITMQ_URL")  # see the module docstring
+LEFT_OUT = ("RABBITMQ_URL",)  # see the module docstring
 VENV_BIN = Path(sys.executable).parent
 ARCHIVES = 3
 HEALTHY_WITHIN_S = 300.0  # a ceiling: on a loaded machine a Ray head alone took over a minute
@@ -75,8 +77,8 @@ class Topology:
         return self.ports[key]
 
     def base_env(self) -> dict[str, str]:
-        return {"PATH": f"{VENV_BIN}:/usr/bin:/bin", "HOME": str(self.tmp), "LANG": "C.UTF-8",
-                "TCP_NODELAY": "1", "PYTHONUNBUFFERED": "1", **RAY_ON_ONE_HOST}
+        return {"PATH": f"{VENV_BIN}:/usr/bin:/bin:{postgres_bin()}", "HOME": str(self.tmp),
+                "LANG": "C.UTF-8", "TCP_NODELAY": "1", "PYTHONUNBUFFERED": "1", **RAY_ON_ONE_HOST}
 
     def start(self, name: str, command: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
         log = (self.tmp / f"{name}.log").open("wb")
@@ -154,12 +156,13 @@ def stop(top: Topology) -> None:
     tree: dict[int, str] = {}
     for process in top.processes.values():
         tree |= identities(descendants(process.pid) | {process.pid})
-    last = ("spanner-coordinator", "redis")  # what the others depend on stops after them
+    last = ("spanner-coordinator", "redis", "postgres")  # what the others depend on stops after them
     first = [name for name in top.processes if name not in last]
     for group in (first, *([name] for name in last if name in top.processes)):
         for name in group:
             if top.processes[name].poll() is None:
-                top.processes[name].terminate()
+                # the postgres image stops with SIGINT (a fast shutdown); everything else with SIGTERM
+                top.processes[name].send_signal(signal.SIGINT if name == "postgres" else signal.SIGTERM)
         for name in group:
             try:
                 top.processes[name].wait(30)
@@ -174,6 +177,7 @@ def topology(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Topolog
     require(os.geteuid() == 0 and shutil.which("ip") is not None, "root and iproute2 (a network namespace)")
     for tool in ("findscu", "echoscu", "curl", "redis-server"):
         require(shutil.which(tool, path="/usr/bin:/bin") is not None, tool)
+    require(bool(postgres_bin()), "PostgreSQL's server programs")
     services = merge(load(BASE), load(ENTERPRISE))["services"]
     top = Topology(netns=f"spanner-compose-{uuid.uuid4().hex[:8]}", tmp=tmp_path_factory.mktemp("compose"),
                    ray_tmp=Path(tempfile.mkdtemp(prefix="spanner-compose-")))
@@ -193,6 +197,7 @@ def topology(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Topolog
 def _start(top: Topology, services: dict[str, Any]) -> None:
     top.start("redis", ["redis-server", "--bind", "127.0.0.1", "--port", str(top.port("redis", 6379)),
                         "--save", "", "--appendonly", "no"], top.base_env())
+    start_postgres(top, services)
     coordinator = services["spanner-coordinator"]
     env = service_env(top, "spanner-coordinator", coordinator)
     env |= {"SPANNER_VAR_DIR": str(top.tmp / "var"), "SPANNER_RAY_ARGS": ray_args(top, "head", env)}
@@ -223,6 +228,42 @@ def _start(top: Topology, services: dict[str, Any]) -> None:
         cli = top.run([str(VENV_BIN / "spanner"), "nodes", "add", f"sim-{i}", f"SIM{i}", "127.0.0.1",
                        str(top.port(f"sim-{i}", 104))], env={**top.base_env(), "SPANNER_URL": api})
         assert cli.returncode == 0, cli.stdout + cli.stderr
+
+
+def postgres_bin() -> str:
+    """The newest PostgreSQL server's programs (Debian keeps them off PATH)."""
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin"), key=lambda p: int(p.parent.name))
+    return str(found[-1]) if found else ""
+
+
+def start_postgres(top: Topology, services: dict[str, Any]) -> None:
+    """The postgres service: a server of the test's own in the namespace, with the compose file's user
+    and database, healthy by its compose check, then migrated by spanner-migrate's command."""
+    env = services["postgres"]["environment"]
+    data = top.ray_tmp / "pg"
+    data.mkdir()
+    top.ray_tmp.chmod(0o755)
+    shutil.chown(data, "postgres", "postgres")
+    # setpriv execs the program as postgres (runuser would stay in between and keep the stop signal)
+    as_postgres = [shutil.which("setpriv") or "/usr/bin/setpriv", "--reuid=postgres", "--regid=postgres",
+                   "--init-groups", "--"]
+    initdb = subprocess.run([*as_postgres, f"{postgres_bin()}/initdb", "-D", str(data),
+                             "-U", env["POSTGRES_USER"], "--auth=trust"],
+                            capture_output=True, text=True, timeout=120)
+    assert initdb.returncode == 0, initdb.stderr
+    port = top.port("postgres", 5432)
+    top.start("postgres", [*as_postgres, f"{postgres_bin()}/postgres", "-D", str(data), "-p", str(port),
+                           "-c", "listen_addresses=127.0.0.1", "-c", "unix_socket_directories="],
+              top.base_env())
+    # pg_isready reads where the server is from libpq's variables: the port moved, no socket
+    top.envs["postgres"] = {**top.base_env(), **env, "PGHOST": "127.0.0.1", "PGPORT": str(port)}
+    top.wait_healthy("postgres", services["postgres"])
+    created = top.run(["createdb", "-h", "127.0.0.1", "-p", str(port), "-U", env["POSTGRES_USER"],
+                       env["POSTGRES_DB"]])
+    assert created.returncode == 0, created.stderr
+    migrate = services["spanner-migrate"]
+    done = top.run(command(migrate), service_env(top, "spanner-migrate", migrate), timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
 
 
 def dcmtk(tool: str) -> str:

@@ -3,15 +3,29 @@
 from __future__ import annotations
 
 import json
+import signal
+import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import httpx
 import typer
 from rich.console import Console
 from rich.table import Table
 
+from cli.ray_node import (
+    DEFAULT_HEAD_PORT,
+    RayNode,
+    RayNodeError,
+    RayNodeOptions,
+    head_address,
+    head_command,
+    worker_command,
+)
 from spanner.errors import ConfigError, SpannerError
+
+if TYPE_CHECKING:
+    from spanner.settings import Settings
 
 app = typer.Typer(help="dicom-spanner: one front door to every PACS.", no_args_is_help=True)
 nodes_app = typer.Typer(help="List, add, remove and echo PACS nodes.", no_args_is_help=True)
@@ -46,22 +60,113 @@ def _call(method: str, url: str, api_key: str = "", **kwargs: Any) -> Any:
     return response.json() if response.content else None
 
 
+NodeIpOption = Annotated[str, typer.Option(
+    "--node-ip", envvar="SPANNER_RAY_NODE_IP", show_default=False,
+    help="This Ray node's address (default: Ray picks the address of the default route)")]
+RayArgsOption = Annotated[str, typer.Option(
+    "--ray-args", envvar="SPANNER_RAY_ARGS", show_default=False,
+    help="More `ray start` options, e.g. '--num-cpus=2 --labels=site=east'")]
+
+
 @app.command()
-def run() -> None:
+def run(
+    head: Annotated[bool, typer.Option(
+        "--head", help="Start a Ray head here first and run on it, Serve's HTTP proxy on the head only "
+                       "(the compose coordinator); `spanner worker` joins it")] = False,
+    ray_port: Annotated[int, typer.Option(envvar="SPANNER_RAY_PORT", help="GCS port of the head (--head)")]
+    = DEFAULT_HEAD_PORT,
+    node_ip: NodeIpOption = "",
+    ray_args: RayArgsOption = "",
+) -> None:
     """Start Ray, the Serve app and (with no node configured) a demo fleet of three simulated PACS."""
     from cluster.launcher import run as launch
     from spanner.settings import get_settings
 
+    node: RayNode | None = None
     try:
         settings = get_settings()
+        if head:
+            node, settings = _start_head(settings, RayNodeOptions(node_ip, ray_args), ray_port)
         # soft_wrap: in a log (no terminal) rich would wrap at 80 columns and break the pasted curl line
         launch(settings, say=lambda text: console.print(text, soft_wrap=True))
+    except RayNodeError as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(1) from exc
     except ConfigError as exc:
         console.print(f"[red]{exc}[/red]")
         raise typer.Exit(2) from exc
     except SpannerError as exc:  # e.g. the database cannot be reached
         console.print(f"[red]{exc}[/red]")
         raise typer.Exit(1) from exc
+    finally:
+        if node is not None:
+            node.stop()
+
+
+def _start_head(settings: Settings, options: RayNodeOptions, port: int) -> tuple[RayNode, Settings]:
+    """A Ray head as a child of this process, with Serve started on it; the settings then join it."""
+    from ray import serve
+    from ray.serve.config import HTTPOptions
+
+    # Until the launcher installs its handlers, SIGTERM unwinds (and so ends the head) instead of exiting.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    node = RayNode(head_command(options, port, settings.dashboard_host, settings.dashboard_port))
+    node.start()
+    try:
+        address = head_address(options, port)
+        node.wait_listening(address)
+        settings = settings.model_copy(update={"ray_address": address})
+        _join(node, settings)
+        # Serve's default puts an HTTP proxy on every node that holds a replica: the published port is
+        # the head's, so the proxy stays there (it routes to replicas on any node). The launcher's own
+        # serve.start then finds Serve running with the same HTTP options.
+        serve.start(
+            proxy_location="HeadOnly",
+            http_options=HTTPOptions(host=settings.http_host, port=settings.http_port),
+            logging_config={"enable_access_log": False},
+        )
+    except BaseException:
+        node.stop()
+        raise
+    return node, settings
+
+
+def _join(node: RayNode, settings: Settings, timeout_s: float = 120.0) -> None:
+    """Join the head just started: its GCS answers before its raylet has registered, and a driver that
+    joins meanwhile is refused, so joining is retried while `ray start` runs, up to ``timeout_s``."""
+    from cluster.ray_runtime import connect
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            connect(settings)
+            return
+        except ConnectionError as exc:
+            if not node.running() or time.monotonic() > deadline:
+                raise RayNodeError(f"cannot join the Ray head at {settings.ray_address}: {exc}") from exc
+            time.sleep(1)
+
+
+@app.command()
+def worker(
+    address: Annotated[str, typer.Option(envvar="RAY_ADDRESS", help="GCS address of the head, HOST:PORT")],
+    node_ip: NodeIpOption = "",
+    ray_args: RayArgsOption = "",
+) -> None:
+    """Join the Ray cluster at ADDRESS as a worker node (node actors run there) until SIGTERM or Ctrl-C."""
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    node = RayNode(worker_command(RayNodeOptions(node_ip, ray_args), address))
+    console.print(f"joining the Ray cluster at {address}; SIGTERM or Ctrl-C leaves it")
+    try:
+        node.start()
+        code = node.wait()
+    except KeyboardInterrupt:
+        code = 0
+    finally:
+        node.stop()
+    if code:
+        console.print(f"[red]`ray start` ended with code {code}[/red]")
+        raise typer.Exit(1)
 
 
 @db_app.command("upgrade")

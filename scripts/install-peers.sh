@@ -15,6 +15,7 @@ command -v findscu >/dev/null 2>&1 || missing+=(dcmtk)
 command -v ss >/dev/null 2>&1 || missing+=(iproute2)  # the loopback test reads every connection with ss
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)  # tests/test_ohif.py drives it headless
 command -v npm >/dev/null 2>&1 || missing+=(npm)  # fetches OHIF's built viewer below
+command -v curl >/dev/null 2>&1 || missing+=(curl)  # the compose topology test calls the API inside its netns
 if [ ${#missing[@]} -gt 0 ]; then
   echo "installing ${missing[*]}"
   $SUDO apt-get update -qq

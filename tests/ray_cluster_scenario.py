@@ -273,7 +273,7 @@ def main() -> None:
     from simulator.scp import SimulatorConfig
     from simulator.wire import WireSimulatedPacs
     from spanner.storage import make_engine, upgrade_database
-    from tests.peers.ports import free_port
+    from tests.peers.ports import free_port, listening_off_loopback, off_loopback
 
     report: dict[str, Any] = {"temp_dir": tmp}
     phases: dict[str, float] = {}
@@ -389,6 +389,10 @@ def main() -> None:
             for name, found in metrics.items()
         }
         phases["metrics"] = mark()
+        # Every connection of the cluster's processes (three Ray nodes, Serve, the actors) on loopback.
+        cluster_pids = descendants(os.getpid()) | {os.getpid()}
+        report["off_loopback"] = off_loopback(cluster_pids)
+        report["listening_off_loopback"] = listening_off_loopback(cluster_pids)
         report["total_s"] = round(time.monotonic() - started, 1)
     finally:
         ours = identities(descendants(os.getpid()))

@@ -11,6 +11,7 @@ from fastapi.responses import JSONResponse
 
 from serve_app.deps import ServicesDep
 from serve_app.services import Services
+from spanner.nodespec import NodeSpec
 
 router = APIRouter(tags=["health"])
 
@@ -30,6 +31,22 @@ async def _events(s: Services) -> dict[str, Any]:
     except (ray.exceptions.RayError, TimeoutError):
         relay = "unavailable"
     return {"relay": relay, "pending": counts["pending"]}
+
+
+async def _actor_stats(s: Services, spec: NodeSpec) -> dict[str, Any]:
+    """The node actor's stats; a handle this replica cached for an actor that another replica has since
+    replaced (after a node change) is looked up again once, as queries do."""
+    for attempt in (1, 2):
+        handle = await s.coordinator.handle(spec, fresh=attempt == 2)
+        try:
+            pending = asyncio.wrap_future(handle.stats.remote().future())
+            stats: dict[str, Any] = await asyncio.wait_for(pending, 5)
+            return stats
+        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
+            s.coordinator.forget(spec.name)
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
 
 
 @router.get("/ready")
@@ -52,9 +69,7 @@ async def ready(s: ServicesDep) -> JSONResponse:
             unplaceable[node.name] = why
             continue
         try:
-            handle = await s.coordinator.handle(spec)
-            pending = asyncio.wrap_future(handle.stats.remote().future())
-            stats: dict[str, Any] = await asyncio.wait_for(pending, 5)
+            stats = await _actor_stats(s, spec)
             actors[node.name] = f"alive (circuit {stats['circuit']})"
             ip = next((n.ip for n in ray_nodes if n.node_id == stats["ray_node_id"]), None)
             where[node.name] = {"ray_node_id": stats["ray_node_id"], "ip": ip, "pid": stats["pid"]}

@@ -8,10 +8,12 @@ metrics agent (Prometheus format); the Ray dashboard's Metrics tab shows them to
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass
 
 from ray.util import metrics
 
+GAUGE_REFRESH_S = 5.0
 LATENCY_BOUNDARIES_MS = [5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0]
 
 
@@ -77,6 +79,7 @@ class NodeMetrics:
         self._tags = {"node": node}
         self._status_tags: dict[str, dict[str, str]] = {}
         self._gauges: tuple[int, int, int] | None = None  # pool_open, in_flight, circuit_open as last set
+        self._gauges_at = 0.0  # when all three were last set
         self._m: _NodeMetricSet | None = None
 
     @property
@@ -102,8 +105,13 @@ class NodeMetrics:
         self._metrics.throttled.inc(1, self._tags)
 
     def state(self, *, pool_open: int, in_flight: int, circuit_open: bool) -> None:
-        """The gauges, given whenever the actor's state may have changed; those that did are set."""
+        """The gauges, given whenever the actor's state may have changed; those that did are set, and
+        all of them again every GAUGE_REFRESH_S: Ray 2.60's metrics agent drops a gauge two report
+        intervals after it was last set (measured: a gauge set once never reached a scrape)."""
         now = (pool_open, in_flight, 1 if circuit_open else 0)
+        at = time.monotonic()
+        if at - self._gauges_at >= GAUGE_REFRESH_S:
+            self._gauges, self._gauges_at = None, at
         last = self._gauges
         if now == last:
             return

@@ -13,6 +13,7 @@ import contextlib
 import functools
 import itertools
 import logging
+import os
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
@@ -545,6 +546,9 @@ def _throttled(spec: NodeSpec) -> NodeOutcome:
 # enable_task_events=False: Ray records no task event (state API, dashboard task list, ray.timeline) for
 # calls to a node actor, in the actor nor in its caller -- as Serve does for its own actors. Each call
 # costs less CPU on both sides; the node's own metrics and log lines say what it did.
+# max_restarts=-1: a node actor whose Ray node dies comes back on another one (actors.placement chooses
+# where); max_task_retries=0: a C-FIND lost with its actor is not run again by Ray with its original
+# timeout, past the query's deadline -- the coordinator retries once itself, with what is left of it.
 @ray.remote(  # type: ignore[call-overload]
     num_cpus=0, max_restarts=-1, max_task_retries=0, max_concurrency=1000, enable_task_events=False
 )
@@ -608,7 +612,9 @@ class PacsNode:
         return self._impl.spec
 
     async def stats(self) -> dict[str, Any]:
-        return self._impl.stats()
+        """The node's counters, and where on the Ray cluster this actor runs."""
+        where = ray.get_runtime_context()
+        return self._impl.stats() | {"ray_node_id": where.get_node_id(), "pid": os.getpid()}
 
     async def close(self) -> None:
         await self._impl.close()

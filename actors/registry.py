@@ -1,8 +1,12 @@
 """Finding, creating, replacing and stopping the named, detached node actors.
 
 Actors are named ``node:<name>`` in the spanner's namespace, so any Serve replica (or a restarted
-one) finds them again. A changed node gets a new actor rather than a mutated one: Ray restarts a
-dead actor with its original constructor arguments, so those must always be the current spec.
+one) finds them again, and the Ray dashboard lists them by that name. A changed node gets a new actor
+rather than a mutated one: Ray restarts a dead actor with its original constructor arguments (and
+scheduling options, actors.placement), so those must always be the current spec.
+
+An actor whose placement no alive Ray node offers is created all the same (Ray starts it once such a
+node joins), but nothing waits for it to run.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from typing import Any
 import ray
 
 from actors.pacs_node import PacsNode
+from actors.placement import actor_options, ray_nodes, unplaceable_reason
 from spanner.nodespec import ActorTuning, NodeSpec
 
 # Ray's ActorHandle typing does not reach remote methods; a named alias keeps signatures readable.
@@ -32,6 +37,10 @@ def lookup(node: str, namespace: str) -> NodeHandle | None:
         return None
 
 
+def placeable(spec: NodeSpec) -> bool:
+    return unplaceable_reason(spec.placement, ray_nodes() if spec.placement else []) is None
+
+
 def _create(spec: NodeSpec, tuning: ActorTuning, namespace: str, wait_s: float = 10.0) -> NodeHandle:
     """Create the actor, waiting out a name that a just-killed actor still holds."""
     deadline = time.monotonic() + wait_s
@@ -41,6 +50,7 @@ def _create(spec: NodeSpec, tuning: ActorTuning, namespace: str, wait_s: float =
                 name=actor_name(spec.name),
                 namespace=namespace,
                 lifetime="detached",
+                **actor_options(spec.placement),
             ).remote(spec, tuning)
             break
         except ValueError:
@@ -48,7 +58,9 @@ def _create(spec: NodeSpec, tuning: ActorTuning, namespace: str, wait_s: float =
                 raise
             time.sleep(0.05)
     # Wait until it runs: a node is only "created" once its actor can answer within its first deadline.
-    ray.get(handle.spec.remote(), timeout=60)
+    # An actor no Ray node can take would hold this up for good; its queries answer `unplaceable`.
+    if placeable(spec):
+        ray.get(handle.spec.remote(), timeout=60)
     return handle
 
 
@@ -56,14 +68,24 @@ def ensure(spec: NodeSpec, tuning: ActorTuning, namespace: str) -> NodeHandle:
     """The actor for ``spec``: reused when its spec is current, else replaced."""
     handle = lookup(spec.name, namespace)
     if handle is not None:
-        try:
-            current: NodeSpec | None = ray.get(handle.spec.remote(), timeout=30)
-        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
-            current = None
+        current: NodeSpec | None = None
+        if placeable(spec):  # a pending actor answers nothing: it is replaced, which costs nothing
+            with contextlib.suppress(ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                current = ray.get(handle.spec.remote(), timeout=30)
         if current == spec:
             return handle
-        stop(spec.name, namespace)
+        if current is None:
+            ray.kill(handle, no_restart=True)
+            _wait_gone(spec.name, namespace)
+        else:
+            stop(spec.name, namespace)
     return _create(spec, tuning, namespace)
+
+
+def _wait_gone(node: str, namespace: str) -> None:
+    deadline = time.monotonic() + 10
+    while lookup(node, namespace) is not None and time.monotonic() < deadline:
+        time.sleep(0.05)
 
 
 def stop(node: str, namespace: str) -> bool:

@@ -236,7 +236,7 @@ def start_scp(settings: Settings, say: Callable[[str], None]) -> SpannerScp | No
 def run(settings: Settings, say: Callable[[str], None] = print) -> None:
     import ray
     from ray import serve
-    from ray.serve.config import HTTPOptions
+    from ray.serve.config import HTTPOptions, ProxyLocation
 
     from cluster.ray_runtime import connect, descendants, end_processes, identities
     from serve_app.app import AppArgs, build_app
@@ -263,7 +263,10 @@ def run(settings: Settings, say: Callable[[str], None] = print) -> None:
             say(auth_line(settings, required))
         say("starting Ray" + (f" (joining {settings.ray_address})" if settings.ray_address else " (local)"))
         connect(settings)
+        # The HTTP proxy on the head only, as cluster/serve_config.yaml has it: Ray nodes that share a
+        # host would otherwise all bind the API's port.
         serve.start(
+            proxy_location=ProxyLocation.HeadOnly,
             http_options=HTTPOptions(host=settings.http_host, port=settings.http_port),
             logging_config={"enable_access_log": False},
         )

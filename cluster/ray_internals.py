@@ -30,6 +30,21 @@ LOOPBACK_NODE_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
 to the object store. Ray's switch for single-machine platforms makes each of them use 127.0.0.1. Only for
 a local instance: a node of a real cluster must use its own address."""
 
+FAST_NODE_DEATH_ENV = {
+    "RAY_health_check_initial_delay_ms": "1000",
+    "RAY_health_check_period_ms": "1000",
+    "RAY_health_check_timeout_ms": "1000",
+    "RAY_health_check_failure_threshold": "3",
+}
+"""Ray's internal config (any ``RAY_<name>`` of its config table, read by the GCS at start): the head
+marks a Ray node dead after about 3 s of missed health checks instead of Ray's default of about 15 s
+(period 3 s x 5 failures). Only then does Ray restart the node's actors elsewhere, so this bounds how
+long a lost Ray node's PACS answer ``timeout``. Set it in the environment of ``ray start --head``."""
+
+FAST_METRICS_ENV = {"RAY_metrics_report_interval_ms": "2000"}
+"""How often each Ray worker hands its metrics to its node's metrics agent (Ray's default: 10 s); the
+cluster test sets it so that a scrape sees a query's metrics seconds later."""
+
 _PRIVATE_INIT_ARGS = ("_node_ip_address", "_temp_dir")
 
 

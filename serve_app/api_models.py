@@ -67,7 +67,8 @@ class MatchOut(BaseModel):
 class NodeOutcomeOut(BaseModel):
     node: str
     status: str = Field(
-        description="ok, timeout, refused, aborted, failed, throttled, circuit_open, cancelled or loop"
+        description="ok, timeout, refused, aborted, failed, throttled, circuit_open, cancelled, loop or "
+        "unplaceable"
     )
     matches: int
     elapsed_ms: float

@@ -16,6 +16,7 @@ import ray
 
 from actors import registry
 from actors.merge_tasks import merge_inline, merge_refs
+from actors.placement import RayNode, RayNodesView, unplaceable_reason
 from actors.registry import NodeHandle
 from serve_app.plan import QueryPlan
 from spanner.merge import MergedMatch, MergeSpec
@@ -48,6 +49,20 @@ class Coordinator:
         self._inline_max = inline_max
         self._partitions = partitions
         self._handles: dict[str, NodeHandle] = {}
+        self.ray_nodes = RayNodesView()
+
+    async def nodes(self) -> list[RayNode]:
+        """The Ray nodes (re-read from the GCS in a thread at most once a second)."""
+        if self.ray_nodes.fresh():
+            return self.ray_nodes.nodes()
+        return await asyncio.to_thread(self.ray_nodes.nodes)
+
+    async def unplaceable(self, spec: NodeSpec) -> str | None:
+        """Why the node's actor cannot run now (its placement matches no alive Ray node), or None."""
+        if not spec.placement:
+            return None
+        nodes = await self.nodes()
+        return unplaceable_reason(spec.placement, nodes)
 
     # -- actor handles --------------------------------------------------------------------------------
     async def handle(self, spec: NodeSpec, fresh: bool = False) -> NodeHandle:
@@ -146,6 +161,9 @@ class Coordinator:
     async def _call(self, spec: NodeSpec, plan: QueryPlan) -> tuple[NodeOutcome, Any]:
         """One node's outcome and the reference to its matches; never raises but for cancellation."""
         try:
+            why = await self.unplaceable(spec)
+            if why is not None:  # Ray would hold the call until the deadline: say why at once instead
+                return NodeOutcome(spec.name, OutcomeStatus.UNPLACEABLE, error=why), None
             return await self._attempts(spec, plan)
         except asyncio.CancelledError:
             raise

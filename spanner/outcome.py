@@ -21,6 +21,7 @@ class OutcomeStatus(StrEnum):
     CIRCUIT_OPEN = "circuit_open"
     CANCELLED = "cancelled"
     LOOP = "loop"  # the node is a dicom-spanner the query already passed (spanner.hops)
+    UNPLACEABLE = "unplaceable"  # no alive Ray node has the labels the node's placement names
 
 
 @dataclass(slots=True)

@@ -21,9 +21,6 @@ from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from starlette.responses import JSONResponse
-from starlette.types import ASGIApp, Receive, Scope, Send
-
 from spanner.errors import SpannerError
 
 MIN_RUN_S = 0.2
@@ -61,8 +58,6 @@ class Admission:
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._slot_s = 0.0  # moving average of how long a slot is held
         self._span_timeout_s: dict[str, float] = {}  # the last deadline seen per span, for ``precheck``
-        self.inside = 0  # HTTP queries past the gate (AdmissionGate) and not yet answered
-        self._before_slot_s = 0.0  # moving average of the time from arrival to asking for a slot
 
     @property
     def waiting(self) -> int:
@@ -72,12 +67,9 @@ class Admission:
     def capacity(self) -> int:
         return max(1, int(self.limit))
 
-    def expected_wait_s(self, place: int, prior: bool = False) -> float:
-        """About how long the ``place``-th waiter waits for a slot. With ``prior``, before any slot was
-        held, a slot is taken to last as long as the longest deadline seen (it does, with an archive that
-        hangs): the gate's first burst is not let in whole on no evidence."""
-        slot_s = self._slot_s or (max(self._span_timeout_s.values(), default=0.0) if prior else 0.0)
-        return place * slot_s / self.capacity
+    def expected_wait_s(self, place: int) -> float:
+        """About how long the ``place``-th waiter waits for a slot."""
+        return place * self._slot_s / self.capacity
 
     def retry_after_s(self) -> int:
         """A hint for the caller: about how long until a slot frees, in whole seconds (1 to 60)."""
@@ -91,32 +83,6 @@ class Admission:
         if deadline_s is None or (self.active < self.capacity and not self._waiters):
             return
         self._refuse_if_hopeless(time.monotonic() + deadline_s)
-
-    def shed(self) -> Overloaded | None:
-        """Whether a query of unknown span and deadline is refused before its request is even read.
-
-        Its place in the queue counts every query ahead of it: running, waiting, and those still being
-        read and planned (``inside``), which will ask for a slot before it. It is refused when that
-        place is beyond the waiting room, or when a slot would free too late for the longest deadline
-        seen lately, less the time a query now takes to reach the point of asking. Refusing here costs
-        the replica almost nothing; a query refused after its body was read (a round trip to Serve's
-        proxy), its key checked and its span read costs enough, under overload, to delay every other."""
-        ahead = max(self.inside, self.active + self.waiting)
-        place = ahead + 1 - self.capacity
-        if place <= 0:
-            return None
-        if place > self.max_waiting:
-            return Overloaded(f"the spanner is at capacity ({self.active} queries running, {self.waiting} "
-                              "waiting); retry later", self._retry_after(place))
-        longest = max(self._span_timeout_s.values(), default=None)
-        expected = self.expected_wait_s(place, prior=True)
-        if longest is not None and expected > longest - MIN_RUN_S - self._before_slot_s:
-            return Overloaded(f"the spanner is at capacity: a slot would free in about {expected:.1f} s, "
-                              "too late for any deadline asked lately; retry later", self._retry_after(place))
-        return None
-
-    def _retry_after(self, place: int) -> int:
-        return max(1, min(60, math.ceil(self.expected_wait_s(place, prior=True))))
 
     def _refuse_if_hopeless(self, deadline: float) -> None:
         if len(self._waiters) >= self.max_waiting:
@@ -133,8 +99,6 @@ class Admission:
         (``arrived`` + ``timeout_s``, monotonic clock). Raises Overloaded instead of running late."""
         self._span_timeout_s[span] = timeout_s
         deadline = arrived + timeout_s
-        before_s = time.monotonic() - arrived
-        self._before_slot_s = 0.9 * self._before_slot_s + 0.1 * before_s
         if self.active < self.capacity and not self._waiters:
             self.active += 1
         else:
@@ -188,29 +152,3 @@ class Admission:
             if not waiter.done():
                 self.active += 1
                 waiter.set_result(None)
-
-
-class AdmissionGate:
-    """ASGI middleware: a spanning query (``POST .../api/v1/queries``) that admission would refuse anyway
-    (``Admission.shed``) is answered 503 with ``Retry-After`` before its body is read or its key checked."""
-
-    def __init__(self, app: ASGIApp, admission: Admission, path: str = "/api/v1/queries") -> None:
-        self.app = app
-        self.admission = admission
-        self.path = path
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"].endswith(self.path):
-            refused = self.admission.shed()
-            if refused is not None:
-                response = JSONResponse({"detail": refused.message}, status_code=503,
-                                        headers={"Retry-After": str(refused.retry_after_s)})
-                await response(scope, receive, send)
-                return
-            self.admission.inside += 1
-            try:
-                await self.app(scope, receive, send)
-            finally:
-                self.admission.inside -= 1
-            return
-        await self.app(scope, receive, send)

@@ -14,7 +14,6 @@ from fastapi import FastAPI
 from ray import serve
 
 from serve_app import amqp_requests, errors
-from serve_app.admission import AdmissionGate
 from serve_app.amqp_requests import AmqpRequest, RequestConsumer
 from serve_app.routes import audit, destinations, health, nodes, queries, retrievals, spans
 from serve_app.services import Services
@@ -36,7 +35,6 @@ def create_app(services: Services) -> FastAPI:
     errors.install(app)
     for module in (queries, retrievals, nodes, spans, destinations, audit, health):
         app.include_router(module.router)
-    app.add_middleware(AdmissionGate, admission=services.admission)
     app.add_middleware(ServerTiming)
     return app
 

@@ -107,8 +107,9 @@ def quick() -> Iterator[SimulatedPacs]:
 
 @contextmanager
 def _app(api: Api, ray_session: str, tmp_path_factory: pytest.TempPathFactory, name: str,
-         overrides: dict[str, object]) -> Iterator[Api]:
-    """A spanner app of its own (SQLite, namespace, route /<name>) with ``overrides`` of the settings."""
+         overrides: dict[str, object], delete: bool = True) -> Iterator[Api]:
+    """A spanner app of its own (SQLite, namespace, route /<name>) with ``overrides`` of the settings;
+    ``delete`` False: the caller deletes it (``spanner-<name>``)."""
     from ray import serve
 
     from serve_app.app import AppArgs, build_app
@@ -125,7 +126,8 @@ def _app(api: Api, ray_session: str, tmp_path_factory: pytest.TempPathFactory, n
         yield client
     finally:
         client.http.close()
-        serve.delete(f"spanner-{name}")
+        if delete:
+            serve.delete(f"spanner-{name}")
 
 
 @pytest.fixture(scope="module")

@@ -104,6 +104,12 @@ class Admission:
         else:
             await self._wait(deadline)
         started = time.monotonic()
+        if deadline - started < min(MIN_RUN_S, timeout_s / 2):
+            # Reading, planning or a late wake-up (a starved replica) took the deadline: a fan-out now
+            # would answer every node ``timeout``, late, and spend what the queries behind it need.
+            self._release()
+            raise Overloaded("the spanner is at capacity: this query reached a slot with too little of its "
+                             "deadline left to ask the archives; retry later", self.retry_after_s())
         try:
             yield max(0.0, deadline - started)
         finally:

@@ -3,12 +3,22 @@
 Matches go from the node actors into the merge as object references; only small answers are
 fetched into this process and merged inline, where a task's scheduling would cost more than it
 saves (``merge_inline_max``).
+
+The answer starts by the query's deadline, not after it: of the time the query has, a reserve
+(``node_grace_s``, at most ``RESERVE_SHARE`` of it) is kept back. The node actors are given the rest, so
+each answers (``timeout``, ``throttled``) a reserve before the deadline; the coordinator stops waiting for
+an actor half a reserve before it (an actor whose process is stopped or starved is ``timeout`` then),
+and the other half is left for fetching, merging and the response. Before, the reserve was added after
+the deadline, and under load the answer came that much later.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import functools
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +29,7 @@ from actors.merge_tasks import merge_inline, merge_refs
 from actors.placement import RayNode, RayNodesView, unplaceable_reason
 from actors.registry import NodeHandle
 from serve_app.plan import QueryPlan
+from serve_app.timing import phase
 from spanner.merge import MergedMatch, MergeSpec
 from spanner.nodespec import ActorTuning, NodeSpec
 from spanner.outcome import NodeOutcome, OutcomeStatus
@@ -26,6 +37,10 @@ from spanner.schemas import FailureStrategy
 
 # The answers are ready when they are fetched; the bound only keeps a lost object from holding a thread.
 FETCH_TIMEOUT_S = 60.0
+CANCEL_WAIT_S = 0.05
+RESERVE_SHARE = 0.25
+"""The reserve for the way back is at most this share of the query's time, so a short deadline still
+leaves the archives most of it."""
 
 
 @dataclass(slots=True)
@@ -49,7 +64,15 @@ class Coordinator:
         self._inline_max = inline_max
         self._partitions = partitions
         self._handles: dict[str, NodeHandle] = {}
+        self._finding: dict[str, asyncio.Future[NodeHandle]] = {}
+        # Fetching small answers has threads of its own: in the event loop's default pool it would queue
+        # behind database reads (planning, keys, records) exactly when the replica is busiest.
+        self._fetcher = ThreadPoolExecutor(max_workers=2, thread_name_prefix="merge-fetch")
         self.ray_nodes = RayNodesView()
+
+    def reserve_s(self, timeout_s: float) -> float:
+        """What of a query's ``timeout_s`` is kept back for the answers' way back, merge and response."""
+        return min(self._grace_s, timeout_s * RESERVE_SHARE)
 
     async def nodes(self) -> list[RayNode]:
         """The Ray nodes (re-read from the GCS in a thread at most once a second)."""
@@ -66,27 +89,53 @@ class Coordinator:
 
     # -- actor handles --------------------------------------------------------------------------------
     async def handle(self, spec: NodeSpec, fresh: bool = False) -> NodeHandle:
-        """The node's actor: cached, else found by name, else created (a replica may start before it)."""
+        """The node's actor: cached, else found by name, else created (a replica may start before it).
+
+        One look-up per node at a time, whatever the number of queries asking: when a node actor dies
+        under load, every running query finds it gone at once, and as many threads looking it up and
+        racing to create it (each retrying while another's actor holds the name) would take the
+        event loop's thread pool and much of the interpreter lock from everything else."""
         if not fresh and spec.name in self._handles:
             return self._handles[spec.name]
+        finding = self._finding.get(spec.name)
+        if finding is None:
+            finding = asyncio.ensure_future(self._find(spec))
+            self._finding[spec.name] = finding
+            finding.add_done_callback(functools.partial(self._found, spec.name))
+        return await asyncio.shield(finding)
+
+    async def _find(self, spec: NodeSpec) -> NodeHandle:
         found = await asyncio.to_thread(registry.lookup, spec.name, self._namespace)
         if found is None:
             found = await asyncio.to_thread(registry.ensure, spec, self._tuning, self._namespace)
         self._handles[spec.name] = found
         return found
 
-    def forget(self, node: str) -> None:
-        self._handles.pop(node, None)
+    def _found(self, node: str, finding: asyncio.Future[NodeHandle]) -> None:
+        if self._finding.get(node) is finding:
+            del self._finding[node]
+        if not finding.cancelled():
+            finding.exception()  # retrieved here: a failure reaches the queries that asked, not the log
+
+    def forget(self, node: str, stale: NodeHandle | None = None) -> None:
+        """Drop the cached handle (only if it is still ``stale``, when given: another query may have
+        found the node's new actor meanwhile)."""
+        if stale is None or self._handles.get(node) is stale:
+            self._handles.pop(node, None)
 
     # -- one spanning query ---------------------------------------------------------------------------
     async def run(self, plan: QueryPlan) -> SpanResult:
+        """Answer within ``plan.timeout_s`` from now (merge included)."""
         started = time.monotonic()
+        reserve = self.reserve_s(plan.timeout_s)
+        asked = dataclasses.replace(plan, timeout_s=plan.timeout_s - reserve)  # what the node actors get
         tasks: dict[asyncio.Future[Any], NodeSpec] = {
-            asyncio.ensure_future(self._call(spec, plan)): spec for spec in plan.nodes
+            asyncio.ensure_future(self._call(spec, asked)): spec for spec in plan.nodes
         }
         results: dict[str, tuple[NodeOutcome, Any]] = {}
         try:
-            reason = await self._gather(plan, tasks, results, started)
+            with phase("nodes"):
+                reason = await self._gather(plan, tasks, results, started + plan.timeout_s - reserve / 2)
         except asyncio.CancelledError:
             # The caller went away (an HTTP client disconnected, a DICOM client sent C-CANCEL):
             # cancel every node's call, so each actor sends C-CANCEL to its archive.
@@ -99,7 +148,8 @@ class Coordinator:
         reason = reason or why
         total, page = 0, list[MergedMatch]()
         if not (status == "failed" and plan.failure_strategy is FailureStrategy.FAIL_FAST):
-            total, page = await self._merge(plan, results)
+            with phase("merge"):
+                total, page = await self._merge(plan, results)
         return SpanResult(
             status, total, page, outcomes, round((time.monotonic() - started) * 1000, 2), reason
         )
@@ -109,10 +159,10 @@ class Coordinator:
         plan: QueryPlan,
         tasks: dict[asyncio.Future[Any], NodeSpec],
         results: dict[str, tuple[NodeOutcome, Any]],
-        started: float,
+        deadline: float,
     ) -> str | None:
-        """Wait for the outcomes; stop early when the failure strategy is already decided."""
-        deadline = started + plan.timeout_s + self._grace_s
+        """Wait for the outcomes until ``deadline``; stop early when the failure strategy is decided."""
+        waited_s = deadline - time.monotonic()
         pending = set(tasks)
         failed = 0
         reason: str | None = None
@@ -150,12 +200,12 @@ class Coordinator:
                         spec.name,
                         OutcomeStatus.TIMEOUT,
                         incomplete=True,
-                        error=(f"the node actor did not answer within {plan.timeout_s + self._grace_s:g} s"),
+                        error=f"the node actor did not answer within {waited_s:.2f} s",
                     ),
                     None,
                 )
-        if pending:
-            await asyncio.wait(pending, timeout=1.0)
+        if pending:  # a cancelled call ends at its next step (ray.cancel of its task): not worth the deadline
+            await asyncio.wait(pending, timeout=CANCEL_WAIT_S)
         return reason
 
     async def _call(self, spec: NodeSpec, plan: QueryPlan) -> tuple[NodeOutcome, Any]:
@@ -176,7 +226,7 @@ class Coordinator:
         timeout = plan.node_timeout(spec)
         started = time.monotonic()
         for attempt in (1, 2):
-            handle = await self.handle(spec, fresh=attempt == 2)
+            handle = await self.handle(spec)
             remaining = max(0.001, timeout - (time.monotonic() - started))
             refs: tuple[Any, Any] = handle.find.remote(plan.query, remaining)
             out_ref, matches_ref = refs
@@ -187,7 +237,7 @@ class Coordinator:
                 ray.cancel(out_ref)
                 raise
             except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
-                self.forget(spec.name)
+                self.forget(spec.name, stale=handle)
                 if attempt == 2:
                     return NodeOutcome(
                         spec.name, OutcomeStatus.FAILED, error=f"node actor unavailable: {exc}"
@@ -210,7 +260,9 @@ class Coordinator:
         if sum(outcome.matches for _, outcome, _ in holders) <= self._inline_max:
             # Each answer's task has finished (its outcome came): one ray.get in a thread collects
             # them all, where sixteen awaits would wake this event loop sixteen times from Ray's thread.
-            lists: list[Any] = await asyncio.to_thread(ray.get, refs, timeout=FETCH_TIMEOUT_S) if refs else []
+            fetch = functools.partial(ray.get, refs, timeout=FETCH_TIMEOUT_S)
+            loop = asyncio.get_running_loop()
+            lists: list[Any] = await loop.run_in_executor(self._fetcher, fetch) if refs else []
             if len(lists) <= 1 or sum(map(len, lists)) < 500:
                 return merge_inline(spec, meta, lists)
             # Off the event loop: the replica keeps serving other requests while it merges.

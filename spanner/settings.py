@@ -65,8 +65,9 @@ class Settings(BaseSettings):
     max_timeout_s: float = Field(default=300.0, gt=0)
     node_grace_s: float = Field(
         default=0.5, ge=0, le=5,
-        description="How long past its deadline a node actor may be silent before it counts as timed out "
-        "(the answer must come within deadline + 1 s, merge and record included)",
+        description="Of each query's deadline, the part kept back (at most a quarter of it) for the node "
+        "actors' answers to come back, the merge and the response: the node actors get the rest, so the "
+        "answer starts by the deadline",
     )
     cancel_grace_s: float = Field(
         default=1.0, ge=0, description="After C-CANCEL, wait this long before aborting"

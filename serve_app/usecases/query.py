@@ -19,6 +19,7 @@ from serve_app.metrics import record_span_query
 from serve_app.plan import QueryPlan
 from serve_app.records import Job
 from serve_app.services import Services
+from serve_app.timing import note, phase
 from spanner.cache import NO_LOOKUP, Lookup, QueryIdentity
 from spanner.errors import InvalidQuery
 from spanner.logs import query_log_fields
@@ -143,14 +144,18 @@ async def run_query(
     deadline counts from ``arrived`` (monotonic clock: when the door received the request), else from now.
     ``cap_limit``: a limit above the span's max_results is lowered to it instead of refused."""
     started = time.monotonic() if arrived is None else arrived
+    note("accept", time.monotonic() - started)  # the body read and the key checked
     s.admission.precheck(body.span, body.timeout_s)  # or Overloaded (503) before any database work
-    prepared = await asyncio.to_thread(prepare_query, s, body, read_cache=read_cache, cap_limit=cap_limit)
+    with phase("plan"):
+        prepared = await asyncio.to_thread(prepare_query, s, body, read_cache=read_cache, cap_limit=cap_limit)
     plan = dataclasses.replace(prepared.plan, query=dataclasses.replace(prepared.plan.query, hops=hops))
     audit = dataclasses.replace(audit, patient_id=plan.query.filters.get("PatientID") or None)
     if prepared.lookup.answer is not None:
         return _answer_hit(s, plan, prepared.lookup.answer, requester, audit, started)
 
+    asked = time.monotonic()
     async with s.admission.slot(plan.timeout_s, started, plan.span) as remaining_s:  # or Overloaded (503)
+        note("admit", time.monotonic() - asked)
         result = await s.coordinator.run(dataclasses.replace(plan, timeout_s=remaining_s))
     query_id = uuid.uuid4().hex
     outcomes = [o.to_json() for o in result.outcomes]

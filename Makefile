@@ -48,6 +48,7 @@ bench: $(VENV)/.installed-bench peers
 	$(BIN)/python -m benchmarks.throughput
 	$(BIN)/python -m benchmarks.orthanc
 	$(BIN)/python -m benchmarks.dicomweb
+	$(BIN)/python -m benchmarks.dicomweb_wado
 	$(BIN)/python -m benchmarks.retrieval
 
 ## The same, small (under 3 minutes on a quiet machine); results in benchmarks/results/*-quick.*
@@ -58,6 +59,7 @@ bench-quick: $(VENV)/.installed-bench peers
 	$(BIN)/python -m benchmarks.throughput --quick
 	$(BIN)/python -m benchmarks.orthanc --quick
 	$(BIN)/python -m benchmarks.dicomweb --quick
+	$(BIN)/python -m benchmarks.dicomweb_wado --quick
 	$(BIN)/python -m benchmarks.soak --quick
 	$(BIN)/python -m benchmarks.retrieval --quick
 

@@ -78,7 +78,7 @@ class Target:
 
 
 # -- fixtures ----------------------------------------------------------------------------------------------
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
     """One Chromium for the whole session."""
     executable = chromium_executable()

@@ -15,6 +15,8 @@ Cases (``CASES``; a function per case, so that another way of retrieving is one 
 - ``proxy-front``: C-MOVE to the span's AE title on the spanner's DICOM front, destination D or SINK; the
   front asks the API, which finds the holders and has the store actor fetch from A into its spool and
   forward each instance by C-STORE as it arrives.
+- ``get-front``: C-GET to the same AE title: the store actor forwards each instance to the front, which
+  C-STOREs it back on this process's own association (it plays the destination in both runs).
 
 Memory: before the proxied runs the peak resident memory (VmHWM) of the store actor and the ingress
 replica is reset (``/proc/PID/clear_refs``); after them, the growth is VmHWM minus the resident memory at
@@ -109,8 +111,36 @@ async def proxy_front(ctx: Context, destination: str, study: str) -> tuple[int, 
     return await c_move("127.0.0.1", ctx.front_port, SPAN_AE, destination, study)
 
 
+async def get_front(ctx: Context, destination: str, study: str) -> tuple[int, int]:
+    """C-GET through the spanner's DICOM front: the instances come back on this requester's own
+    association (``destination`` plays no part: the requester is the destination)."""
+    from spanner.dicom_constants import STUDY_ROOT_GET, Status
+    from spanner.dimse.association import connect
+    from spanner.dimse.store import StoreRequest, get, get_contexts, receive_stores
+    from tests.peers.instances import study_identifier
+
+    async def on_store(request: StoreRequest) -> int:
+        ctx.arrivals.append(time.perf_counter())
+        return Status.SUCCESS  # the file is deleted when the handler returns
+
+    contexts, roles = get_contexts(STUDY_ROOT_GET)
+    folder = tempfile.mkdtemp(prefix="spanner-bench-get-")
+    try:
+        assoc = await connect("127.0.0.1", ctx.front_port, calling_ae="BENCH", called_ae=SPAN_AE,
+                              contexts=contexts, roles=roles, dimse_timeout_s=3600)
+        receive_stores(assoc, folder)
+        final = None
+        async for response in get(assoc, STUDY_ROOT_GET, partial(study_identifier, study), 1, on_store):
+            final = response
+        await assoc.release()
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    assert final is not None
+    return final.status, final.suboperations().get("completed", 0)
+
+
 Case = Callable[[Context, str, str], Awaitable[tuple[int, int]]]
-CASES: dict[str, Case] = {"direct": direct, "proxy-front": proxy_front}
+CASES: dict[str, Case] = {"direct": direct, "proxy-front": proxy_front, "get-front": get_front}
 
 
 async def timed(name: str, case: Case, ctx: Context, destination: str, study: str, expected: int) -> Run:
@@ -300,8 +330,12 @@ async def run(args: argparse.Namespace, instances: int, mib: int, rounds: int) -
     throughput = by["proxy-front"]["mb_per_s"] / by["direct"]["mb_per_s"]
     first = by["proxy-front"]["first_instance_ms"] / by["direct"]["first_instance_ms"]
     growth = sum(memory["growth_mib"].values()) * 1024 * 1024 / MB
+    get_throughput = by["get-front"]["mb_per_s"] / by["direct"]["mb_per_s"]
+    get_first = by["get-front"]["first_instance_ms"] / by["direct"]["first_instance_ms"]
     targets = [Target("proxied throughput / direct Orthanc-to-Orthanc", throughput, 0.8, ">=", "x"),
                Target("first instance at the destination, proxied / direct", first, 1.5, "<=", "x"),
+               Target("C-GET through the front, throughput / direct C-MOVE", get_throughput, 0.8, ">=", "x"),
+               Target("C-GET through the front, first instance / direct C-MOVE's", get_first, 1.5, "<=", "x"),
                Target("peak resident memory growth, store actor + ingress", growth, 200, "<=", " MB")]
     print_targets("retrieval", targets)
     payload = {"benchmark": "retrieval", "machine": machine, "quick": args.quick, "instances": instances,
@@ -313,7 +347,8 @@ async def run(args: argparse.Namespace, instances: int, mib: int, rounds: int) -
     md = [f"# Retrieval: {instances} instances x {mib} MiB ({study_bytes / MB:.0f} MB), {rounds} rounds\n",
           machine_line(payload),
           "direct: Orthanc A C-MOVEs the study to Orthanc D (or SINK) itself; proxy-front: C-MOVE through "
-          "the spanner's DICOM front, the store actor fetching from A and forwarding each instance. "
+          "the spanner's DICOM front, the store actor fetching from A and forwarding each instance; "
+          "get-front: C-GET through the front, each instance coming back on the requester's association. "
           "Medians of the rounds; first instance measured at SINK (a storage SCP in the benchmark "
           "process).\n",
           md_table(["case", "wall (s)", "instances/s", "MB/s", "first instance (ms)"],

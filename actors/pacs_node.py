@@ -15,6 +15,7 @@ import itertools
 import logging
 import os
 import time
+import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol
@@ -63,8 +64,7 @@ class PacsNodeImpl:
         self._stopping: set[asyncio.Task[None]] = set()
         self._ends: dict[int, float] = {}  # in-flight operation -> when it is expected to end at the latest
         self._waiting = 0  # queries waiting for a slot
-        self._leases: dict[int, tuple[LeaseOperation, asyncio.Future[bool]]] = {}
-        self._lease_ids = itertools.count(1)
+        self._leases: dict[str, tuple[LeaseOperation, asyncio.Future[bool]]] = {}
         self._typical_s: float | None = None  # moving average of how long an operation holds its slot
         self.in_flight = 0
         self.outcomes: Counter[str] = Counter()
@@ -109,34 +109,40 @@ class PacsNodeImpl:
         self._publish()
         return outcome
 
-    async def lease(self, timeout_s: float) -> tuple[NodeOutcome | None, int]:
+    async def lease(self, timeout_s: float) -> tuple[NodeOutcome | None, str]:
         """One of the node's slots for a proxied retrieval run by the store actor, admitted like a query
         (circuit breaker, rate limit, association limit): (None, lease ID) once granted, else (the outcome
-        that refuses it, 0). It is held until ``release`` or for ``timeout_s`` at most."""
+        that refuses it, ""). It is held until ``release`` or for ``timeout_s`` at most. IDs are unique
+        across restarts of the actor, so a late release never frees another retrieval's slot."""
         deadline = time.monotonic() + timeout_s
         try:
             refused = await self._admit(deadline, probe_allowed=True)
         except _Throttled:
             refused = _throttled(self.spec)
         if refused is not None:
-            return refused, 0
+            return refused, ""
         op = LeaseOperation()
-        lease_id = next(self._lease_ids)
+        lease_id = uuid.uuid4().hex
         runner = asyncio.ensure_future(self._run(op, deadline))
         granted = asyncio.ensure_future(op.granted.wait())
-        await asyncio.wait({runner, granted}, return_when=asyncio.FIRST_COMPLETED)
+        try:
+            await asyncio.wait({runner, granted}, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:  # the caller left: a slot taken meanwhile goes back at once
+            granted.cancel()
+            op.release()
+            raise
         if not granted.done():
             granted.cancel()
             try:
                 runner.result()
             except _Throttled:
-                return _throttled(self.spec), 0
-            return NodeOutcome(self.spec.name, OutcomeStatus.TIMEOUT, error="no slot before the deadline"), 0
+                return _throttled(self.spec), ""
+            return NodeOutcome(self.spec.name, OutcomeStatus.TIMEOUT, error="no slot before the deadline"), ""
         self._leases[lease_id] = (op, runner)
         runner.add_done_callback(lambda _: self._leases.pop(lease_id, None))
         return None, lease_id
 
-    async def release(self, lease_id: int) -> None:
+    async def release(self, lease_id: str) -> None:
         """Give a lease's slot back (harmless when it already ended); returns once the slot is free."""
         held = self._leases.pop(lease_id, None)
         if held is not None:
@@ -468,7 +474,11 @@ class PacsNodeImpl:
         started = time.monotonic()
         latest = deadline + self.tuning.cancel_grace_s
         key = id(op)
-        self._ends[key] = latest if self._typical_s is None else min(latest, started + self._typical_s)
+        # A lease lasts a whole retrieval: it is expected to hold its slot to the end, and it says nothing
+        # of how long a query takes, so it stays out of the typical hold time.
+        lease = isinstance(op, LeaseOperation)
+        typical = self._typical_s
+        self._ends[key] = latest if typical is None or lease else min(latest, started + typical)
         self.in_flight += 1
         self._publish()
         task = asyncio.get_running_loop().create_task(op.run())
@@ -477,7 +487,8 @@ class PacsNodeImpl:
             self.in_flight -= 1
             self._ends.pop(key, None)
             held = time.monotonic() - started
-            self._typical_s = held if self._typical_s is None else 0.8 * self._typical_s + 0.2 * held
+            if not lease:
+                self._typical_s = held if self._typical_s is None else 0.8 * self._typical_s + 0.2 * held
             slots.release()
 
         task.add_done_callback(finish)
@@ -599,13 +610,13 @@ class PacsNode:
                 "dimse_status": None,
             }
 
-    async def lease(self, timeout_s: float) -> tuple[NodeOutcome | None, int]:
+    async def lease(self, timeout_s: float) -> tuple[NodeOutcome | None, str]:
         """A slot for a proxied retrieval (see PacsNodeImpl.lease)."""
-        result: tuple[NodeOutcome | None, int] = await _guard(
-            self._impl.spec, lambda: self._impl.lease(timeout_s), 0)
+        result: tuple[NodeOutcome | None, str] = await _guard(
+            self._impl.spec, lambda: self._impl.lease(timeout_s), "")
         return result
 
-    async def release(self, lease_id: int) -> None:
+    async def release(self, lease_id: str) -> None:
         await self._impl.release(lease_id)
 
     async def spec(self) -> NodeSpec:

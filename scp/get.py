@@ -162,6 +162,12 @@ class Counts:
 async def _relay_one(request: Request, arrival: Arrival, counts: Counts) -> None:
     """C-STORE one arrived instance to the requester; the answer to the store actor follows its outcome."""
     uid = arrival.request.sop_instance_uid
+
+    def answer(status: int) -> None:
+        # The store actor's association may have ended meanwhile (its C-STORE handler cancelled).
+        if not arrival.answer.done():
+            arrival.answer.set_result(status)
+
     try:
         instance = read_part10(arrival.request.path)
         status = await request.store(instance)
@@ -170,20 +176,19 @@ async def _relay_one(request: Request, arrival: Arrival, counts: Counts) -> None
         counts.failed.add(uid)
         counts.refused_by_requester += 1
         no_class = isinstance(exc, NoAcceptedContext)
-        arrival.answer.set_result(Status.SOP_CLASS_NOT_SUPPORTED if no_class else Status.UNABLE_TO_PROCESS)
+        answer(Status.SOP_CLASS_NOT_SUPPORTED if no_class else Status.UNABLE_TO_PROCESS)
         return
-    except NotPart10 as exc:
+    except (NotPart10, FileNotFoundError) as exc:  # gone with a store association that ended: this one only
         counts.failed.add(uid)
-        arrival.answer.set_result(Status.UNABLE_TO_PROCESS)
-        LOG.warning("C-GET %s: %s", request.calling_ae, exc.message)
+        answer(Status.UNABLE_TO_PROCESS)
+        LOG.warning("C-GET %s: instance %s: %s", request.calling_ae, uid, exc)
         return
     except BaseException:
         # The requester's association broke (or the C-GET is being cancelled): the store actor hears
         # out of resources; the error ends the C-GET.
-        if not arrival.answer.done():
-            arrival.answer.set_result(Status.OUT_OF_RESOURCES)
+        answer(Status.OUT_OF_RESOURCES)
         raise
-    arrival.answer.set_result(status)
+    answer(status)
     if status == Status.SUCCESS:
         counts.completed += 1
         counts.done.add(uid)

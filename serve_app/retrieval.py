@@ -16,6 +16,7 @@ look-ups included, keeps one deadline.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -33,6 +34,7 @@ from spanner.dicom_constants import (
     Status,
 )
 from spanner.nodespec import NodeSpec
+from spanner.outcome import OutcomeStatus
 from spanner.proxy_move import InstanceEvent, PartEvent, Peer
 from spanner.query import Level, MoveQuery, NodeQuery, information_model_for
 from spanner.schemas import Dedup, FailureStrategy
@@ -384,16 +386,15 @@ class Retriever:
             if index == 0 or (not part.instances and not got.delivered):
                 moves = whole
             elif part.instances:
+                await asyncio.shield(listing)  # every series listed before the rest is asked for
                 moves = _retry_moves(part, spec.name, got.delivered | set(got.refused))
             else:
                 break  # what the destination took stays; asking another holder would send it again
-            # The node's own actor admits its moves like a query (circuit, rate limit, association
-            # limit) and holds one of its slots while the store actor fetches from the archive.
-            node = await self._coordinator.handle(spec)
-            refused, lease = await node.lease.remote(max(0.0, deadline - time.monotonic()))
-            if refused is not None:
-                part.tried.append({"node": spec.name, "status": refused.status.value, "error": refused.error})
+            leased = await self._lease(spec, deadline)
+            if isinstance(leased, dict):
+                part.tried.append(leased)
                 continue
+            node, lease = leased
             try:
                 for level, keys in moves:
                     if not await self._proxy_move(part, spec, level, keys, destination, store, deadline, got,
@@ -408,6 +409,7 @@ class Retriever:
                 break
             if deadline <= time.monotonic():
                 break
+        await asyncio.shield(listing)  # what no holder sent is named from the whole list
         missing_uids = sorted(set(part.instances) - got.delivered - set(got.refused))
         if missing_uids:
             ends = ", ".join(f"{t['node']}: {t.get('error') or _status_text(t.get('dimse_status'))}"
@@ -421,6 +423,37 @@ class Retriever:
         # destination's refusal) then becomes the retrieval's error.
         part.done = not missing_uids and (bool(got.delivered) or (ok and not got.refused))
         await publish(True)
+
+    async def _lease(self, spec: NodeSpec, deadline: float) -> tuple[Any, str] | dict[str, Any]:
+        """One of the node actor's slots for its moves (admitted like a query: circuit breaker, rate limit,
+        association limit), held while the store actor fetches; else the ``tried`` entry saying why not.
+
+        Bounded by the deadline: an actor that cannot start (no Ray node offers its placement) or does not
+        answer ends the wait. A lease granted after its caller left is given back when it arrives."""
+        import ray
+
+        why = await self._coordinator.unplaceable(spec)
+        if why is not None:
+            return {"node": spec.name, "status": OutcomeStatus.UNPLACEABLE.value, "error": why}
+        remaining = max(0.0, deadline - time.monotonic())
+        node = await self._coordinator.handle(spec)
+        granted = asyncio.wrap_future(node.lease.remote(remaining).future())
+        try:
+            refused, lease = await asyncio.wait_for(asyncio.shield(granted), remaining)
+        except TimeoutError:
+            granted.add_done_callback(functools.partial(_release_late, node))
+            return {"node": spec.name, "status": OutcomeStatus.TIMEOUT.value,
+                    "error": "the node's actor gave no slot before the retrieval's deadline"}
+        except asyncio.CancelledError:
+            granted.add_done_callback(functools.partial(_release_late, node))
+            raise
+        except ray.exceptions.RayError as exc:  # the actor died or its handle is stale: next holder
+            self._coordinator.forget(spec.name, stale=node)
+            return {"node": spec.name, "status": OutcomeStatus.FAILED.value,
+                    "error": f"the node's actor is unavailable: {type(exc).__name__}"}
+        if refused is not None:
+            return {"node": spec.name, "status": refused.status.value, "error": refused.error}
+        return node, lease
 
     async def _proxy_move(self, part: Part, spec: NodeSpec, level: Level, keys: tuple[tuple[str, str], ...],
                           destination: Peer, store: StoreHandle, deadline: float, got: _Delivery,
@@ -500,6 +533,15 @@ def _retry_moves(part: Part, node: str, settled: set[str]) -> list[Move]:
 
 def _status_text(status: int | None) -> str:
     return "no final C-MOVE response" if status is None else f"C-MOVE status 0x{status:04X}"
+
+
+def _release_late(node: Any, granted: asyncio.Future[tuple[Any, str]]) -> None:
+    """A lease that arrived after its caller stopped waiting goes straight back."""
+    if granted.cancelled() or granted.exception() is not None:
+        return
+    refused, lease = granted.result()
+    if refused is None:
+        node.release.remote(lease)
 
 
 def _totals(parts: list[Part]) -> dict[str, int]:

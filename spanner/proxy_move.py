@@ -234,16 +234,20 @@ async def collect(scp: StorageScp, parts: Sequence[HolderPart], *, calling_ae: s
 
     async def run(part: HolderPart, expectation: Expectation) -> None:
         cached = _cached(scp.spool, part)
-        if cached is None and part.method is RetrieveMethod.C_GET:
-            event = await _get(part, expectation, scp, calling_ae, dimse_timeout_s)
-        elif cached is None:
-            event = await _move(part, expectation, scp.ae_title, calling_ae, dimse_timeout_s)
-        else:
-            for entry in cached:
-                expectation.received.add(entry.sop_instance_uid)
-                queue.put_nowait(entry)
-            counts = {"remaining": 0, "completed": len(cached), "failed": 0, "warning": 0}
-            event = PartEvent(part.node, Status.SUCCESS, counts, from_spool=True)
+        try:
+            if cached is None and part.method is RetrieveMethod.C_GET:
+                event = await _get(part, expectation, scp, calling_ae, dimse_timeout_s)
+            elif cached is None:
+                event = await _move(part, expectation, scp.ae_title, calling_ae, dimse_timeout_s)
+            else:
+                for entry in cached:
+                    expectation.received.add(entry.sop_instance_uid)
+                    queue.put_nowait(entry)
+                counts = {"remaining": 0, "completed": len(cached), "failed": 0, "warning": 0}
+                event = PartEvent(part.node, Status.SUCCESS, counts, from_spool=True)
+        except Exception as exc:  # anything else still ends the part, rather than leave it to the deadline
+            LOG.warning("the retrieval part from %s failed", part.node, exc_info=True)
+            event = PartEvent(part.node, None, {}, f"{type(exc).__name__}: {exc}")
         # From now on this part takes no instance: one still on its way (an archive that died with
         # C-STOREs in flight) is refused and asked of the fallback, never reported after the part's end.
         scp.forget(expectation)
@@ -295,9 +299,10 @@ async def collect(scp: StorageScp, parts: Sequence[HolderPart], *, calling_ae: s
             if missing and part.fallbacks and part.retry is not None:
                 fallback = part.fallbacks[0]
                 failover = fallback.node
+                # A fallback sends only what was missing: it must not be remembered as the whole part.
                 start(replace(part, node=fallback.node, archive=fallback.archive, model=fallback.model,
                               method=fallback.method, identifier=part.retry(missing), expected=missing,
-                              fallbacks=part.fallbacks[1:]))
+                              fallbacks=part.fallbacks[1:], cache_key=None))
                 running += 1
             yield replace(event, not_received=missing, failover_to=failover)
     finally:

@@ -316,6 +316,11 @@ class Association:
             self._reader_task.cancel()
             with contextlib.suppress(BaseException):
                 await self._reader_task
+        # Messages nobody will read now: a C-STORE data set one of them streamed to disk is deleted.
+        while not self._inbox.empty():
+            message = self._inbox.get_nowait()
+            if message is not None and message.sink is not None:
+                message.sink.discard()
         with contextlib.suppress(Exception):
             await self.writer.wait_closed()
 

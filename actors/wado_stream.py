@@ -36,6 +36,7 @@ from actors.dimse import GET_MODELS, MOVE_MODELS, encoder
 from spanner import wado
 from spanner.dicom_constants import EXPLICIT_VR_LE, MEDIA_DICOM, Status
 from spanner.dimse.association import Identifier
+from spanner.dimse.store import convertible
 from spanner.nodespec import RetrieveMethod
 from spanner.proxy_move import Fallback, HolderPart, InstanceEvent, PartEvent, Peer, collect
 from spanner.query import InformationModel, Level, MoveQuery
@@ -300,9 +301,19 @@ class WadoSessions:
         if request.kind is WadoKind.INSTANCES:
             wanted = request.transfer_syntaxes
             if wado.ANY_SYNTAX not in wanted and instance.transfer_syntax not in wanted:
-                yield Refusal("not_acceptable", f"instance {entry.sop_instance_uid} is stored in "
-                              f"{instance.transfer_syntax}; this front sends instances as stored and cannot "
-                              f"give {', '.join(wanted)}")
+                if EXPLICIT_VR_LE not in wanted:
+                    yield Refusal("not_acceptable", f"instance {entry.sop_instance_uid} is stored in "
+                                  f"{instance.transfer_syntax}; this front sends it as stored or in Explicit "
+                                  f"VR Little Endian, not {', '.join(wanted)}")
+                    return
+                try:  # decoded off the event loop: the store actor serves every retrieval
+                    data = await asyncio.to_thread(wado.uncompressed_part10, instance)
+                except wado.WadoError as exc:
+                    yield Refusal(exc.kind, exc.message)
+                    return
+                yield InstanceHead(entry.sop_instance_uid, series,
+                                   f"{MEDIA_DICOM}; transfer-syntax={EXPLICIT_VR_LE}", len(data))
+                yield data
                 return
             yield InstanceHead(entry.sop_instance_uid, series,
                                f"{MEDIA_DICOM}; transfer-syntax={instance.transfer_syntax}", instance.size)
@@ -310,9 +321,24 @@ class WadoSessions:
                 yield chunk
             return
         try:
-            pieces = list(self._ranges(request, entry))
+            if request.kind is WadoKind.FRAMES:
+                syntax, decode = frame_syntax(instance.transfer_syntax, request.transfer_syntaxes)
+                if decode:  # numbers checked against the frame table first (400 beyond it)
+                    wado.frame_ranges(self._frames_of(entry), request.frames, entry.sop_instance_uid)
+            pieces = [] if request.kind is WadoKind.FRAMES and decode else list(self._ranges(request, entry))
         except wado.WadoError as exc:
             yield Refusal(exc.kind, exc.message)
+            return
+        if request.kind is WadoKind.FRAMES and decode:
+            for number in request.frames:
+                try:
+                    data = await asyncio.to_thread(wado.decoded_frame, instance, number)
+                except wado.WadoError as exc:
+                    yield Refusal(exc.kind, exc.message)
+                    return
+                yield InstanceHead(entry.sop_instance_uid, series,
+                                   f"application/octet-stream; transfer-syntax={syntax}", len(data))
+                yield data
             return
         for content_type, ranges in pieces:
             yield InstanceHead(entry.sop_instance_uid, series, content_type, sum(n for _, n in ranges))
@@ -326,7 +352,7 @@ class WadoSessions:
             assert request.bulk_tag is not None
             yield "application/octet-stream", wado.bulk_ranges(instance, request.bulk_tag)
             return
-        syntax = frame_syntax(instance.transfer_syntax, request.transfer_syntaxes)
+        syntax, _ = frame_syntax(instance.transfer_syntax, request.transfer_syntaxes)
         for ranges in wado.frame_ranges(self._frames_of(entry), request.frames, entry.sop_instance_uid):
             yield f"application/octet-stream; transfer-syntax={syntax}", ranges
 
@@ -366,21 +392,25 @@ def _failure(event: PartEvent) -> str | None:
     return None
 
 
-def frame_syntax(stored: str, acceptable: tuple[str, ...]) -> str:
-    """The transfer syntax frames of an instance stored in ``stored`` go out in, or a WadoError (406).
+def frame_syntax(stored: str, acceptable: tuple[str, ...]) -> tuple[str, bool]:
+    """The transfer syntax frames of an instance stored in ``stored`` go out in, and whether they must be
+    decoded for it; a WadoError (406) when no acceptable one can be given.
 
     Uncompressed frames are the same bytes in Explicit and Implicit VR Little Endian, and go out labelled
     Explicit VR Little Endian (the default of application/octet-stream, PS3.18 8.7.3.5.2); compressed
-    frames go out as stored, for ``*`` or their own syntax. Nothing is transcoded.
+    frames go out as stored for ``*`` or their own syntax, and decoded (pydicom, pylibjpeg) for Explicit VR
+    Little Endian, in the client's order of preference.
     """
     for wanted in acceptable:
         if wanted == wado.ANY_SYNTAX:
-            return EXPLICIT_VR_LE if stored in wado.UNCOMPRESSED else stored
+            return (EXPLICIT_VR_LE if stored in wado.UNCOMPRESSED else stored), False
         if wanted == stored or (wanted == EXPLICIT_VR_LE and stored in wado.UNCOMPRESSED):
-            return wanted
-    raise wado.WadoError("not_acceptable", f"the frames are stored in {stored}; this front does not "
-                         f"transcode, so it cannot give {', '.join(acceptable)} (ask for transfer-syntax=* "
-                         "or the stored one)")
+            return wanted, False
+        if wanted == EXPLICIT_VR_LE and convertible(stored):
+            return EXPLICIT_VR_LE, True
+    raise wado.WadoError("not_acceptable", f"the frames are stored in {stored}; this front gives them as "
+                         f"stored or decoded to Explicit VR Little Endian, not {', '.join(acceptable)} (ask "
+                         "for transfer-syntax=* or the stored one)")
 
 
 class _Session:

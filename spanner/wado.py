@@ -30,7 +30,7 @@ from spanner.dicom_constants import (
     IMPLICIT_VR_LE,
     PIXEL_DATA,
 )
-from spanner.dimse.store import StoredInstance
+from spanner.dimse.store import StoredInstance, convert, convertible, part10_header
 
 CHUNK_BYTES = 512 * 1024
 """Bytes per chunk handed from the store actor to the ingress: small enough to keep memory bounded, big
@@ -207,6 +207,37 @@ def frame_ranges(table: FrameTable, numbers: Sequence[int], sop_instance_uid: st
         raise WadoError("bad_request", f"instance {sop_instance_uid} has {len(table)} frame(s); frame "
                         f"{beyond[0]} does not exist")
     return [table[n - 1] for n in numbers]
+
+
+def decoded_frame(instance: StoredInstance, number: int) -> bytes:
+    """Frame ``number`` (1-based) of a compressed instance, decoded with pydicom to little-endian pixels
+    (one frame in memory), for a client that takes only uncompressed frames. A WadoError (406) says why
+    when the data will not decode."""
+    from pydicom.pixels.utils import pixel_array
+
+    try:
+        frame = pixel_array(str(instance.path), index=number - 1)
+    except Exception as exc:  # a codec's own error types
+        raise WadoError("not_acceptable", f"frame {number} of instance {instance.sop_instance_uid} is stored "
+                        f"in {instance.transfer_syntax} and could not be decoded ({exc}); ask for "
+                        f"transfer-syntax=* to get it as stored") from exc
+    return bytes(frame.astype(frame.dtype.newbyteorder("<"), copy=False).tobytes())
+
+
+def uncompressed_part10(instance: StoredInstance) -> bytes:
+    """The instance as a Part-10 file in Explicit VR Little Endian, decompressed (one instance in memory),
+    for a client that takes only that; a WadoError (406) when it cannot be."""
+    from spanner.dimse.errors import DimseError
+
+    if not convertible(instance.transfer_syntax):
+        raise WadoError("not_acceptable", f"instance {instance.sop_instance_uid} is stored in "
+                        f"{instance.transfer_syntax}, which the spanner cannot decode; ask for "
+                        f"transfer-syntax=* to get it as stored")
+    try:
+        dataset = convert(instance, EXPLICIT_VR_LE)
+    except DimseError as exc:
+        raise WadoError("not_acceptable", exc.message) from exc
+    return part10_header(instance.sop_class_uid, instance.sop_instance_uid, EXPLICIT_VR_LE) + dataset
 
 
 def bulk_ranges(instance: StoredInstance, tag: int) -> tuple[tuple[int, int], ...]:

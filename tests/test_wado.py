@@ -409,3 +409,58 @@ def test_an_archive_killed_mid_study_gives_a_partial_answer_that_says_so(api: Ap
     for _, body in instances:  # every part sent before the end is a whole instance
         assert len(pixels(body)) == 64 * 1024
 
+
+
+DECODED = "1.2.826.0.1.3680043.8.498.7714.9"
+EXPLICIT = "1.2.840.10008.1.2.1"
+UNCOMPRESSED_FRAMES = f'multipart/related; type="application/octet-stream"; transfer-syntax={EXPLICIT}'
+
+
+@pytest.mark.orthanc
+def test_compressed_instances_and_frames_are_decoded_for_a_client_that_takes_only_uncompressed(
+        api: Api) -> None:
+    """RLE Lossless (pydicom's codec) and JPEG 2000 Lossless (pylibjpeg-openjpeg): asked with
+    transfer-syntax=1.2.840.10008.1.2.1, frames come as the original pixels and instances as Explicit VR
+    Little Endian Part-10 files with the same pixel values and the same SOP Instance UID."""
+    from pydicom.uid import JPEG2000Lossless, RLELossless
+
+    require(orthanc_executable() is not None, "Debian's orthanc")
+    store = ("SPANNER", "127.0.0.1", int(str(api.settings["store_port"])))
+    with tempfile.TemporaryDirectory(prefix="spanner-wado-decode-") as name:
+        folder = Path(name)
+        originals: dict[str, bytes] = {}
+        files = []
+        for n, syntax in ((301, RLELossless), (302, JPEG2000Lossless)):
+            path = write_instance(folder, n, 64 * 1024, study_uid=DECODED)
+            ds = pydicom.dcmread(path)
+            ds.PixelData = bytes((i * 5 + n) % 253 for i in range(len(ds.PixelData)))
+            originals[str(ds.SOPInstanceUID)] = bytes(ds.PixelData)
+            ds.compress(syntax, generate_instance_uid=False)
+            ds.save_as(path, enforce_file_format=True)
+            files.append(path)
+        archive = OrthancPeer(aet="WADO_DEC", modalities={"spanner": store})
+        try:
+            archive.start().upload_many(p.read_bytes() for p in files)
+            api.add_node("wado-dec", archive.dicom_port, ae_title="WADO_DEC")
+            api.add_span("wado-dec", ["wado-dec"])
+            root = f"/dicomweb/spans/wado-dec/studies/{DECODED}/series/{DECODED}.1/instances"
+            for sop, pixels in originals.items():
+                frame = api.http.get(f"{root}/{sop}/frames/1", timeout=120,
+                                     headers={"Accept": UNCOMPRESSED_FRAMES})
+                assert frame.status_code == 200, frame.text
+                (head, body), = parts_of(frame)  # this instance only, not the rest of its series
+                assert f"transfer-syntax={EXPLICIT}" in head["content-type"] and body == pixels
+                whole = api.http.get(f"{root}/{sop}", timeout=120, headers={
+                    "Accept": f'multipart/related; type="application/dicom"; transfer-syntax={EXPLICIT}'})
+                assert whole.status_code == 200, whole.text
+                (_, part10), = parts_of(whole)
+                copy = pydicom.dcmread(io.BytesIO(part10))
+                assert copy.file_meta.TransferSyntaxUID == EXPLICIT and str(copy.SOPInstanceUID) == sop
+                assert bytes(copy.PixelData) == pixels
+            beyond = api.http.get(f"{root}/{next(iter(originals))}/frames/2", timeout=60,
+                                  headers={"Accept": UNCOMPRESSED_FRAMES})
+            assert beyond.status_code == 400, beyond.text
+        finally:
+            api.http.delete("/api/v1/spans/wado-dec")
+            api.http.delete("/api/v1/nodes/wado-dec")
+            archive.stop(graceful=False)

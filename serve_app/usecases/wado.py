@@ -134,9 +134,12 @@ def negotiate(resource: Resource, accept: str | None) -> tuple[str, ...]:
 
 
 # -- planning ------------------------------------------------------------------------------------------
-def parts_of(study: str, found: list[tuple[str, str, list[NodeSpec]]]) -> tuple[WadoPart, ...]:
+def parts_of(study: str, found: list[tuple[str, str, list[NodeSpec]]], whole_series: bool = True
+             ) -> tuple[WadoPart, ...]:
     """One part per series and first holder: SERIES level when that holder gives the whole series, else
-    IMAGE level with the instances' UIDs; the holders every instance of the part shares are its fallbacks."""
+    IMAGE level with the instances' UIDs; the holders every instance of the part shares are its fallbacks.
+    ``whole_series`` False: ``found`` lists only the instances asked for (one instance's resources), so
+    every part is IMAGE level: a SERIES-level move would bring, and serve, the rest of the series."""
     of_series: dict[str, set[str]] = {}
     groups: dict[tuple[str, str], list[tuple[str, list[NodeSpec]]]] = {}
     for series, sop, holders in found:
@@ -147,7 +150,7 @@ def parts_of(study: str, found: list[tuple[str, str, list[NodeSpec]]]) -> tuple[
         first = members[0][1][0]
         sops = frozenset(sop for sop, _ in members)
         others = [h for h in members[0][1][1:] if all(h.name in {x.name for x in hs} for _, hs in members)]
-        level = Level.SERIES if sops == of_series[series] else Level.IMAGE
+        level = Level.SERIES if whole_series and sops == of_series[series] else Level.IMAGE
         model = information_model_for(level, first.query_models)
         if model is None:  # a node that only speaks a model without this level: its fallbacks may
             continue
@@ -278,7 +281,7 @@ async def open_stream(s: Services, t: Target, resource: Resource, *, accept: str
             what = f"instance {t.sop}" if t.sop else f"series {t.series}" if t.series else f"study {t.study}"
             raise wado.WadoError("not_found",
                                  f"{what} is held by no archive of span {t.span!r} that answered")
-        parts = parts_of(t.study, found)
+        parts = parts_of(t.study, found, whole_series=t.sop is None)
         members = tuple((se, sop) for se, sop, _ in found)
         request = dataclasses.replace(request, parts=parts, members=members)
         opened = await store.wado_open.remote(request)

@@ -313,7 +313,7 @@ class ConversionFailed(TransferSyntaxNotAccepted):
     """The instance's syntax is one the spanner decodes, but this instance's data could not be decoded."""
 
 
-def _converted(instance: StoredInstance, transfer_syntax: str) -> bytes:
+def convert(instance: StoredInstance, transfer_syntax: str) -> bytes:
     """The data set re-encoded in Explicit or Implicit VR Little Endian, decompressing its pixel data when
     it is stored compressed (in memory: one instance, decoded)."""
     from pydicom import dcmread  # only conversions need these
@@ -353,7 +353,7 @@ async def store(assoc: Association, instance: StoredInstance, msg_id: int,
         command[MOVE_ORIGINATOR_AE_TITLE], command[MOVE_ORIGINATOR_MESSAGE_ID] = move_originator
     max_pdu = assoc.peer_max_pdu
     converted = (None if ctx.transfer_syntax == instance.transfer_syntax
-                 else _converted(instance, ctx.transfer_syntax))
+                 else convert(instance, ctx.transfer_syntax))
     assoc.writer.write(fragment(ctx.context_id, encode_command(command), True, max_pdu))
     if converted is None:
         await _send_file(assoc, ctx.context_id, instance)

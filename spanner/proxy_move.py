@@ -31,7 +31,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field, replace
 
 from spanner.dicom_constants import EXPLICIT_VR_LE, IMPLICIT_VR_LE, STUDY_ROOT_MOVE, Status
-from spanner.dimse.association import Association, Identifier, connect
+from spanner.dimse.association import Association, Identifier, Response, connect
 from spanner.dimse.errors import DimseError, NoAcceptedContext
 from spanner.dimse.store import (
     StoreRequest,
@@ -155,18 +155,12 @@ def _cached(spool: Spool, part: HolderPart) -> list[SpoolEntry] | None:
     return found if len(found) == len(entries) else None
 
 
-async def _move(part: HolderPart, expectation: Expectation, store_ae: str, calling_ae: str,
-                dimse_timeout_s: float) -> PartEvent:
-    try:
-        assoc = await connect(part.archive.host, part.archive.port, calling_ae=calling_ae,
-                              called_ae=part.archive.ae_title,
-                              contexts=[(part.model, (EXPLICIT_VR_LE, IMPLICIT_VR_LE))],
-                              dimse_timeout_s=dimse_timeout_s)
-    except DimseError as exc:
-        return PartEvent(part.node, None, {}, exc.message)
+async def _finish(part: HolderPart, expectation: Expectation, assoc: Association,
+                  responses: AsyncIterator[Response]) -> PartEvent:
+    """A C-MOVE's or C-GET's responses to the final one, then its PartEvent; the association ends here."""
     try:
         final = None
-        async for response in assoc.move(part.model, part.identifier, store_ae, expectation.message_id):
+        async for response in responses:
             final = response
         assert final is not None
     except DimseError as exc:
@@ -180,6 +174,19 @@ async def _move(part: HolderPart, expectation: Expectation, store_ae: str, calli
         raise
     await assoc.release()
     return PartEvent(part.node, final.status, final.suboperations(), final.comment)
+
+
+async def _move(part: HolderPart, expectation: Expectation, store_ae: str, calling_ae: str,
+                dimse_timeout_s: float) -> PartEvent:
+    try:
+        assoc = await connect(part.archive.host, part.archive.port, calling_ae=calling_ae,
+                              called_ae=part.archive.ae_title,
+                              contexts=[(part.model, (EXPLICIT_VR_LE, IMPLICIT_VR_LE))],
+                              dimse_timeout_s=dimse_timeout_s)
+    except DimseError as exc:
+        return PartEvent(part.node, None, {}, exc.message)
+    return await _finish(part, expectation, assoc,
+                         assoc.move(part.model, part.identifier, store_ae, expectation.message_id))
 
 
 async def _get(part: HolderPart, expectation: Expectation, scp: StorageScp, calling_ae: str,
@@ -197,22 +204,8 @@ async def _get(part: HolderPart, expectation: Expectation, scp: StorageScp, call
     async def on_store(request: StoreRequest) -> int:
         return scp.take(expectation, request)
 
-    try:
-        final = None
-        async for response in get(assoc, part.model, part.identifier, expectation.message_id, on_store):
-            final = response
-        assert final is not None
-    except DimseError as exc:
-        assoc.abort()
-        await assoc.close()
-        return PartEvent(part.node, None, {}, exc.message)
-    except asyncio.CancelledError:  # the consumer left: stop the archive's sub-operations
-        assoc.cancel(expectation.message_id, part.model)
-        assoc.abort()
-        await assoc.close()
-        raise
-    await assoc.release()
-    return PartEvent(part.node, final.status, final.suboperations(), final.comment)
+    return await _finish(part, expectation, assoc,
+                         get(assoc, part.model, part.identifier, expectation.message_id, on_store))
 
 
 async def collect(scp: StorageScp, parts: Sequence[HolderPart], *, calling_ae: str,

@@ -22,11 +22,11 @@ from spanner.schemas import NodeIn
 from spanner.settings import load_settings
 from spanner.storage import Repository, create_schema, make_engine
 from tests.conftest import require
-from tests.peers.ports import descendants, free_port, listening_off_loopback, off_loopback
+from tests.peers.ports import descendants, free_port, free_port_block, listening_off_loopback, off_loopback
 
 
 def test_demo_fleet_starts_only_without_real_nodes(tmp_path: Path) -> None:
-    base = free_port()
+    base = free_port_block(4)  # three simulators and the demo viewer's port
     settings = load_settings(var_dir=str(tmp_path), demo_base_port=base)
     said: list[str] = []
     fleet = prepare_demo_fleet(settings, said.append)
@@ -116,7 +116,7 @@ def movescu_as_printed(banner: list[str], received: Path) -> None:
 
 @pytest.mark.timeout(240)
 def test_spanner_run_serves_the_demo_fleet_and_sigterm_leaves_nothing(tmp_path: Path) -> None:
-    http, dashboard, base, dicom = free_port(), free_port(), free_port(), free_port()
+    http, dashboard, base, dicom = free_port(), free_port(), free_port_block(4), free_port()
     ray_tmp = tempfile.mkdtemp(prefix="sr-")  # Ray's socket paths must stay under 108 bytes
     env = os.environ | {
         "SPANNER_VAR_DIR": str(tmp_path / "var"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import re
 import socket
 import subprocess
@@ -20,6 +21,32 @@ def free_port() -> int:
         sock.bind((LOOPBACK, 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+def free_port_block(count: int) -> int:
+    """Return the first of ``count`` consecutive ports on 127.0.0.1 that were all free a moment ago.
+
+    The block comes from below the kernel's ephemeral range (``ip_local_port_range``), where
+    ``bind(0)`` and outgoing connections take their ports, so another test's client socket cannot
+    land inside it between this check and the caller's bind.
+    """
+    low, _ = (int(v) for v in open("/proc/sys/net/ipv4/ip_local_port_range").read().split())
+    rng = random.Random()
+    for _ in range(200):
+        base = rng.randrange(10000, low - count)
+        held: list[socket.socket] = []
+        try:
+            for port in range(base, base + count):
+                sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                held.append(sock)
+                sock.bind((LOOPBACK, port))
+            return base
+        except OSError:
+            continue
+        finally:
+            for sock in held:
+                sock.close()
+    raise RuntimeError(f"no {count} consecutive free ports below {low} on {LOOPBACK}")
 
 
 def port_accepts(port: int, host: str = LOOPBACK, timeout: float = 0.2) -> bool:

@@ -16,7 +16,6 @@ always requires keys.
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass
 
 from fastapi import Depends, Request
@@ -73,9 +72,7 @@ async def principal_of(s: Services, key: str | None) -> Principal:
     A valid key is its principal even while the API is open, so the audit names it."""
     if key is not None:
         key_hash = hash_key(key)
-        hit, found = s.keys.cached(key_hash)
-        if not hit:
-            found = await asyncio.to_thread(s.keys.lookup, key_hash)
+        found = await s.keys.find(key_hash)
         if found is not None:
             return Principal(found.name, ApiRole(found.role), authenticated=True)
     if await is_open(s):

@@ -26,6 +26,7 @@ class KeyCache:
         self._entries: dict[str, tuple[float, ApiKeyOut | None]] = {}
         self._closing: tuple[float, bool] = (0.0, False)
         self._lock = threading.Lock()
+        self._looking_up: dict[str, asyncio.Future[ApiKeyOut | None]] = {}
 
     def cached(self, key_hash: str) -> tuple[bool, ApiKeyOut | None]:
         with self._lock:
@@ -33,6 +34,20 @@ class KeyCache:
         if entry is None or entry[0] <= time.monotonic():
             return False, None
         return True, entry[1]
+
+    async def find(self, key_hash: str) -> ApiKeyOut | None:
+        """The key from the cache, else from the database in a thread: one read per key at a time, which
+        every request presenting that key meanwhile awaits (a burst of a client's first requests on a
+        fresh replica would otherwise queue one read each in the event loop's thread pool)."""
+        hit, found = self.cached(key_hash)
+        if hit:
+            return found
+        reading = self._looking_up.get(key_hash)
+        if reading is None:
+            reading = asyncio.ensure_future(asyncio.to_thread(self.lookup, key_hash))
+            self._looking_up[key_hash] = reading
+            reading.add_done_callback(lambda _: self._looking_up.pop(key_hash, None))
+        return await asyncio.shield(reading)
 
     def lookup(self, key_hash: str) -> ApiKeyOut | None:
         """From the database (call in a thread), then cached."""

@@ -19,6 +19,7 @@ from serve_app.metrics import record_span_query
 from serve_app.plan import QueryPlan
 from serve_app.records import Job
 from serve_app.services import Services
+from serve_app.span_reads import SpanRead
 from serve_app.timing import note, phase
 from spanner.cache import NO_LOOKUP, Lookup, QueryIdentity
 from spanner.errors import InvalidQuery
@@ -75,12 +76,15 @@ def _specs(s: Services, span: str, members: list[NodeOut], only: list[str] | Non
     return [s.spec_for(n) for n in members]
 
 
-def plan_query(s: Services, q: QueryIn, *, cap_limit: bool = False) -> tuple[QueryPlan, SpanOut]:
-    """The query resolved against its span's policies and limits (call in a thread: it reads the DB).
+def plan_query(
+    s: Services, q: QueryIn, read: SpanRead, *, cap_limit: bool = False
+) -> tuple[QueryPlan, SpanOut]:
+    """The query resolved against its span's policies and limits, given its span as read
+    (``SpanReads.read``).
 
     A limit above the span's ``max_results`` is refused, or with ``cap_limit`` lowered to it (DICOMweb:
     a server may answer fewer matches than asked, and says so)."""
-    span, enabled = s.repo.span_for_query(q.span)  # NotFound for an unknown span
+    span, enabled = read
     members = _specs(s, q.span, enabled, q.nodes)
     timeout = q.timeout_s if q.timeout_s is not None else span.timeout_s
     if timeout > s.settings.max_timeout_s:
@@ -111,14 +115,16 @@ def plan_query(s: Services, q: QueryIn, *, cap_limit: bool = False) -> tuple[Que
     return plan, span
 
 
-def prepare_query(
-    s: Services, q: QueryIn, *, read_cache: bool = True, cap_limit: bool = False
+async def prepare_query(
+    s: Services, q: QueryIn, arrived: float, *, read_cache: bool = True, cap_limit: bool = False
 ) -> PreparedQuery:
-    """The plan and, when the span caches, the cache key and any cached answer (one thread hop)."""
-    plan, span = plan_query(s, q, cap_limit=cap_limit)
+    """The plan and, when the span caches, the cache key and any cached answer (a thread hop then)."""
+    read = await s.span_reads.read(q.span, arrived)  # NotFound for an unknown span
+    plan, span = plan_query(s, q, read, cap_limit=cap_limit)
     if span.cache_ttl_s <= 0:
         return PreparedQuery(plan, 0, NO_LOOKUP)
-    return PreparedQuery(plan, span.cache_ttl_s, s.cache.lookup(cache_identity(plan), read=read_cache))
+    lookup = await asyncio.to_thread(s.cache.lookup, cache_identity(plan), read=read_cache)
+    return PreparedQuery(plan, span.cache_ttl_s, lookup)
 
 
 # -- running --------------------------------------------------------------------------------------------
@@ -147,16 +153,17 @@ async def run_query(
     note("accept", time.monotonic() - started)  # the body read and the key checked
     s.admission.precheck(body.span, body.timeout_s)  # or Overloaded (503) before any database work
     with phase("plan"):
-        prepared = await asyncio.to_thread(prepare_query, s, body, read_cache=read_cache, cap_limit=cap_limit)
+        prepared = await prepare_query(s, body, started, read_cache=read_cache, cap_limit=cap_limit)
     plan = dataclasses.replace(prepared.plan, query=dataclasses.replace(prepared.plan.query, hops=hops))
     audit = dataclasses.replace(audit, patient_id=plan.query.filters.get("PatientID") or None)
     if prepared.lookup.answer is not None:
         return _answer_hit(s, plan, prepared.lookup.answer, requester, audit, started)
 
     asked = time.monotonic()
-    async with s.admission.slot(plan.timeout_s, started, plan.span) as remaining_s:  # or Overloaded (503)
+    reserve_s = s.coordinator.reserve_s(plan.timeout_s)
+    async with s.admission.slot(plan.timeout_s, started, plan.span, reserve_s) as remaining_s:  # or 503
         note("admit", time.monotonic() - asked)
-        result = await s.coordinator.run(dataclasses.replace(plan, timeout_s=remaining_s))
+        result = await s.coordinator.run(dataclasses.replace(plan, timeout_s=remaining_s), reserve_s)
     query_id = uuid.uuid4().hex
     outcomes = [o.to_json() for o in result.outcomes]
     answer = {

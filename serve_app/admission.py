@@ -56,7 +56,7 @@ class Admission:
         self.limit = float(max_active)
         self.active = 0
         self._waiters: deque[asyncio.Future[None]] = deque()
-        self._slot_s = 0.0  # moving average of how long a slot is held
+        self._slot_s: float | None = None  # moving average of how long a slot is held; None before any
         self._span_timeout_s: dict[str, float] = {}  # the last deadline seen per span, for ``precheck``
 
     @property
@@ -67,13 +67,16 @@ class Admission:
     def capacity(self) -> int:
         return max(1, int(self.limit))
 
-    def expected_wait_s(self, place: int) -> float:
-        """About how long the ``place``-th waiter waits for a slot."""
-        return place * self._slot_s / self.capacity
+    def expected_wait_s(self, place: int, timeout_s: float = 0.0) -> float:
+        """About how long the ``place``-th waiter waits for a slot. Before any slot has been held (a cold
+        replica meeting a burst) a slot is assumed held for the whole ``timeout_s``: the most a query can
+        take, so the burst's excess is refused at once instead of waiting out its deadline in line."""
+        slot_s = timeout_s if self._slot_s is None else self._slot_s
+        return place * slot_s / self.capacity
 
-    def retry_after_s(self) -> int:
+    def retry_after_s(self, timeout_s: float = 0.0) -> int:
         """A hint for the caller: about how long until a slot frees, in whole seconds (1 to 60)."""
-        return max(1, min(60, math.ceil(self.expected_wait_s(self.waiting + 1))))
+        return max(1, min(60, math.ceil(self.expected_wait_s(self.waiting + 1, timeout_s))))
 
     def precheck(self, span: str, timeout_s: float | None) -> None:
         """Refuse at once, before any database work, a query that could not get a slot in time: its
@@ -82,34 +85,38 @@ class Admission:
         deadline_s = timeout_s if timeout_s is not None else self._span_timeout_s.get(span)
         if deadline_s is None or (self.active < self.capacity and not self._waiters):
             return
-        self._refuse_if_hopeless(time.monotonic() + deadline_s)
+        self._refuse_if_hopeless(time.monotonic() + deadline_s, deadline_s, 0.0)
 
-    def _refuse_if_hopeless(self, deadline: float) -> None:
+    def _refuse_if_hopeless(self, deadline: float, timeout_s: float, reserve_s: float) -> None:
         if len(self._waiters) >= self.max_waiting:
             raise Overloaded(f"the spanner is at capacity ({self.active} queries running, {self.waiting} "
-                             "waiting); retry later", self.retry_after_s())
-        expected = self.expected_wait_s(self.waiting + 1)
-        if time.monotonic() + expected > deadline - MIN_RUN_S:
+                             "waiting); retry later", self.retry_after_s(timeout_s))
+        expected = self.expected_wait_s(self.waiting + 1, timeout_s)
+        if time.monotonic() + expected > deadline - reserve_s - MIN_RUN_S:
             raise Overloaded(f"the spanner is at capacity: a slot would free in about {expected:.1f} s, too "
-                             "late for this query's deadline; retry later", self.retry_after_s())
+                             "late for this query's deadline; retry later", self.retry_after_s(timeout_s))
 
     @asynccontextmanager
-    async def slot(self, timeout_s: float, arrived: float, span: str = "") -> AsyncIterator[float]:
+    async def slot(
+        self, timeout_s: float, arrived: float, span: str = "", reserve_s: float = 0.0
+    ) -> AsyncIterator[float]:
         """Hold a slot while the body runs; yields the seconds left of the deadline
-        (``arrived`` + ``timeout_s``, monotonic clock). Raises Overloaded instead of running late."""
+        (``arrived`` + ``timeout_s``, monotonic clock). Raises Overloaded instead of running late.
+        ``reserve_s``: what the body keeps back at the end for its answer (the coordinator's reserve): a
+        waiter gives up that much earlier, so its refusal too leaves by the deadline."""
         self._span_timeout_s[span] = timeout_s
         deadline = arrived + timeout_s
         if self.active < self.capacity and not self._waiters:
             self.active += 1
         else:
-            await self._wait(deadline)
+            await self._wait(deadline, timeout_s, reserve_s)
         started = time.monotonic()
-        if deadline - started < min(MIN_RUN_S, timeout_s / 2):
+        if deadline - reserve_s - started < min(MIN_RUN_S, timeout_s / 2):
             # Reading, planning or a late wake-up (a starved replica) took the deadline: a fan-out now
             # would answer every node ``timeout``, late, and spend what the queries behind it need.
             self._release()
             raise Overloaded("the spanner is at capacity: this query reached a slot with too little of its "
-                             "deadline left to ask the archives; retry later", self.retry_after_s())
+                             "deadline left to ask the archives; retry later", self.retry_after_s(timeout_s))
         try:
             yield max(0.0, deadline - started)
         finally:
@@ -118,24 +125,25 @@ class Admission:
             self._release()
 
     def _learn(self, held_s: float, late_s: float) -> None:
-        self._slot_s = held_s if self._slot_s == 0.0 else 0.9 * self._slot_s + 0.1 * held_s
+        self._slot_s = held_s if self._slot_s is None else 0.9 * self._slot_s + 0.1 * held_s
         if late_s > self.LATE_S:
             self.limit = max(1.0, self.limit * 0.75)
         else:
             self.limit = min(float(self.max_active), self.limit + 1.0 / self.limit)
 
-    async def _wait(self, deadline: float) -> None:
-        self._refuse_if_hopeless(deadline)
+    async def _wait(self, deadline: float, timeout_s: float, reserve_s: float) -> None:
+        self._refuse_if_hopeless(deadline, timeout_s, reserve_s)
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
         try:
-            budget = max(0.0, deadline - MIN_RUN_S - time.monotonic())
+            budget = max(0.0, deadline - reserve_s - MIN_RUN_S - time.monotonic())
             await asyncio.wait_for(asyncio.shield(waiter), timeout=budget)
         except TimeoutError:
             if waiter.done():  # handed a slot just as the wait ended: give it on
                 self._release()
             raise Overloaded("the spanner is at capacity and no slot freed in time to ask the archives "
-                             "before this query's deadline; retry later", self.retry_after_s()) from None
+                             "before this query's deadline; retry later",
+                             self.retry_after_s(timeout_s)) from None
         except asyncio.CancelledError:
             if waiter.done():
                 self._release()

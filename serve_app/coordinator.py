@@ -38,7 +38,7 @@ from spanner.schemas import FailureStrategy
 # The answers are ready when they are fetched; the bound only keeps a lost object from holding a thread.
 FETCH_TIMEOUT_S = 60.0
 CANCEL_WAIT_S = 0.05
-RESERVE_SHARE = 0.25
+RESERVE_SHARE = 1 / 3
 """The reserve for the way back is at most this share of the query's time, so a short deadline still
 leaves the archives most of it."""
 
@@ -124,10 +124,12 @@ class Coordinator:
             self._handles.pop(node, None)
 
     # -- one spanning query ---------------------------------------------------------------------------
-    async def run(self, plan: QueryPlan) -> SpanResult:
-        """Answer within ``plan.timeout_s`` from now (merge included)."""
+    async def run(self, plan: QueryPlan, reserve_s: float | None = None) -> SpanResult:
+        """Answer within ``plan.timeout_s`` from now (merge included). ``reserve_s``: the reserve when the
+        query's time has partly gone already (waiting for a slot): the reserve of its whole deadline,
+        since the way back takes no less for the wait (default: ``reserve_s(plan.timeout_s)``)."""
         started = time.monotonic()
-        reserve = self.reserve_s(plan.timeout_s)
+        reserve = self.reserve_s(plan.timeout_s) if reserve_s is None else min(reserve_s, plan.timeout_s)
         asked = dataclasses.replace(plan, timeout_s=plan.timeout_s - reserve)  # what the node actors get
         tasks: dict[asyncio.Future[Any], NodeSpec] = {
             asyncio.ensure_future(self._call(spec, asked)): spec for spec in plan.nodes

@@ -38,6 +38,8 @@ def test_slots_are_handed_on_in_order_and_the_full_waiting_room_refuses_at_once(
                 waited = time.monotonic() - arrived
                 said.append(f"{name} refused after {waited:.1f} retry {exc.retry_after_s}")
 
+        await query("warm", 0.3, 5.0)  # a slot held once: the replica knows how long one takes
+        said.clear()
         first = asyncio.create_task(query("a", 0.3, 5.0))
         await asyncio.sleep(0.01)
         second = asyncio.create_task(query("b", 0.0, 5.0))
@@ -53,9 +55,37 @@ def test_slots_are_handed_on_in_order_and_the_full_waiting_room_refuses_at_once(
     assert said[2] == "b in with 4.7"
 
 
+def test_a_cold_replica_refuses_at_once_the_part_of_a_burst_it_could_not_admit_in_time() -> None:
+    """Before any slot has been held, a slot is assumed held for the whole deadline: of a burst of 10
+    on 2 slots with a 2 s deadline, 2 run, the first in line waits (its expected wait, place × 2 s over
+    2 slots, is under 2 s − MIN_RUN_S) and the other 7 are refused at once instead of queueing until
+    their deadline."""
+    async def scenario() -> tuple[int, list[float], int]:
+        admission = Admission(max_active=2, max_waiting=100)
+        ran, refused_after = 0, list[float]()
+
+        async def query() -> None:
+            nonlocal ran
+            arrived = time.monotonic()
+            try:
+                async with admission.slot(2.0, arrived):
+                    ran += 1
+                    await asyncio.sleep(0.1)
+            except Overloaded:
+                refused_after.append(time.monotonic() - arrived)
+
+        await asyncio.gather(*(query() for _ in range(10)))
+        return ran, refused_after, admission.active + admission.waiting
+
+    ran, refused_after, left = asyncio.run(scenario())
+    assert ran == 2 + 1 and len(refused_after) == 7 and left == 0
+    assert max(refused_after) < 0.05
+
+
 def test_a_waiter_whose_deadline_nears_is_refused_before_it() -> None:
     async def scenario() -> tuple[float, int]:
         admission = Admission(max_active=1, max_waiting=4)
+        await _hold(admission, 0.05)  # slots have been quick: the waiter expects a short wait
         holder = asyncio.create_task(_hold(admission, 2.0))
         await asyncio.sleep(0.01)
         arrived = time.monotonic()

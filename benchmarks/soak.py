@@ -181,7 +181,7 @@ async def _load(started: Any, base_url: str, headers: dict[str, str], body: dict
                         query_id = json.loads(answer).get("query_id")
                     elif status == 503:
                         retry_after = float(response.headers.get("retry-after", "1"))
-                except (aiohttp.ClientError, TimeoutError):
+                except (aiohttp.ClientError, TimeoutError, ValueError):  # ValueError: a body not JSON
                     latency, status, query_id, server_s = time.monotonic() - t0, 0, None, None
                 results.append((latency, status, query_id, server_s, before_s, phases, sent))
                 await asyncio.sleep(max(0.0, min(retry_after, stop_at - time.monotonic())))

@@ -111,7 +111,7 @@ class Admission:
         else:
             await self._wait(deadline, timeout_s, reserve_s)
         started = time.monotonic()
-        if deadline - reserve_s - started < min(MIN_RUN_S, timeout_s / 2):
+        if deadline - reserve_s - started < min(MIN_RUN_S, (timeout_s - reserve_s) / 2):
             # Reading, planning or a late wake-up (a starved replica) took the deadline: a fan-out now
             # would answer every node ``timeout``, late, and spend what the queries behind it need.
             self._release()

@@ -23,6 +23,7 @@ from fastapi import Depends, Request
 from serve_app.deps import services
 from serve_app.errors import Forbidden, Unauthenticated
 from serve_app.services import Services
+from serve_app.timing import arrived
 from spanner import hops
 from spanner.keys import hash_key
 from spanner.schemas import ApiRole, Channel
@@ -66,13 +67,14 @@ async def is_open(s: Services) -> bool:
     return s.settings.environment == "development" and not await s.keys.closing_keys_exist()
 
 
-async def principal_of(s: Services, key: str | None) -> Principal:
+async def principal_of(s: Services, key: str | None, arrived: float | None = None) -> Principal:
     """The principal of a presented key (HTTP header or AMQP message header); raises Unauthenticated.
+    ``arrived``: when the request came (monotonic clock; default now), the oldest key read it may trust.
 
     A valid key is its principal even while the API is open, so the audit names it."""
     if key is not None:
         key_hash = hash_key(key)
-        found = await s.keys.find(key_hash)
+        found = await s.keys.find(key_hash, arrived)
         if found is not None:
             return Principal(found.name, ApiRole(found.role), authenticated=True)
     if await is_open(s):
@@ -82,7 +84,7 @@ async def principal_of(s: Services, key: str | None) -> Principal:
 
 async def authenticate(request: Request, s: Services = Depends(services)) -> Principal:
     """401 without a valid key (unless auth is off); the principal is kept on ``request.state``."""
-    principal = await principal_of(s, presented_key(request))
+    principal = await principal_of(s, presented_key(request), arrived(request))
     request.state.principal = principal
     return principal
 

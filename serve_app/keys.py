@@ -26,7 +26,7 @@ class KeyCache:
         self._entries: dict[str, tuple[float, ApiKeyOut | None]] = {}
         self._closing: tuple[float, bool] = (0.0, False)
         self._lock = threading.Lock()
-        self._looking_up: dict[str, asyncio.Future[ApiKeyOut | None]] = {}
+        self._looking_up: dict[str, tuple[float, asyncio.Future[ApiKeyOut | None]]] = {}
 
     def cached(self, key_hash: str) -> tuple[bool, ApiKeyOut | None]:
         with self._lock:
@@ -35,19 +35,29 @@ class KeyCache:
             return False, None
         return True, entry[1]
 
-    async def find(self, key_hash: str) -> ApiKeyOut | None:
-        """The key from the cache, else from the database in a thread: one read per key at a time, which
-        every request presenting that key meanwhile awaits (a burst of a client's first requests on a
-        fresh replica would otherwise queue one read each in the event loop's thread pool)."""
+    async def find(self, key_hash: str, arrived: float | None = None) -> ApiKeyOut | None:
+        """The key from the cache, else from the database in a thread: one read per key at a time, shared
+        by every request presenting that key that arrived (monotonic clock; default now) before the read
+        began, so none trusts a read older than itself (a burst of a client's first requests on a fresh
+        replica would otherwise queue one read each in the event loop's thread pool)."""
         hit, found = self.cached(key_hash)
         if hit:
             return found
-        reading = self._looking_up.get(key_hash)
-        if reading is None:
+        since = time.monotonic() if arrived is None else arrived
+        entry = self._looking_up.get(key_hash)
+        if entry is None or entry[0] < since:
             reading = asyncio.ensure_future(asyncio.to_thread(self.lookup, key_hash))
-            self._looking_up[key_hash] = reading
-            reading.add_done_callback(lambda _: self._looking_up.pop(key_hash, None))
-        return await asyncio.shield(reading)
+            entry = (time.monotonic(), reading)
+            self._looking_up[key_hash] = entry
+            reading.add_done_callback(lambda done: self._done(key_hash, done))
+        return await asyncio.shield(entry[1])
+
+    def _done(self, key_hash: str, done: asyncio.Future[ApiKeyOut | None]) -> None:
+        entry = self._looking_up.get(key_hash)
+        if entry is not None and entry[1] is done:
+            del self._looking_up[key_hash]
+        if not done.cancelled():
+            done.exception()  # retrieved here: a failure reaches the requests that joined, not the log
 
     def lookup(self, key_hash: str) -> ApiKeyOut | None:
         """From the database (call in a thread), then cached."""

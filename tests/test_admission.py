@@ -57,8 +57,8 @@ def test_slots_are_handed_on_in_order_and_the_full_waiting_room_refuses_at_once(
 
 def test_a_cold_replica_refuses_at_once_the_part_of_a_burst_it_could_not_admit_in_time() -> None:
     """Before any slot has been held, a slot is assumed held for the whole deadline: of a burst of 10
-    on 2 slots with a 2 s deadline, 2 run, the first in line waits (its expected wait, place × 2 s over
-    2 slots, is under 2 s − MIN_RUN_S) and the other 7 are refused at once instead of queueing until
+    on 2 slots with a 2 s deadline, 2 run, the first in line waits (its expected wait, place times 2 s over
+    2 slots, is under 2 s - MIN_RUN_S) and the other 7 are refused at once instead of queueing until
     their deadline."""
     async def scenario() -> tuple[int, list[float], int]:
         admission = Admission(max_active=2, max_waiting=100)

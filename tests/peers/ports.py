@@ -7,6 +7,7 @@ import re
 import socket
 import subprocess
 import time
+from pathlib import Path
 
 from cluster.ray_runtime import descendants
 
@@ -30,7 +31,9 @@ def free_port_block(count: int) -> int:
     ``bind(0)`` and outgoing connections take their ports, so another test's client socket cannot
     land inside it between this check and the caller's bind.
     """
-    low, _ = (int(v) for v in open("/proc/sys/net/ipv4/ip_local_port_range").read().split())
+    low, _ = (int(v) for v in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    if low <= 10000 + count:
+        raise RuntimeError(f"the ephemeral port range starts at {low}: no room below it for a port block")
     rng = random.Random()
     for _ in range(200):
         base = rng.randrange(10000, low - count)

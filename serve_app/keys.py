@@ -11,6 +11,7 @@ import asyncio
 import threading
 import time
 
+from serve_app.shared_reads import SharedReads
 from spanner.schemas import CLOSING_ROLES, ApiKeyOut
 from spanner.storage import Repository
 
@@ -26,7 +27,7 @@ class KeyCache:
         self._entries: dict[str, tuple[float, ApiKeyOut | None]] = {}
         self._closing: tuple[float, bool] = (0.0, False)
         self._lock = threading.Lock()
-        self._looking_up: dict[str, tuple[float, asyncio.Future[ApiKeyOut | None]]] = {}
+        self._reads = SharedReads(self.lookup)
 
     def cached(self, key_hash: str) -> tuple[bool, ApiKeyOut | None]:
         with self._lock:
@@ -36,28 +37,12 @@ class KeyCache:
         return True, entry[1]
 
     async def find(self, key_hash: str, arrived: float | None = None) -> ApiKeyOut | None:
-        """The key from the cache, else from the database in a thread: one read per key at a time, shared
-        by every request presenting that key that arrived (monotonic clock; default now) before the read
-        began, so none trusts a read older than itself (a burst of a client's first requests on a fresh
-        replica would otherwise queue one read each in the event loop's thread pool)."""
+        """The key from the cache, else from the database: one read per key at a time, shared by the
+        requests presenting it that arrived (monotonic clock; default now) before the read began."""
         hit, found = self.cached(key_hash)
         if hit:
             return found
-        since = time.monotonic() if arrived is None else arrived
-        entry = self._looking_up.get(key_hash)
-        if entry is None or entry[0] < since:
-            reading = asyncio.ensure_future(asyncio.to_thread(self.lookup, key_hash))
-            entry = (time.monotonic(), reading)
-            self._looking_up[key_hash] = entry
-            reading.add_done_callback(lambda done: self._done(key_hash, done))
-        return await asyncio.shield(entry[1])
-
-    def _done(self, key_hash: str, done: asyncio.Future[ApiKeyOut | None]) -> None:
-        entry = self._looking_up.get(key_hash)
-        if entry is not None and entry[1] is done:
-            del self._looking_up[key_hash]
-        if not done.cancelled():
-            done.exception()  # retrieved here: a failure reaches the requests that joined, not the log
+        return await self._reads.get(key_hash, arrived)
 
     def lookup(self, key_hash: str) -> ApiKeyOut | None:
         """From the database (call in a thread), then cached."""

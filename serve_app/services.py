@@ -14,7 +14,7 @@ from serve_app.coordinator import Coordinator
 from serve_app.keys import KeyCache
 from serve_app.records import RecordWriter
 from serve_app.retrieval import Retriever
-from serve_app.span_reads import SpanReads
+from serve_app.shared_reads import SharedReads
 from spanner import hops
 from spanner.cache import make_cache
 from spanner.config_file import apply_config
@@ -96,7 +96,7 @@ class Services:
         )
         self.retriever = Retriever(self.coordinator, lookup_timeout_s=settings.default_timeout_s)
         self.keys = KeyCache(self.repo, settings.auth_cache_ttl_s)
-        self.span_reads = SpanReads(self.repo)
+        self.span_reads = SharedReads(self.repo.span_for_query)  # what planning a query reads
         self.admission = Admission(settings.admission_max_active, settings.admission_max_waiting)
         self.janitor = AuditJanitor(self.repo, settings.audit_retention_days)
         self.janitor.purge()  # at start, then at most hourly from the request paths

@@ -19,7 +19,6 @@ from serve_app.metrics import record_span_query
 from serve_app.plan import QueryPlan
 from serve_app.records import Job
 from serve_app.services import Services
-from serve_app.span_reads import SpanRead
 from serve_app.timing import note, phase
 from spanner.cache import NO_LOOKUP, Lookup, QueryIdentity
 from spanner.errors import InvalidQuery
@@ -77,10 +76,10 @@ def _specs(s: Services, span: str, members: list[NodeOut], only: list[str] | Non
 
 
 def plan_query(
-    s: Services, q: QueryIn, read: SpanRead, *, cap_limit: bool = False
+    s: Services, q: QueryIn, read: tuple[SpanOut, list[NodeOut]], *, cap_limit: bool = False
 ) -> tuple[QueryPlan, SpanOut]:
-    """The query resolved against its span's policies and limits, given its span as read
-    (``SpanReads.read``).
+    """The query resolved against its span's policies and limits, given its span and enabled nodes as
+    read (``Repository.span_for_query``).
 
     A limit above the span's ``max_results`` is refused, or with ``cap_limit`` lowered to it (DICOMweb:
     a server may answer fewer matches than asked, and says so)."""
@@ -119,7 +118,7 @@ async def prepare_query(
     s: Services, q: QueryIn, arrived: float, *, read_cache: bool = True, cap_limit: bool = False
 ) -> PreparedQuery:
     """The plan and, when the span caches, the cache key and any cached answer (a thread hop then)."""
-    read = await s.span_reads.read(q.span, arrived)  # NotFound for an unknown span
+    read = await s.span_reads.get(q.span, arrived)  # NotFound for an unknown span
     plan, span = plan_query(s, q, read, cap_limit=cap_limit)
     if span.cache_ttl_s <= 0:
         return PreparedQuery(plan, 0, NO_LOOKUP)

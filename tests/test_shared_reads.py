@@ -1,5 +1,6 @@
-"""Shared span reads (serve_app.span_reads): a query shares a read of its span only when the read began
-after the query arrived, so a change committed before a query arrived is always in its plan."""
+"""Shared reads (serve_app.shared_reads), as planning uses them for spans: a query shares a read of its
+span only when the read began after the query arrived, so a change committed before a query arrived is
+always in its plan."""
 
 from __future__ import annotations
 
@@ -9,10 +10,12 @@ import time
 from pathlib import Path
 
 from serve_app.admission import Admission
-from serve_app.span_reads import SpanRead, SpanReads
-from spanner.schemas import ALL_SPAN, NodeIn, NodePatch
+from serve_app.shared_reads import SharedReads
+from spanner.schemas import ALL_SPAN, NodeIn, NodeOut, NodePatch, SpanOut
 from spanner.storage import Repository, make_engine
 from tests.conftest import migrate
+
+SpanRead = tuple[SpanOut, list[NodeOut]]
 
 
 class CountingRepository(Repository):
@@ -35,14 +38,14 @@ class CountingRepository(Repository):
 def test_queries_that_arrived_before_a_read_began_share_it_and_later_ones_read_again(tmp_path: Path) -> None:
     repo = CountingRepository(f"sqlite:///{tmp_path / 'spanner.db'}")
     repo.create_node(NodeIn(name="a", ae_title="A", host="127.0.0.1", port=11112))
-    reads = SpanReads(repo)
+    reads = SharedReads(repo.span_for_query)
 
     async def scenario() -> tuple[list[SpanRead], SpanRead]:
         early = time.monotonic()
-        first = [asyncio.ensure_future(reads.read(ALL_SPAN, early)) for _ in range(20)]
+        first = [asyncio.ensure_future(reads.get(ALL_SPAN, early)) for _ in range(20)]
         await asyncio.sleep(0.05)  # the read has begun, after the 20 arrived: they share it
         repo.patch_node("a", NodePatch(port=11113))  # committed now, while that read is held
-        late = asyncio.ensure_future(reads.read(ALL_SPAN, time.monotonic()))  # arrived after the change
+        late = asyncio.ensure_future(reads.get(ALL_SPAN, time.monotonic()))  # arrived after the change
         await asyncio.sleep(0.05)
         repo.release.set()
         return await asyncio.gather(*first), await late

@@ -71,7 +71,8 @@ class WadoPart:
     model: InformationModel
     dimse_timeout_s: float
     expected: frozenset[str]
-    fallbacks: tuple[tuple[str, Peer, RetrieveMethod], ...] = ()  # other holders, in priority order
+    # The other holders in priority order: node, archive, retrieve method, the spanner's AE title toward it.
+    fallbacks: tuple[tuple[str, Peer, RetrieveMethod, str], ...] = ()
     method: RetrieveMethod = RetrieveMethod.C_MOVE
 
 
@@ -289,8 +290,9 @@ class WadoSessions:
 
         return HolderPart(part.node, part.archive, _identifier(part.level, part.keys, store_ae),
                           part.expected, model=model(part.method), method=part.method,
-                          fallbacks=tuple(Fallback(node, peer, model(method), method)
-                                          for node, peer, method in part.fallbacks), retry=retry)
+                          fallbacks=tuple(Fallback(node, peer, model(method), method, calling_ae)
+                                          for node, peer, method, calling_ae in part.fallbacks),
+                          retry=retry, calling_ae=part.calling_ae)
 
     async def _serve(self, request: WadoRequest, entry: SpoolEntry, series: str) -> AsyncIterator[Item]:
         instance = entry.instance

@@ -65,6 +65,7 @@ class Fallback:
     archive: Peer
     model: str = STUDY_ROOT_MOVE
     method: RetrieveMethod = RetrieveMethod.C_MOVE
+    calling_ae: str | None = None  # the spanner's AE title toward this archive; None: collect()'s
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +79,7 @@ class HolderPart:
     fallbacks: tuple[Fallback, ...] = ()  # in priority order
     retry: Callable[[frozenset[str]], Identifier] | None = None  # an identifier for just these SOP UIDs
     cache_key: str | None = None  # names the part in the spool's manifests (its level and keys)
+    calling_ae: str | None = None  # the spanner's AE title toward this archive; None: collect()'s
 
 
 @dataclass(frozen=True, slots=True)
@@ -227,11 +229,12 @@ async def collect(scp: StorageScp, parts: Sequence[HolderPart], *, calling_ae: s
 
     async def run(part: HolderPart, expectation: Expectation) -> None:
         cached = _cached(scp.spool, part)
+        ae = part.calling_ae or calling_ae  # each archive knows the spanner by the AE title its node names
         try:
             if cached is None and part.method is RetrieveMethod.C_GET:
-                event = await _get(part, expectation, scp, calling_ae, dimse_timeout_s)
+                event = await _get(part, expectation, scp, ae, dimse_timeout_s)
             elif cached is None:
-                event = await _move(part, expectation, scp.ae_title, calling_ae, dimse_timeout_s)
+                event = await _move(part, expectation, scp.ae_title, ae, dimse_timeout_s)
             else:
                 for entry in cached:
                     expectation.received.add(entry.sop_instance_uid)
@@ -295,7 +298,7 @@ async def collect(scp: StorageScp, parts: Sequence[HolderPart], *, calling_ae: s
                 # A fallback sends only what was missing: it must not be remembered as the whole part.
                 start(replace(part, node=fallback.node, archive=fallback.archive, model=fallback.model,
                               method=fallback.method, identifier=part.retry(missing), expected=missing,
-                              fallbacks=part.fallbacks[1:], cache_key=None))
+                              fallbacks=part.fallbacks[1:], cache_key=None, calling_ae=fallback.calling_ae))
                 running += 1
             yield replace(event, not_received=missing, failover_to=failover)
     finally:

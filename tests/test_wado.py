@@ -286,6 +286,40 @@ def test_an_archive_that_cannot_move_to_the_spanner_is_a_502_naming_it(api: Api)
             archive.stop(graceful=False)
 
 
+def test_each_archive_is_asked_under_the_calling_ae_title_its_node_names(api: Api) -> None:
+    """A split study over two archives that each let only one calling AE title move (their node's
+    ``calling_ae_title``): both halves come, each part asked under its own archive's title."""
+    require(orthanc_executable() is not None, "Debian's orthanc")
+    study = "1.2.826.0.1.3680043.8.498.7714.7"
+    store = {"AET": "SPANNER", "Host": "127.0.0.1", "Port": int(str(api.settings["store_port"])),
+             "AllowMove": False}  # the move destination, which may not move as a caller
+
+    def only_from(caller: str) -> dict[str, object]:
+        return {"DicomAlwaysAllowMove": False, "DicomModalities": {
+            "spanner": store, "caller": {"AET": caller, "Host": "127.0.0.1", "Port": 104, "AllowMove": True}}}
+
+    with tempfile.TemporaryDirectory(prefix="spanner-wado-aet-") as name:
+        folder = Path(name)
+        files = [write_instance(folder, 500, 1024, study_uid=study),
+                 write_instance(folder, 501, 1024, study_uid=study, series=2)]
+        p = OrthancPeer(aet="WADO_P", extra_config=only_from("WADO_P_CALLER"))
+        q = OrthancPeer(aet="WADO_Q", extra_config=only_from("WADO_Q_CALLER"))
+        try:
+            p.start().upload(files[0].read_bytes())
+            q.start().upload(files[1].read_bytes())
+            api.add_node("wado-p", p.dicom_port, ae_title="WADO_P", calling_ae_title="WADO_P_CALLER")
+            api.add_node("wado-q", q.dicom_port, ae_title="WADO_Q", calling_ae_title="WADO_Q_CALLER")
+            answer = api.http.get(f"/dicomweb/studies/{study}", timeout=60)
+            assert answer.status_code == 200, answer.text
+            got = {str(pydicom.dcmread(io.BytesIO(body)).SOPInstanceUID) for _, body in parts_of(answer)}
+            assert got == {read_part10(f).sop_instance_uid for f in files}
+        finally:
+            for node in ("wado-p", "wado-q"):
+                api.http.delete(f"/api/v1/nodes/{node}")
+            for peer in (p, q):
+                peer.stop(graceful=False)
+
+
 # -- an archive whose C-STOREs reach the spanner through a slow relay ---------------------------------------
 class Relay:
     """benchmarks.relay as a helper process: holds each chunk toward the storage SCP ``delay_ms``."""

@@ -160,8 +160,8 @@ def parts_of(study: str, found: list[tuple[str, str, list[NodeSpec]]], whole_ser
         parts.append(WadoPart(first.name, Peer(first.ae_title, first.host, first.port),
                               first.calling_ae_title, level, tuple(sorted(keys.items())), model,
                               first.dimse_timeout_s, sops,
-                              tuple((h.name, Peer(h.ae_title, h.host, h.port), h.retrieve_method)
-                                    for h in others),
+                              tuple((h.name, Peer(h.ae_title, h.host, h.port), h.retrieve_method,
+                                     h.calling_ae_title) for h in others),
                               first.retrieve_method))
     return tuple(parts)
 

@@ -40,15 +40,18 @@ class Admission:
     """Slots for spanning queries on one replica (one event loop).
 
     The number of slots adapts (additive increase, multiplicative decrease): a query that ends more
-    than ``LATE_S`` past its deadline shrinks the limit by a quarter, one that ends in time grows it by
+    than ``LATE_S`` past its deadline shrinks the limit by a quarter (once per slot time), one that ends
+    in time grows it by
     about one per ``limit`` queries, up to ``max_active``. So when the machine, the database or the
     archives cannot keep up, fewer queries run at once and each still ends by its deadline; the rest
     wait or are refused. A waiting query is refused at once when the expected wait (its place in the
     queue times the recent slot time, over the limit) would leave it too little of its deadline.
     """
 
-    LATE_S = 0.75
-    """Past its deadline by more than this, a query counts as late (the promise is deadline + 1 s)."""
+    LATE_S = 0.0
+    """Past its deadline by more than this, a query counts as late: the promise is deadline + 1 s at the
+    client, and the way through Serve's proxy, which the replica cannot see, takes up to about 1 s
+    when the machine is loaded."""
 
     def __init__(self, max_active: int, max_waiting: int) -> None:
         self.max_active = max_active
@@ -58,6 +61,7 @@ class Admission:
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._slot_s: float | None = None  # moving average of how long a slot is held; None before any
         self._span_timeout_s: dict[str, float] = {}  # the last deadline seen per span, for ``precheck``
+        self._cut_at = 0.0  # when the limit was last cut (monotonic clock)
 
     @property
     def waiting(self) -> int:
@@ -127,7 +131,12 @@ class Admission:
     def _learn(self, held_s: float, late_s: float) -> None:
         self._slot_s = held_s if self._slot_s is None else 0.9 * self._slot_s + 0.1 * held_s
         if late_s > self.LATE_S:
-            self.limit = max(1.0, self.limit * 0.75)
+            # One cut per slot time: the queries that end late together came from the same moment, and
+            # cutting once for each would take the limit to 1.
+            now = time.monotonic()
+            if now - self._cut_at >= held_s:
+                self.limit = max(1.0, self.limit * 0.75)
+                self._cut_at = now
         else:
             self.limit = min(float(self.max_active), self.limit + 1.0 / self.limit)
 

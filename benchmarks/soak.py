@@ -230,6 +230,9 @@ def run(clients: int, seconds: float, deadline_s: float, kill_at_s: float,
             killed = handle is not None
             if handle is not None:
                 ray.kill(handle)  # not restarted: the coordinator finds it gone and creates it anew
+            # Dropped while Ray runs: a handle collected after ray.shutdown() ends this process from Ray's
+            # core worker, before the results are printed.
+            del handle
             results = load.results_and_stop(lambda: _cpu({**app.pids(), **others}))
             wall_s = time.monotonic() - began
             cpu_s = _cpu_spent(cpu_start, load.cpu_end)

@@ -64,7 +64,7 @@ class Settings(BaseSettings):
     default_timeout_s: float = Field(default=10.0, gt=0, le=600)
     max_timeout_s: float = Field(default=300.0, gt=0)
     node_grace_s: float = Field(
-        default=1.0, ge=0, le=5,
+        default=1.5, ge=0, le=5,
         description="Of each query's deadline, the part kept back (at most a third of it) for the node "
         "actors' answers to come back, the merge, the response and the way through Serve's proxy, which "
         "a loaded machine slows: the node actors get the rest, so the answer reaches the client by the "

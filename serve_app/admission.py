@@ -40,7 +40,7 @@ class Admission:
     """Slots for spanning queries on one replica (one event loop).
 
     The number of slots adapts (additive increase, multiplicative decrease): a query that ends more
-    than ``LATE_S`` past its deadline shrinks the limit by a quarter (once per slot time), one that ends
+    than ``LATE_S`` after it meant to shrinks the limit by a quarter (once per slot time), one that ends
     in time grows it by
     about one per ``limit`` queries, up to ``max_active``. So when the machine, the database or the
     archives cannot keep up, fewer queries run at once and each still ends by its deadline; the rest
@@ -48,10 +48,11 @@ class Admission:
     queue times the recent slot time, over the limit) would leave it too little of its deadline.
     """
 
-    LATE_S = 0.0
-    """Past its deadline by more than this, a query counts as late: the promise is deadline + 1 s at the
-    client, and the way through Serve's proxy, which the replica cannot see, takes up to about 1 s
-    when the machine is loaded."""
+    LATE_S = 0.1
+    """A query whose body ends more than this after it meant to (half its reserve before its deadline)
+    counts as late: what is left of the reserve is the answer's way out through Serve's proxy, which the
+    replica cannot see and which takes up to about 1 s on a loaded machine. Not 0: a merge of a few
+    milliseconds past the cut-off is no sign of overload."""
 
     def __init__(self, max_active: int, max_waiting: int) -> None:
         self.max_active = max_active
@@ -125,7 +126,9 @@ class Admission:
             yield max(0.0, deadline - started)
         finally:
             ended = time.monotonic()
-            self._learn(ended - started, ended - deadline)
+            # Late against when the body meant to be done: half its reserve before the deadline (the
+            # coordinator's cut-off for the node actors), the other half being the answer's way out.
+            self._learn(ended - started, ended - (deadline - reserve_s / 2))
             self._release()
 
     def _learn(self, held_s: float, late_s: float) -> None:

@@ -19,6 +19,7 @@ from spanner import hops
 from spanner.cache import make_cache
 from spanner.config_file import apply_config
 from spanner.errors import NotFound, SpannerError
+from spanner.keys import hash_key
 from spanner.nodespec import ActorTuning, NodeSpec
 from spanner.schemas import ALL_SPAN, CLOSING_ROLES, NodeOut
 from spanner.settings import Settings
@@ -193,4 +194,5 @@ class Services:
             else:
                 registry.stop(node.name, self.settings.namespace)
         self.repo.span_for_query(ALL_SPAN)
+        self.repo.active_api_key(hash_key(""))  # no key has this hash: the statement, not a row
         self.repo.count_active_api_keys(CLOSING_ROLES)

@@ -102,6 +102,18 @@ def test_queries_that_end_late_together_cut_the_slots_once() -> None:
     assert after_quick > after_late
 
 
+def test_a_merge_a_few_milliseconds_past_the_cut_off_does_not_cut_the_slots() -> None:
+    """With no reserve (node_grace_s 0) a query whose archive is silent ends a few milliseconds past its
+    deadline: no sign of overload, so an idle replica keeps its slots."""
+    async def scenario() -> float:
+        admission = Admission(max_active=4, max_waiting=4)
+        async with admission.slot(0.2, time.monotonic(), reserve_s=0.0):
+            await asyncio.sleep(0.21)
+        return admission.limit
+
+    assert asyncio.run(scenario()) == 4.0
+
+
 def test_a_waiter_whose_deadline_nears_is_refused_before_it() -> None:
     async def scenario() -> tuple[float, int]:
         admission = Admission(max_active=1, max_waiting=4)

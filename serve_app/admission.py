@@ -41,11 +41,11 @@ class Admission:
 
     The number of slots adapts (additive increase, multiplicative decrease): a query that ends more
     than ``LATE_S`` after it meant to shrinks the limit by a quarter (once per slot time), one that ends
-    in time grows it by
-    about one per ``limit`` queries, up to ``max_active``. So when the machine, the database or the
-    archives cannot keep up, fewer queries run at once and each still ends by its deadline; the rest
-    wait or are refused. A waiting query is refused at once when the expected wait (its place in the
-    queue times the recent slot time, over the limit) would leave it too little of its deadline.
+    in time grows it by about one per ``limit`` queries, up to ``max_active``. So when the machine, the
+    database or the archives cannot keep up, fewer queries run at once and each still ends by its
+    deadline; the rest wait or are refused. A waiting query is refused at once when the expected wait
+    (its place in the queue times the recent slot time, over the limit) would leave it too little of its
+    deadline.
     """
 
     LATE_S = 0.1

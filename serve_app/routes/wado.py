@@ -109,16 +109,20 @@ class ClosingStreamingResponse(StreamingResponse):
                 await body.aclose()
 
 
-async def _retrieve(request: Request, s: ServicesDep, principal: Principal, t: Target) -> Response:
+async def _retrieve(request: Request, s: ServicesDep, principal: Principal, study: str,
+                    series: str | None = None, sop: str | None = None) -> Response:
     try:
+        t = usecase.target(span_of(request), study, series, sop)
         stream = await _open(request, s, principal, t, Resource.INSTANCES)
     except wado.WadoError as exc:
         return error(exc)
     return await multipart(stream, MEDIA_DICOM)
 
 
-async def _metadata(request: Request, s: ServicesDep, principal: Principal, t: Target) -> Response:
+async def _metadata(request: Request, s: ServicesDep, principal: Principal, study: str,
+                    series: str | None = None, sop: str | None = None) -> Response:
     try:
+        t = usecase.target(span_of(request), study, series, sop)
         stream = await _open(request, s, principal, t, Resource.METADATA)
     except wado.WadoError as exc:
         return error(exc)
@@ -134,61 +138,37 @@ async def _metadata(request: Request, s: ServicesDep, principal: Principal, t: T
 @router.get(STUDY, response_class=Response)
 async def retrieve_study(study: str, request: Request, s: ServicesDep,
                          principal: Principal = Depends(require_query)) -> Response:
-    try:
-        t = usecase.target(span_of(request), study)
-    except wado.WadoError as exc:
-        return error(exc)
-    return await _retrieve(request, s, principal, t)
+    return await _retrieve(request, s, principal, study)
 
 
 @router.get(SERIES, response_class=Response)
 async def retrieve_series(study: str, series: str, request: Request, s: ServicesDep,
                           principal: Principal = Depends(require_query)) -> Response:
-    try:
-        t = usecase.target(span_of(request), study, series)
-    except wado.WadoError as exc:
-        return error(exc)
-    return await _retrieve(request, s, principal, t)
+    return await _retrieve(request, s, principal, study, series)
 
 
 @router.get(INSTANCE, response_class=Response)
 async def retrieve_instance(study: str, series: str, sop: str, request: Request, s: ServicesDep,
                             principal: Principal = Depends(require_query)) -> Response:
-    try:
-        t = usecase.target(span_of(request), study, series, sop)
-    except wado.WadoError as exc:
-        return error(exc)
-    return await _retrieve(request, s, principal, t)
+    return await _retrieve(request, s, principal, study, series, sop)
 
 
 @router.get(STUDY + "/metadata", response_class=Response)
 async def study_metadata(study: str, request: Request, s: ServicesDep,
                          principal: Principal = Depends(require_query)) -> Response:
-    try:
-        t = usecase.target(span_of(request), study)
-    except wado.WadoError as exc:
-        return error(exc)
-    return await _metadata(request, s, principal, t)
+    return await _metadata(request, s, principal, study)
 
 
 @router.get(SERIES + "/metadata", response_class=Response)
 async def series_metadata(study: str, series: str, request: Request, s: ServicesDep,
                           principal: Principal = Depends(require_query)) -> Response:
-    try:
-        t = usecase.target(span_of(request), study, series)
-    except wado.WadoError as exc:
-        return error(exc)
-    return await _metadata(request, s, principal, t)
+    return await _metadata(request, s, principal, study, series)
 
 
 @router.get(INSTANCE + "/metadata", response_class=Response)
 async def instance_metadata(study: str, series: str, sop: str, request: Request, s: ServicesDep,
                             principal: Principal = Depends(require_query)) -> Response:
-    try:
-        t = usecase.target(span_of(request), study, series, sop)
-    except wado.WadoError as exc:
-        return error(exc)
-    return await _metadata(request, s, principal, t)
+    return await _metadata(request, s, principal, study, series, sop)
 
 
 @router.get(INSTANCE + "/frames/{frames}", response_class=Response)
